@@ -1,0 +1,3 @@
+from fedct.cli import app
+
+app(prog_name="fedct")

@@ -1,0 +1,1 @@
+"""Reading datasets, splitting them over clients, and loading images for training."""

@@ -1,0 +1,271 @@
+"""The split directory: `manifest.csv` + `split.yaml` + `partition.png`, the contract between commands.
+
+`fedct split` writes it once; every later command reads it and never re-splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from fedct import __version__
+from fedct.data import partition
+from fedct.data.sources import Dataset, Row, check_files, fingerprint, read_dataset
+from fedct.errors import FedctError
+
+MANIFEST = "manifest.csv"
+SPLIT_YAML = "split.yaml"
+PARTITION_PNG = "partition.png"
+COLUMNS = ("path", "label", "group", "site", "split", "client")
+LOCAL_VAL = "local_val"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One manifest row: a dataset row with its split and its client (None: held by no client)."""
+
+    row: Row
+    split: str
+    client: int | None
+
+
+@dataclass
+class SplitOptions:
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    keep_split: bool = False
+    clients: int | None = 5
+    scheme: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 1
+    by: str = "site"
+    min_per_client: int = 1
+    local_val: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class Split:
+    """A split directory read back: where the images are, every entry, and the metadata."""
+
+    directory: Path
+    root: Path
+    entries: list[Entry]
+    classes: list[str]
+    positive: str | None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.meta.get("partition", {}).get("clients", 0))
+
+    def select(self, *, split: str | None = None, clients: list[int] | None = None) -> list[Entry]:
+        return [
+            e for e in self.entries
+            if (split is None or e.split == split) and (clients is None or e.client in clients)
+        ]
+
+
+def make_split(dataset: Dataset, options: SplitOptions) -> tuple[list[Entry], int]:
+    """Assign every row a split and every training row a client."""
+    rows = dataset.rows
+    for label in dataset.classes:
+        if not any(r.label == label for r in rows):
+            raise FedctError(f"class {label!r} has no images")
+    if options.keep_split:
+        bad = sorted({r.split for r in rows} - set(partition.SPLITS))
+        if bad:
+            raise FedctError(
+                f"--keep-split: {dataset.source} has split value {bad[0]!r} "
+                "(every row needs train, val or test)"
+            )
+        splits = [r.split for r in rows]
+    else:
+        splits = partition.assign_splits(rows, options.fractions, options.seed)
+    train = [i for i, s in enumerate(splits) if s == "train"]
+    for label in dataset.classes:
+        if not any(rows[i].label == label for i in train):
+            raise FedctError(f"class {label!r} has no training images")
+    client_of, clients = partition.assign_clients(
+        rows, train, scheme=options.scheme, clients=options.clients, seed=options.seed + 1,
+        alpha=options.alpha, classes_per_client=options.classes_per_client, by=options.by,
+        min_per_client=options.min_per_client,
+    )
+    held_out = partition.carve_local_val(rows, client_of, options.local_val, options.seed + 2)
+    entries = []
+    for i, row in enumerate(rows):
+        split = LOCAL_VAL if i in held_out else splits[i]
+        entries.append(Entry(row=row, split=split, client=client_of.get(i)))
+    return entries, clients
+
+
+def summarize(entries: list[Entry], classes: list[str], clients: int) -> dict:
+    counts = {s: _count(e.row.label for e in entries if e.split == s)
+              for s in (*partition.SPLITS, LOCAL_VAL)}
+    per_client = []
+    for k in range(clients):
+        train = [e.row.label for e in entries if e.client == k and e.split == "train"]
+        local = [e.row.label for e in entries if e.client == k and e.split == LOCAL_VAL]
+        per_client.append({"id": k, "train": _count(train, classes), "local_val": _count(local, classes),
+                           "total": len(train)})
+    train_labels = [[e.row.label for e in entries if e.client == k and e.split == "train"]
+                    for k in range(clients)]
+    return {
+        "counts": {s: {c: v.get(c, 0) for c in classes} for s, v in counts.items() if v},
+        "clients": per_client,
+        "heterogeneity": {"mean_tv_distance": round(partition.heterogeneity(train_labels, classes), 4)},
+    }
+
+
+def _count(labels, classes: list[str] | None = None) -> dict[str, int]:
+    counts = Counter(labels)
+    if classes is None:
+        return dict(sorted(counts.items()))
+    return {c: counts.get(c, 0) for c in classes}
+
+
+def run_split(
+    dataset_path: str | Path,
+    out: str | Path,
+    options: SplitOptions,
+    *,
+    group_pattern: str | None = None,
+    positive: str | None = None,
+    skip_bad: bool = False,
+    force: bool = False,
+) -> tuple[Path, dict]:
+    """Read, check, split and write a split directory atomically; returns it and its metadata."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FedctError(f"{out}: exists and is not empty (use --force to replace it)")
+    dataset = read_dataset(dataset_path, group_pattern=group_pattern, positive=positive)
+    dataset = check_files(dataset, skip_bad=skip_bad)
+    entries, clients = make_split(dataset, options)
+    meta = {
+        "fedct_version": __version__,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "dataset": {
+            "source": str(dataset.source),
+            "root": str(dataset.root),
+            "images": len(dataset.rows),
+            "fingerprint": fingerprint(dataset),
+            "skipped": dataset.skipped,
+        },
+        "classes": dataset.classes,
+        "positive": dataset.positive,
+        "seed": options.seed,
+        "split": {"mode": "kept" if options.keep_split else "stratified",
+                  "fractions": None if options.keep_split else list(options.fractions)},
+        "partition": {"scheme": options.scheme, "clients": clients, "alpha": options.alpha,
+                      "classes_per_client": options.classes_per_client, "by": options.by,
+                      "min_per_client": options.min_per_client, "local_val": options.local_val},
+    }
+    meta.update(summarize(entries, dataset.classes, clients))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_manifest(tmp / MANIFEST, entries)
+        (tmp / SPLIT_YAML).write_text(yaml.safe_dump(meta, sort_keys=False))
+        plot_partition(meta, tmp / PARTITION_PNG)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, meta
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _write_manifest(path: Path, entries: list[Entry]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        for e in entries:
+            r = e.row
+            writer.writerow([r.path, r.label, r.group, r.site, e.split,
+                             "" if e.client is None else e.client])
+
+
+def plot_partition(meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = meta["classes"]
+    clients = meta["clients"]
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(clients) + 2), 3.2), dpi=100)
+    bottom = [0] * len(clients)
+    for c in classes:
+        heights = [cl["train"][c] for cl in clients]
+        ax.bar([str(cl["id"]) for cl in clients], heights, bottom=bottom, label=c)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    part = meta["partition"]
+    ax.set_title(f"{part['scheme']} over {part['clients']} clients "
+                 f"(TV {meta['heterogeneity']['mean_tv_distance']:.2f})")
+    ax.set_xlabel("client")
+    ax.set_ylabel("training images")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def load_split(directory: str | Path, *, verify: bool = True) -> Split:
+    """Read a split directory; with `verify`, refuse one whose dataset changed since the split."""
+    directory = Path(directory)
+    manifest, meta_path = directory / MANIFEST, directory / SPLIT_YAML
+    for needed in (manifest, meta_path):
+        if not needed.is_file():
+            raise FedctError(f"{needed}: not found (is {directory} a `fedct split` output?)")
+    try:
+        meta = yaml.safe_load(meta_path.read_text()) or {}
+        root = Path(meta["dataset"]["root"])
+        classes = list(meta["classes"])
+    except (yaml.YAMLError, KeyError, TypeError) as exc:
+        raise FedctError(f"{meta_path}: unreadable split metadata ({exc})") from None
+    entries = []
+    with manifest.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise FedctError(f"{manifest}: expected columns {','.join(COLUMNS)}")
+        for line_no, item in enumerate(reader, start=2):
+            if item["label"] not in classes:
+                raise FedctError(f"{manifest}:{line_no}: label {item['label']!r} not in split.yaml classes")
+            row = Row(path=item["path"], label=item["label"], group=item["group"], site=item["site"])
+            client = int(item["client"]) if item["client"] else None
+            entries.append(Entry(row=replace(row, split=item["split"]), split=item["split"], client=client))
+    split = Split(directory=directory, root=root, entries=entries, classes=classes,
+                  positive=meta.get("positive"), meta=meta)
+    if verify:
+        verify_fingerprint(split)
+    return split
+
+
+def verify_fingerprint(split: Split) -> None:
+    missing = [e.row.path for e in split.entries if not (split.root / e.row.path).is_file()]
+    if missing:
+        raise FedctError(f"{split.root / missing[0]}: image listed in {split.directory / MANIFEST} "
+                         f"is missing ({len(missing)} missing)")
+    dataset = Dataset(root=split.root, source=split.root, rows=[e.row for e in split.entries],
+                      classes=split.classes)
+    expected = split.meta.get("dataset", {}).get("fingerprint")
+    if expected and fingerprint(dataset) != expected:
+        raise FedctError(f"{split.directory}: the dataset under {split.root} changed since it was "
+                         "split (fingerprint differs); run `fedct split` again")

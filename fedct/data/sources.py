@@ -1,0 +1,246 @@
+"""Read an ImageFolder or a CSV into rows, and decode any CT image into one grayscale form.
+
+Images are decoded by content, never by extension: the COVID-CT folder has JPEG data under
+`.png` names and PNGs in RGBA, RGB and L modes. Every image ends as a 2-D uint8 array.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fedct.errors import FedctError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
+LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) in Hounsfield units
+NEGATIVE_NAME = re.compile(r"(^|[^a-z])(non|normal|neg|healthy|control|benign)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image: its path relative to the dataset root and what is known about it."""
+
+    path: str
+    label: str
+    group: str = ""
+    site: str = ""
+    split: str = ""
+
+
+@dataclass
+class Dataset:
+    """Rows of one dataset, the class names in index order, and the positive class."""
+
+    root: Path
+    source: Path
+    rows: list[Row]
+    classes: list[str]
+    positive: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def label_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+
+def read_dataset(
+    path: str | Path, *, group_pattern: str | None = None, positive: str | None = None
+) -> Dataset:
+    """Read an ImageFolder directory or a `path,label[,group][,site][,split]` CSV."""
+    source = Path(path)
+    if not source.exists():
+        raise FedctError(f"{source}: no such file or directory")
+    if source.is_dir():
+        dataset = _read_image_folder(source)
+    else:
+        dataset = _read_csv(source)
+    if group_pattern:
+        dataset.rows = _groups_from_pattern(dataset.rows, group_pattern)
+    dataset.rows = [r if r.group else replace(r, group=r.path) for r in dataset.rows]
+    dataset.positive = _choose_positive(dataset.classes, positive, dataset.positive)
+    return dataset
+
+
+def _read_image_folder(root: Path) -> Dataset:
+    rows: list[Row] = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in class_dir.rglob("*") if f.is_file() and _looks_like_image(f))
+        rows.extend(Row(path=f.relative_to(root).as_posix(), label=class_dir.name) for f in files)
+    if not rows:
+        raise FedctError(f"{root}: no class folder with images (expected ROOT/CLASS/IMAGE)")
+    classes = sorted({r.label for r in rows})
+    return Dataset(root=root.resolve(), source=root.resolve(), rows=rows, classes=classes)
+
+
+def _looks_like_image(path: Path) -> bool:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    return path.suffix == "" and _is_dicom(path)
+
+
+def _read_csv(source: Path) -> Dataset:
+    with source.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in columns:
+            raise FedctError(f"{source}: missing column 'path' (found: {', '.join(columns)})")
+        if "label" not in columns and "class" not in columns:
+            raise FedctError(f"{source}: missing column 'label' (or 'class')")
+        raw = [{k.strip(): (v or "").strip() for k, v in line.items() if k} for line in reader]
+    rows: list[Row] = []
+    numeric: dict[str, str] = {}
+    for line_no, item in enumerate(raw, start=2):
+        name = item.get("class") or item.get("label", "")
+        if not item["path"] or not name:
+            raise FedctError(f"{source}:{line_no}: empty path or label")
+        if "class" in item and item.get("label"):
+            numeric.setdefault(name, item["label"])
+        rows.append(
+            Row(
+                path=item["path"],
+                label=name,
+                group=item.get("group", ""),
+                site=item.get("site", ""),
+                split=item.get("split", ""),
+            )
+        )
+    if not rows:
+        raise FedctError(f"{source}: no rows")
+    names = {r.label for r in rows}
+    if numeric and len(numeric) == len(names) and all(_is_int(v) for v in numeric.values()):
+        classes = sorted(names, key=lambda n: int(numeric[n]))
+    else:
+        classes = sorted(names)
+    return Dataset(root=source.parent.resolve(), source=source.resolve(), rows=rows, classes=classes)
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _groups_from_pattern(rows: list[Row], pattern: str) -> list[Row]:
+    """Derive a patient id from each file name (first capture group, else the whole match)."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise FedctError(f"--group-pattern {pattern!r}: {exc}") from None
+    out = []
+    for row in rows:
+        match = regex.search(Path(row.path).name)
+        if match is None:
+            raise FedctError(f"--group-pattern {pattern!r} does not match {row.path}")
+        out.append(replace(row, group=match.group(1) if regex.groups else match.group(0)))
+    return out
+
+
+def _choose_positive(classes: list[str], asked: str | None, known: str | None) -> str | None:
+    if asked:
+        if asked not in classes:
+            raise FedctError(f"--positive {asked!r} is not a class (classes: {', '.join(classes)})")
+        return asked
+    if known or len(classes) != 2:
+        return known
+    negatives = [c for c in classes if NEGATIVE_NAME.search(c)]
+    if len(negatives) == 1:
+        return next(c for c in classes if c != negatives[0])
+    return classes[1]
+
+
+def check_files(dataset: Dataset, *, skip_bad: bool, workers: int = 4) -> Dataset:
+    """Decode every image once; stop on the first bad one, or drop and list them."""
+    paths = [dataset.root / r.path for r in dataset.rows]
+
+    def problem(path: Path) -> str | None:
+        try:
+            decode_image(path)
+        except FedctError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(pool.map(problem, paths))
+    bad = [p for p in problems if p]
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 1} more; --skip-bad skips them)" if len(bad) > 1 else ""
+        raise FedctError(bad[0] + more)
+    kept = [row for row, p in zip(dataset.rows, problems, strict=True) if p is None]
+    return replace(dataset, rows=kept, skipped=bad)
+
+
+def decode_image(path: str | Path, *, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
+    """Decode PNG/JPEG of any mode, or DICOM, into a 2-D uint8 array."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedctError(f"{path}: image file not found")
+    if _is_dicom(path):
+        return _decode_dicom(path, window)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_gray_uint8(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise FedctError(f"{path}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
+
+
+def _to_gray_uint8(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        return _stretch(np.asarray(image, dtype=np.float32))
+    if mode in {"RGBA", "LA", "PA", "P"} or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        rgb = rgba[..., :3] * alpha  # transparent pixels become black, like CT air
+        gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.clip(gray + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return ((values - low) * (255.0 / (high - low)) + 0.5).astype(np.uint8)
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _decode_dicom(path: Path, window: tuple[float, float]) -> np.ndarray:
+    try:
+        import pydicom
+    except ImportError:
+        raise FedctError(f"{path}: reading DICOM needs the dicom extra: pip install 'fedct[dicom]'")
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array.astype(np.float32)
+    except Exception as exc:  # pydicom raises many types for damaged files
+        raise FedctError(f"{path}: cannot decode DICOM ({exc.__class__.__name__}: {exc})") from None
+    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[pixels.shape[0] // 2]
+    hounsfield = pixels * float(getattr(ds, "RescaleSlope", 1)) + float(
+        getattr(ds, "RescaleIntercept", 0)
+    )
+    level, width = window
+    low = level - width / 2
+    return (np.clip((hounsfield - low) / width, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """SHA-256 over every row and every image's bytes: later commands detect a changed dataset."""
+    digest = hashlib.sha256()
+    for row in sorted(dataset.rows, key=lambda r: r.path):
+        digest.update(f"{row.path}\0{row.label}\0{row.group}\0{row.site}\0".encode())
+        digest.update(hashlib.sha256((dataset.root / row.path).read_bytes()).digest())
+    return digest.hexdigest()

@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedct.data.sources import check_files, decode_image, read_dataset
+from fedct.errors import FedctError
+
+
+def _save(path, array, mode, fmt="PNG"):
+    Image.fromarray(array, mode=mode).save(path, format=fmt)
+
+
+def test_every_mode_decodes_to_one_grayscale_uint8(tmp_path):
+    gray = (np.arange(32 * 48).reshape(32, 48) % 256).astype(np.uint8)
+    rgb = np.stack([gray] * 3, axis=-1)
+    rgba = np.concatenate([rgb, np.full((32, 48, 1), 255, np.uint8)], axis=-1)
+    _save(tmp_path / "l.png", gray, "L")
+    _save(tmp_path / "rgb.png", rgb, "RGB")
+    _save(tmp_path / "rgba.png", rgba, "RGBA")
+    Image.fromarray(gray, "L").convert("P").save(tmp_path / "p.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    _save(tmp_path / "jpeg_named.png", rgb, "RGB", fmt="JPEG")  # JPEG data under a .png name
+    expected = gray.astype(int)
+    for name in ["l.png", "rgb.png", "rgba.png", "p.png", "16bit.png"]:
+        out = decode_image(tmp_path / name)
+        assert out.dtype == np.uint8 and out.shape == (32, 48), name
+        assert np.abs(out.astype(int) - expected).max() <= 1, name
+    jpeg = decode_image(tmp_path / "jpeg_named.png")
+    assert jpeg.shape == (32, 48) and np.abs(jpeg.astype(int) - expected).mean() < 8
+
+
+def test_transparent_pixels_become_black(tmp_path):
+    rgba = np.full((8, 8, 4), 200, np.uint8)
+    rgba[..., 3] = 255
+    rgba[:4, :, 3] = 0
+    _save(tmp_path / "a.png", rgba, "RGBA")
+    out = decode_image(tmp_path / "a.png")
+    assert out[:4].max() == 0 and out[4:].min() == 200
+
+
+def test_corrupt_image_is_named(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(FedctError, match="bad.png"):
+        decode_image(tmp_path / "bad.png")
+
+
+def test_dicom_is_windowed_in_hounsfield_units(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(tmp_path / "x"), {}, file_meta=meta, preamble=b"\0" * 128)
+    stored = np.array([[0, 424], [1174, 3000]], dtype=np.uint16)  # HU -1024, -600, 150, 1976
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = stored.tobytes()
+    path = tmp_path / "slice_without_extension"
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    out = decode_image(path, window=(-600, 1500))
+    # lung window: -1350 HU -> 0, +150 HU -> 255; -600 HU sits in the middle
+    assert out[0, 0] == round((1350 - 1024) / 1500 * 255)
+    assert abs(int(out[0, 1]) - 128) <= 1
+    assert out[1, 0] == 255 and out[1, 1] == 255
+
+
+def test_image_folder_ignores_folders_without_images(synth_dir, tmp_path):
+    dataset = read_dataset(synth_dir)
+    assert dataset.classes == ["CT_COVID", "CT_NonCOVID"]
+    assert dataset.positive == "CT_COVID"
+    assert len(dataset.rows) == 160
+
+
+def test_csv_reads_groups_sites_and_orders_classes_by_numeric_label(tmp_path, synth_dir):
+    csv_path = tmp_path / "d.csv"
+    lines = ["path,class,label,split"]
+    for i, (name, num) in enumerate([("CT_COVID", 1), ("CT_NonCOVID", 0)] * 2):
+        img = f"i{i}.png"
+        _save(tmp_path / img, np.zeros((8, 8), np.uint8), "L")
+        lines.append(f"{img},{name},{num},train")
+    csv_path.write_text("\n".join(lines) + "\n")
+    dataset = read_dataset(csv_path)
+    assert dataset.classes == ["CT_NonCOVID", "CT_COVID"]
+    assert dataset.positive == "CT_COVID"
+    synth = read_dataset(synth_dir / "dataset.csv")
+    assert {r.site for r in synth.rows} <= {"site0", "site1", "site2", "site3"}
+    assert len({r.group for r in synth.rows}) == 40
+
+
+def test_bad_files_stop_or_are_skipped(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _save(tmp_path / "a" / "ok.png", np.zeros((8, 8), np.uint8), "L")
+    _save(tmp_path / "b" / "ok.png", np.zeros((8, 8), np.uint8), "L")
+    (tmp_path / "b" / "broken.png").write_bytes(b"garbage")
+    dataset = read_dataset(tmp_path)
+    with pytest.raises(FedctError, match="broken.png"):
+        check_files(dataset, skip_bad=False)
+    kept = check_files(dataset, skip_bad=True)
+    assert len(kept.rows) == 2 and "broken.png" in kept.skipped[0]
+
+
+def test_group_pattern_and_missing_columns(tmp_path, synth_dir):
+    dataset = read_dataset(synth_dir, group_pattern=r"^(p\d+)_")
+    assert len({r.group for r in dataset.rows}) == 40
+    (tmp_path / "x.csv").write_text("file,label\na.png,x\n")
+    with pytest.raises(FedctError, match="missing column 'path'"):
+        read_dataset(tmp_path / "x.csv")
