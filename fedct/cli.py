@@ -22,7 +22,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Tables are wide; when output is not a terminal (logs, CI), do not squeeze them into 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=130)
 err_console = Console(stderr=True)
 
 
@@ -177,3 +178,134 @@ def demo(
                                 force=force)
     console.print(f"[bold]2. split[/] {split_dir}")
     print_split_table(meta)
+
+
+def _print_json(payload: dict) -> None:
+    import json
+
+    from fedct.evaluation import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")
+
+
+@app.command()
+@one_line_errors
+def pretrain(
+    split_dir: Annotated[Path, typer.Argument(help="Split directory from `fedct split`.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory to write.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with any option below (flags override it).")] = None,
+    model: Annotated[str | None, typer.Option(help="timm architecture. [default: tf_efficientnet_lite0]")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="hub, none, or a weights file / fedct checkpoint. [default: hub]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs. [default: 10]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size. [default: 32]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine, warm-up). [default: 1e-3]")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels. [default: 224]")] = None,
+    freeze: Annotated[str | None, typer.Option(help="full, head, or last-N blocks. [default: full]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed. [default: 0]")] = None,
+    clients: Annotated[str | None, typer.Option(help="Pretrain on these clients' rows only, e.g. 0,2.")] = None,
+    rows: Annotated[str | None, typer.Option(help="Pretrain on rows whose site, split or client equals this.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON on stdout.")] = False,
+) -> None:
+    """Stage 1: adapt a pretrained timm backbone centrally on the split's training rows.
+
+    Writes config.yaml, summary.csv (one row per epoch), best/last.safetensors (+ .json),
+    report.json.
+
+    Example: fedct pretrain splits/covid --out runs/stage1 --pretrained
+    ../shared/weights/tf_efficientnet_lite0_in1k.safetensors --epochs 10
+    """
+    from fedct.config import PretrainConfig, build_config
+    from fedct.pretrain import run_pretrain
+    from fedct.runs import read_config
+
+    overrides = {"model": model, "pretrained": pretrained, "epochs": epochs,
+                 "batch_size": batch_size, "lr": lr, "image_size": image_size, "freeze": freeze,
+                 "seed": seed, "clients": clients, "rows": rows, "device": device}
+    if resume is not None:
+        saved = read_config(resume)["config"]
+        cfg = build_config(PretrainConfig, None, {**saved, **{k: v for k, v in overrides.items()
+                                                              if v is not None}})
+        out = resume
+    else:
+        if out is None:
+            raise FedctError("--out RUN_DIR is required (or --resume RUN_DIR)")
+        cfg = build_config(PretrainConfig, config, overrides)
+    report = run_pretrain(split_dir, out, cfg, resume=resume is not None, force=force,
+                          quiet=quiet or json_out, console=console)
+    if json_out:
+        _print_json(report)
+    elif not quiet:
+        best = report["best"]
+        table = Table(title=f"stage 1: best epoch {report['best_epoch']} by {report['monitor']}")
+        for column in ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss"):
+            table.add_column(column, justify="right")
+        table.add_row(*(f"{best[c]:.3f}" for c in ("val_acc", "val_auc", "val_sensitivity",
+                                                    "val_specificity", "val_loss")))
+        console.print(table)
+        console.print(f"wrote {out}/best.safetensors (+ last, summary.csv, report.json); "
+                      f"{report['train_images_per_second']} train images/s")
+
+
+@app.command()
+@one_line_errors
+def evaluate(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: RUN/best, RUN/final.safetensors, or a run directory.")],
+    split_dir: Annotated[Path | None, typer.Option("--split", help="Split directory to score on.")] = None,
+    on: Annotated[str, typer.Option(help="Which split: val, test, train or local_val.")] = "val",
+    data: Annotated[Path | None, typer.Option(help="Score any ImageFolder or CSV instead of a split.")] = None,
+    per_client: Annotated[bool, typer.Option(help="Add a row per client's data (cross-site matrix).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Where metrics.json, roc.png, confusion.png go. [default: beside the first checkpoint]")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (patients resampled when groups exist).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+) -> None:
+    """Score checkpoints: accuracy, sensitivity, specificity, PPV, NPV, F1, AUC with 95% CIs.
+
+    Results at threshold 0.5 and at the Youden-optimal threshold (chosen on the same data,
+    so optimistic); the positive class is named.
+
+    Example: fedct evaluate runs/stage2/final runs/stage1/best --split splits/covid --on val
+    """
+    from fedct.evaluation import run_evaluate
+
+    report = run_evaluate(checkpoints, split_dir=split_dir, on=on, data=data,
+                          per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
+                          device=device)
+    if json_out:
+        _print_json(report)
+        return
+    print_evaluation(report)
+    console.print(f"wrote {report['out']}/metrics.json, roc.png, confusion.png")
+
+
+def _cell(metrics: dict, name: str) -> str:
+    value = metrics[name]
+    ci = metrics.get("ci95", {}).get(name)
+    text = "-" if value != value else f"{value:.3f}"
+    if ci and ci[0] == ci[0]:
+        text += f"\n[dim]{ci[0]:.2f}-{ci[1]:.2f}[/]"
+    return text
+
+
+def print_evaluation(report: dict) -> None:
+    positive = report["results"][0]["positive"]
+    table = Table(title=f"{report['data']}: positive class {positive}, threshold 0.5, "
+                        f"95% CI by {'patient' if report['grouped_bootstrap'] else 'image'} bootstrap")
+    columns = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auc")
+    table.add_column("checkpoint", no_wrap=True)
+    table.add_column("data", no_wrap=True)
+    table.add_column("n", justify="right")
+    for c in columns:
+        table.add_column(c.replace("precision", "PPV").replace("npv", "NPV"), justify="right")
+    table.add_column("Youden t: sens/spec", justify="right")
+    for r in report["results"]:
+        m = r["threshold_0.5"]
+        y = r["youden"]
+        table.add_row(r["checkpoint"], r["data"], str(r["n"]), *(_cell(m, c) for c in columns),
+                      f"{y['threshold']:.2f}: {y['sensitivity']:.2f}/{y['specificity']:.2f}")
+    console.print(table)

@@ -1,0 +1,198 @@
+"""Typed configuration: YAML file -> dataclass -> CLI overrides, unknown keys rejected.
+
+One flat dataclass per command, so a YAML file, a CLI flag and a Flower run-config key
+(`local-epochs`) all name the same field (`local_epochs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fedct.errors import FedctError
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by both stages: model, input pipeline and the local training loop."""
+
+    model: str = "tf_efficientnet_lite0"
+    pretrained: str = "hub"  # hub | none | path to weights or a fedct checkpoint
+    image_size: int = 224
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    balance: str = "none"  # none | loss | sampler
+    grad_clip: float = 0.0
+    freeze: str = "full"  # full | head | last-N
+    freeze_bn: bool = False
+    drop_rate: float = 0.2
+    augment: bool = True
+    aug_scale_min: float = 0.6
+    aug_rotation: float = 10.0
+    aug_flip: bool = True
+    aug_brightness: float = 0.2
+    aug_contrast: float = 0.2
+    channels_last: bool = True
+    amp: bool = True  # bfloat16 autocast, only on CUDA
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Stage 1: central transfer learning."""
+
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    patience: int = 0  # early stopping; 0 = off
+    monitor: str = "val_auc"  # val_auc | val_acc | val_loss | val_balanced_acc
+    clients: list[int] | None = None  # pretrain on these clients' training rows only
+    rows: str | None = None  # or on rows whose site/client equals this value
+
+
+@dataclass
+class FederateConfig(TrainConfig):
+    """Stage 2: federated rounds over the clients of a split."""
+
+    pretrained: str = "none"
+    rounds: int = 10
+    local_epochs: int = 1
+    local_steps: int = 0  # if > 0, replaces local_epochs
+    fraction: float = 1.0
+    clients_per_round: int = 0  # if > 0, replaces fraction
+    min_clients: int = 1
+    strategy: str = "fedavg"  # fedavg | fedprox | fedavgm | fedadam | fedyogi
+    mu: float = 0.01
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    fedbn: bool = False
+    monitor: str = "val_auc"
+    keep_last: int = 2
+    dp: bool = False
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0  # if > 0, fixed noise instead of calibrating to the target
+    dp_train: str = "head"  # head | full
+    physical_batch_size: int = 32
+    grad_sample_mode: str = "functorch"  # hooks | functorch | ew
+    accountant: str = "rdp"
+
+
+MONITORS = ("val_auc", "val_acc", "val_loss", "val_balanced_acc")
+CHOICES = {
+    "optimizer": ("adamw", "sgd"),
+    "balance": ("none", "loss", "sampler"),
+    "monitor": MONITORS,
+    "strategy": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"),
+    "dp_train": ("head", "full"),
+    "grad_sample_mode": ("hooks", "functorch", "ew"),
+    "accountant": ("rdp", "prv", "gdp"),
+}
+
+
+def _coerce(name: str, value, hint, where: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if origin is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [_coerce(name, v, args[0], where) for v in items]
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise FedctError(f"{where}: key '{name}' has value {value!r}, expected {hint.__name__}") from None
+
+
+def build_config(cls, path: str | Path | None = None, overrides: dict | None = None):
+    """Defaults, then the YAML file, then the non-None overrides; every value type-checked."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict = {}
+    sources = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FedctError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise FedctError(f"{path}: invalid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(loaded, dict):
+            raise FedctError(f"{path}: expected a mapping of option: value")
+        sources.append((str(path), loaded))
+    sources.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
+    for where, mapping in sources:
+        for raw_key, value in mapping.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise FedctError(f"{where}: unknown key '{raw_key}'{hint}")
+            values[key] = _coerce(key, value, hints[key], where)
+    config = cls(**values)
+    validate(config)
+    return config
+
+
+def validate(config) -> None:
+    for key, allowed in CHOICES.items():
+        value = getattr(config, key, None)
+        if value is not None and value not in allowed:
+            raise FedctError(f"{key} {value!r}: choose from {', '.join(allowed)}")
+    freeze = config.freeze
+    if freeze not in ("full", "head") and not (
+        freeze.startswith("last-") and freeze[5:].isdigit() and int(freeze[5:]) > 0
+    ):
+        raise FedctError(f"freeze {freeze!r}: choose full, head or last-N (e.g. last-2)")
+    for key in ("image_size", "batch_size"):
+        if getattr(config, key) < 1:
+            raise FedctError(f"{key} {getattr(config, key)}: must be >= 1")
+    if config.lr <= 0:
+        raise FedctError(f"lr {config.lr}: must be > 0")
+    if isinstance(config, FederateConfig):
+        if config.rounds < 1:
+            raise FedctError(f"rounds {config.rounds}: must be >= 1")
+        if not 0 < config.fraction <= 1:
+            raise FedctError(f"fraction {config.fraction}: must be in (0, 1]")
+        if config.dp and config.noise_multiplier <= 0 and config.target_epsilon <= 0:
+            raise FedctError(f"target_epsilon {config.target_epsilon}: must be > 0")
+    if isinstance(config, PretrainConfig) and config.epochs < 1:
+        raise FedctError(f"epochs {config.epochs}: must be >= 1")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+

@@ -1,0 +1,126 @@
+"""Decoded-image cache, tensor datasets and CT-suited augmentation.
+
+Images are decoded and resized once per (image list, size) and kept as one uint8 tensor on
+disk, so no epoch or round after the first touches Pillow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchvision.transforms import v2
+
+from fedct.data.sources import decode_image
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDCT_CACHE", Path.home() / ".cache" / "fedct"))
+
+
+def _cache_key(paths: list[Path], size: int) -> str:
+    digest = hashlib.sha256(f"v1:{size}".encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def _decode_resized(path: Path, size: int) -> np.ndarray:
+    image = Image.fromarray(decode_image(path))
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0))
+
+
+def load_images(paths: list[Path], size: int, *, use_cache: bool = True) -> torch.Tensor:
+    """All images as one uint8 tensor [N, 1, size, size], from the cache when it is there."""
+    if not paths:
+        return torch.zeros((0, 1, size, size), dtype=torch.uint8)
+    target = cache_dir() / f"images-{_cache_key(paths, size)}.pt"
+    if use_cache and target.is_file():
+        try:
+            return torch.load(target, weights_only=True)
+        except (RuntimeError, OSError, EOFError):
+            target.unlink(missing_ok=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        arrays = list(pool.map(lambda p: _decode_resized(p, size), paths))
+    images = torch.from_numpy(np.stack(arrays)).unsqueeze(1).contiguous()
+    if use_cache:
+        from fedct.runs import atomic_write
+
+        atomic_write(target, lambda p: torch.save(images, p))
+    return images
+
+
+def make_transform(*, data_cfg: dict, train: bool, config) -> v2.Compose:
+    """uint8 [1,H,W] -> normalised float [3,S,S]; augmentation only for training."""
+    size = data_cfg["input_size"][-1]
+    steps: list = []
+    if train and config.augment:
+        steps.append(v2.RandomResizedCrop(size, scale=(config.aug_scale_min, 1.0),
+                                          ratio=(0.85, 1.18), antialias=True))
+        if config.aug_rotation > 0:
+            steps.append(v2.RandomRotation(config.aug_rotation))
+        if config.aug_flip:
+            steps.append(v2.RandomHorizontalFlip())
+        if config.aug_brightness > 0 or config.aug_contrast > 0:
+            steps.append(v2.ColorJitter(brightness=config.aug_brightness,
+                                        contrast=config.aug_contrast))
+    else:
+        steps.append(v2.Resize((size, size), antialias=True))
+    steps += [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Lambda(lambda x: x.expand(3, -1, -1)),
+        v2.Normalize(mean=data_cfg["mean"], std=data_cfg["std"]),
+    ]
+    return v2.Compose(steps)
+
+
+class ImageTensorDataset(Dataset):
+    """Cached uint8 images with integer labels and a per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int], transform):
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def make_loader(dataset: ImageTensorDataset, *, batch_size: int, train: bool, seed: int,
+                balance: str = "none", num_classes: int = 2) -> DataLoader:
+    """Seeded loader: the same seed gives the same batches; `sampler` balances classes."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if train and balance == "sampler" and len(dataset):
+        counts = torch.bincount(dataset.labels, minlength=num_classes).clamp(min=1).float()
+        weights = (1.0 / counts)[dataset.labels]
+        sampler = WeightedRandomSampler(weights, len(dataset), replacement=True,
+                                        generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+                      sampler=sampler, generator=generator, num_workers=0,
+                      drop_last=train and len(dataset) > batch_size)
+
+
+class SplitImages:
+    """Every image of a split directory decoded once at one size; subsets are views by index."""
+
+    def __init__(self, split, size: int):
+        self.split = split
+        self.index = {e.row.path: i for i, e in enumerate(split.entries)}
+        self.images = load_images([split.root / e.row.path for e in split.entries], size)
+        self.class_index = {name: i for i, name in enumerate(split.classes)}
+
+    def dataset(self, entries, transform) -> ImageTensorDataset:
+        rows = torch.as_tensor([self.index[e.row.path] for e in entries], dtype=torch.long)
+        labels = [self.class_index[e.row.label] for e in entries]
+        return ImageTensorDataset(self.images[rows], labels, transform)

@@ -1,0 +1,142 @@
+"""`fedct evaluate`: score checkpoints the way a clinical reader expects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedct.data.loading import SplitImages, make_loader, make_transform
+from fedct.data.manifest import LOCAL_VAL, Entry, Split, load_split
+from fedct.data.sources import check_files, read_dataset
+from fedct.errors import FedctError
+from fedct.metrics import binary_metrics, bootstrap, plot_confusion, plot_roc, youden_threshold
+from fedct.models import create_model, load_weights, make_dp_safe
+from fedct.runs import checkpoint_paths, read_checkpoint
+from fedct.training import pick_device, predict, set_threads
+
+SPLITS = ("train", "val", "test", LOCAL_VAL)
+
+
+def load_model(checkpoint: str | Path):
+    """The model a checkpoint describes, its weights loaded strictly, and its sidecar."""
+    state, meta = read_checkpoint(checkpoint)
+    model = create_model(meta["architecture"], len(meta["classes"]), pretrained="none")
+    if meta.get("dp_safe"):
+        make_dp_safe(model)
+    load_weights(model, state, source=checkpoint_paths(checkpoint)[0])
+    return model, meta
+
+
+def checkpoint_name(checkpoint: str | Path) -> str:
+    weights, _ = checkpoint_paths(checkpoint)
+    return f"{weights.parent.name}/{weights.stem}"
+
+
+def data_for(*, split_dir, on, data) -> Split:
+    if (split_dir is None) == (data is None):
+        raise FedctError("give either --split SPLIT_DIR (with --on) or --data PATH")
+    if split_dir is not None:
+        if on not in SPLITS:
+            raise FedctError(f"--on {on!r}: choose from {', '.join(SPLITS)}")
+        split = load_split(split_dir)
+        split.entries = split.select(split=on)
+        if not split.entries:
+            raise FedctError(f"{split_dir}: no rows with split {on!r}")
+        return split
+    dataset = check_files(read_dataset(data), skip_bad=False)
+    entries = [Entry(row=r, split="data", client=None) for r in dataset.rows]
+    return Split(directory=Path(data), root=dataset.root, entries=entries,
+                 classes=dataset.classes, positive=dataset.positive)
+
+
+def _scopes(split: Split, per_client: bool) -> dict[str, np.ndarray]:
+    scopes = {"all": np.arange(len(split.entries))}
+    if per_client:
+        clients = sorted({e.client for e in split.entries if e.client is not None})
+        if not clients:
+            raise FedctError("--per-client: these rows belong to no client (try --on train or "
+                             "--on local_val, or a split made with --local-val)")
+        for k in clients:
+            scopes[f"client {k}"] = np.array([i for i, e in enumerate(split.entries) if e.client == k])
+    return scopes
+
+
+def score(truth: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, n_boot: int,
+          seed: int) -> dict:
+    at_half = binary_metrics(truth, prob, 0.5)
+    ci = bootstrap(truth, prob, threshold=0.5, groups=groups, n=n_boot, seed=seed) if n_boot else {}
+    youden = youden_threshold(truth, prob)
+    return {"n": int(len(truth)), "positives": int(truth.sum()),
+            "threshold_0.5": {**at_half, "ci95": ci},
+            "youden": {"threshold": youden, **binary_metrics(truth, prob, youden)}}
+
+
+def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "val", data=None,
+                 per_client: bool = False, out: str | Path | None = None, n_boot: int = 1000,
+                 seed: int = 0, batch_size: int = 64, device: str = "auto") -> dict:
+    if not checkpoints:
+        raise FedctError("give at least one checkpoint")
+    split = data_for(split_dir=split_dir, on=on, data=data)
+    set_threads()
+    dev = pick_device(device)
+    results, curves, confusions = [], {}, {}
+    cache: dict[int, SplitImages] = {}
+    groups = np.array([e.row.group for e in split.entries])
+    for checkpoint in checkpoints:
+        model, meta = load_model(checkpoint)
+        name = checkpoint_name(checkpoint)
+        classes = list(meta["classes"])
+        unknown = sorted({e.row.label for e in split.entries} - set(classes))
+        if unknown:
+            raise FedctError(f"{checkpoint_paths(checkpoint)[0]}: trained for classes "
+                             f"{classes}, but the data has {unknown[0]!r}")
+        positive = meta.get("positive") or split.positive or classes[-1]
+        positive_index = classes.index(positive)
+        size = int(meta["input_size"][-1])
+        if size not in cache:
+            cache[size] = SplitImages(split, size)
+        dcfg = {"input_size": meta["input_size"], "mean": meta["mean"], "std": meta["std"]}
+        images = cache[size]
+        images.class_index = {c: i for i, c in enumerate(classes)}
+        dataset = images.dataset(split.entries, make_transform(data_cfg=dcfg, train=False,
+                                                               config=None))
+        model.to(dev)
+        probs, labels = predict(model, make_loader(dataset, batch_size=batch_size, train=False,
+                                                   seed=0), device=dev, channels_last=False)
+        prob = probs[:, positive_index]
+        truth = labels == positive_index
+        for scope, idx in _scopes(split, per_client).items():
+            entry = {"checkpoint": name, "path": str(checkpoint_paths(checkpoint)[0]),
+                     "data": scope, "positive": positive, "stage": meta.get("stage"),
+                     **score(truth[idx], prob[idx], groups[idx], n_boot=n_boot, seed=seed)}
+            results.append(entry)
+            if scope == "all":
+                confusions[name] = entry["threshold_0.5"]["confusion"]
+        curves[name] = (truth, prob)
+        negative = next((c for c in classes if c != positive), "negative")
+        del model
+    out_dir = Path(out) if out else checkpoint_paths(checkpoints[0])[0].parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    where = f"--data {data}" if data else f"{split_dir} --on {on}"
+    report = {"data": where, "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
+              "grouped_bootstrap": len(set(groups)) < len(groups), "results": results}
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
+    plot_roc(curves, out_dir / "roc.png", f"ROC on {where}")
+    plot_confusion(confusions, out_dir / "confusion.png", positive, negative)
+    report["out"] = str(out_dir)
+    return report
+
+
+def json_safe(value):
+    """NaN becomes null (strict JSON), numpy scalars become Python numbers, tuples lists."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

@@ -1,0 +1,158 @@
+"""Clinical metrics for a positive class, bootstrap confidence intervals, ROC and confusion plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import rankdata
+
+METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
+           "balanced_accuracy", "auc")
+
+
+def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve by the rank-sum formula (ties count half); NaN with one class."""
+    is_positive = np.asarray(is_positive, dtype=bool)
+    n_pos = int(is_positive.sum())
+    n_neg = len(is_positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else float("nan")
+
+
+def binary_metrics(is_positive: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict:
+    """Metrics of 'positive if score >= threshold' against the truth."""
+    truth = np.asarray(is_positive, dtype=bool)
+    called = np.asarray(score) >= threshold
+    tp = int(np.sum(called & truth))
+    tn = int(np.sum(~called & ~truth))
+    fp = int(np.sum(called & ~truth))
+    fn = int(np.sum(~called & truth))
+    sensitivity = _ratio(tp, tp + fn)
+    specificity = _ratio(tn, tn + fp)
+    precision = _ratio(tp, tp + fp)
+    return {
+        "accuracy": _ratio(tp + tn, len(truth)),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "precision": precision,
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "balanced_accuracy": float(np.nanmean([sensitivity, specificity])),
+        "auc": roc_auc(truth, score),
+        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+    }
+
+
+def youden_threshold(is_positive: np.ndarray, score: np.ndarray) -> float:
+    """The threshold that maximises sensitivity + specificity - 1 on these data."""
+    truth = np.asarray(is_positive, dtype=bool)
+    if truth.all() or not truth.any():
+        return 0.5
+    candidates = np.unique(score)
+    best, best_j = 0.5, -np.inf
+    for t in candidates:
+        called = score >= t
+        j = np.mean(called[truth]) + np.mean(~called[~truth]) - 1
+        if j > best_j:
+            best, best_j = float(t), j
+    return best
+
+
+def bootstrap(is_positive: np.ndarray, score: np.ndarray, *, threshold: float,
+              groups: np.ndarray | None = None, n: int = 1000, seed: int = 0,
+              level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile CIs; resamples whole patients when groups are given (cluster bootstrap)."""
+    truth = np.asarray(is_positive, dtype=bool)
+    score = np.asarray(score, dtype=float)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.array([i]) for i in range(len(truth))]
+    else:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+    draws = {m: [] for m in METRICS}
+    for _ in range(n):
+        pick = rng.integers(len(members), size=len(members))
+        idx = np.concatenate([members[g] for g in pick])
+        values = binary_metrics(truth[idx], score[idx], threshold)
+        for m in METRICS:
+            draws[m].append(values[m])
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for m in METRICS:
+        arr = np.asarray(draws[m], dtype=float)
+        arr = arr[~np.isnan(arr)]
+        out[m] = (float(np.percentile(arr, tail)), float(np.percentile(arr, 100 - tail))) \
+            if len(arr) else (float("nan"), float("nan"))
+    return out
+
+
+def summary_metrics(probs: np.ndarray, labels: np.ndarray, positive_index: int) -> dict:
+    """The few numbers logged every epoch or round: accuracy (argmax), AUC, sens, spec, bal. acc."""
+    predicted = probs.argmax(axis=1)
+    truth = labels == positive_index
+    score = probs[:, positive_index]
+    called = predicted == positive_index
+    sensitivity = _ratio(np.sum(called & truth), truth.sum())
+    specificity = _ratio(np.sum(~called & ~truth), (~truth).sum())
+    return {
+        "acc": float(np.mean(predicted == labels)) if len(labels) else float("nan"),
+        "auc": roc_auc(truth, score),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "balanced_acc": float(np.nanmean([sensitivity, specificity])) if len(labels) else float("nan"),
+    }
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    for name, (truth, score) in curves.items():
+        if truth.all() or not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(truth, score):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_confusion(matrices: dict[str, dict], path: Path, positive: str, negative: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.2), dpi=100,
+                             squeeze=False)
+    for ax, (name, c) in zip(axes[0], matrices.items(), strict=True):
+        grid = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+        ax.imshow(grid, cmap="Blues")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, str(v), ha="center", va="center",
+                    color="white" if v > grid.max() / 2 else "black")
+        ax.set_xticks([0, 1], [negative, positive], fontsize=7)
+        ax.set_yticks([0, 1], [negative, positive], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

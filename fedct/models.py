@@ -1,0 +1,185 @@
+"""timm backbones: creation from a pretrained source, head replacement, freezing, DP-safety."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from fedct.errors import FedctError
+
+
+@functools.cache
+def _all_models() -> tuple[str, ...]:
+    return tuple(timm.list_models())
+
+
+def check_architecture(name: str) -> None:
+    if name not in _all_models():
+        close = difflib.get_close_matches(name, _all_models(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise FedctError(f"--model {name!r}: not a timm architecture{hint}")
+
+
+def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
+                 drop_rate: float = 0.0) -> nn.Module:
+    """A timm model with a fresh `num_classes` head, started from `hub`, `none` or a file.
+
+    A fedct checkpoint keeps its head when it was trained for the same number of classes.
+    """
+    check_architecture(name)
+    kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if pretrained == "none":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained == "hub":
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # network errors surface as many types (OSError, HF errors)
+            raise FedctError(
+                f"could not fetch pretrained weights for {name} from the hub "
+                f"({exc.__class__.__name__}); pass --pretrained FILE with local weights, "
+                "or --pretrained none"
+            ) from None
+    from fedct.runs import checkpoint_paths, read_checkpoint
+
+    weights, sidecar = checkpoint_paths(pretrained)
+    if sidecar.is_file():
+        state, meta = read_checkpoint(pretrained)
+        if meta.get("architecture") != name:
+            raise FedctError(f"{weights}: checkpoint is a {meta.get('architecture')}, not {name}")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        if meta.get("dp_safe"):
+            make_dp_safe(model)
+        head = {k for k in state if k.startswith(_head_prefix(model))}
+        if len(meta.get("classes", [])) != num_classes:
+            state = {k: v for k, v in state.items() if k not in head}
+        load_weights(model, state, source=weights, allow_missing_head=True)
+        return model
+    if not weights.is_file():
+        raise FedctError(f"--pretrained {pretrained}: no such file (use hub, none or a path)")
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)},
+                                 **kwargs)
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise FedctError(f"{weights}: weights do not fit {name} ({first})") from None
+
+
+def _head_prefix(model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    for module_name, module in model.named_modules():
+        if module is classifier:
+            return module_name + "."
+    return "classifier."
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str | Path,
+                 allow_missing_head: bool = False) -> None:
+    """Strict load with a one-line error naming the file and the first mismatch."""
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    if allow_missing_head:
+        missing = [k for k in missing if not k.startswith(_head_prefix(model))]
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if unexpected or missing or wrong:
+        what = (f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, model has "
+                f"{tuple(own[wrong[0]].shape)}" if wrong else
+                f"unexpected key {unexpected[0]}" if unexpected else f"missing key {missing[0]}")
+        raise FedctError(f"{source}: weights do not fit the model ({what})")
+    model.load_state_dict(state, strict=False)
+
+
+def data_config(model: nn.Module, image_size: int) -> dict:
+    """timm's preprocessing for this model, at our image size."""
+    cfg = timm.data.resolve_data_config(model=model)
+    return {"input_size": [3, image_size, image_size], "mean": list(cfg["mean"]),
+            "std": list(cfg["std"]), "interpolation": cfg.get("interpolation", "bicubic")}
+
+
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names grouped from stem to head, by timm's coarse group matcher."""
+    try:
+        grouped = timm.models.group_parameters(model, model.group_matcher(coarse=True))
+        groups = [grouped[k] for k in sorted(grouped)]
+    except (AttributeError, NotImplementedError):
+        groups = [[n] for n, _ in model.named_parameters()]
+    head = _head_prefix(model)
+    body = [[n for n in g if not n.startswith(head)] for g in groups]
+    body = [g for g in body if g]
+    body.append([n for n, _ in model.named_parameters() if n.startswith(head)])
+    return body
+
+
+def apply_freeze(model: nn.Module, policy: str, *, freeze_bn: bool = False) -> int:
+    """Set requires_grad by policy (full, head, last-N); returns the trainable parameter count."""
+    groups = layer_groups(model)
+    if policy == "full":
+        trainable = {n for g in groups for n in g}
+    elif policy == "head":
+        trainable = set(groups[-1])
+    else:
+        count = int(policy.split("-", 1)[1])
+        trainable = {n for g in groups[-(count + 1):] for n in g}
+    for name, param in model.named_parameters():
+        param.requires_grad = name in trainable
+    model._fedct_frozen_norms = [  # norms in frozen parts (or all, with freeze_bn) keep their stats
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (freeze_bn or not any(p.requires_grad for p in m.parameters(recurse=False)))
+    ]
+    if freeze_bn:
+        for module in model._fedct_frozen_norms:
+            for param in module.parameters(recurse=False):
+                param.requires_grad = False
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_mode(model: nn.Module) -> None:
+    """model.train(), but frozen BatchNorm layers stay in eval mode with their statistics."""
+    model.train()
+    for module in getattr(model, "_fedct_frozen_norms", []):
+        module.eval()
+
+
+def make_dp_safe(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm (timm's BatchNormAct2d too) with GroupNorm, activations not in place.
+
+    Opacus's ModuleValidator.fix misses timm's BatchNormAct2d; in-place activations break
+    its backward hooks. The fused activation of BatchNormAct2d is kept.
+    """
+    from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
+
+    def groups_for(channels: int) -> int:
+        for g in (32, 16, 8, 4, 2, 1):
+            if channels % g == 0:
+                return g
+        return 1
+
+    def replace(parent: nn.Module) -> None:
+        for child_name, child in parent.named_children():
+            if isinstance(child, BatchNormAct2d):
+                act = child.act if not isinstance(child.act, nn.Identity) else None
+                new = GroupNormAct(child.num_features, groups_for(child.num_features),
+                                   eps=child.eps, affine=child.affine, apply_act=act is not None)
+                if act is not None:
+                    new.act = act
+                new.drop = child.drop
+                setattr(parent, child_name, new)
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, child_name, nn.GroupNorm(groups_for(child.num_features),
+                                                         child.num_features, eps=child.eps,
+                                                         affine=child.affine))
+            else:
+                replace(child)
+
+    replace(model)
+    for module in model.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    model._fedct_dp_safe = True
+    return model

@@ -1,0 +1,197 @@
+"""Stage 1: central transfer learning of a timm backbone on data that may be pooled."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from fedct.config import PretrainConfig, to_dict
+from fedct.data.loading import SplitImages, make_loader, make_transform
+from fedct.data.manifest import Split, load_split
+from fedct.errors import FedctError
+from fedct.metrics import summary_metrics
+from fedct.models import apply_freeze, create_model, data_config
+from fedct.runs import (
+    append_summary,
+    load_resume,
+    prepare_run_dir,
+    read_checkpoint,
+    save_checkpoint,
+    save_resume,
+    truncate_summary,
+    write_config,
+    write_report,
+)
+from fedct.training import (
+    cosine_with_warmup,
+    make_loss,
+    make_optimizer,
+    mean_loss,
+    pick_device,
+    predict,
+    seed_everything,
+    set_threads,
+    train_epoch,
+)
+
+
+def select_training_rows(split: Split, config: PretrainConfig):
+    """Pooled training rows, or only some clients' (`clients`), or rows matching `rows`."""
+    rows = split.select(split="train")
+    if config.clients:
+        unknown = sorted(set(config.clients) - set(range(split.num_clients)))
+        if unknown:
+            raise FedctError(f"clients {unknown}: the split has clients 0..{split.num_clients - 1}")
+        rows = [e for e in rows if e.client in config.clients]
+    if config.rows:
+        wanted = config.rows
+        rows = [e for e in split.select() if wanted in (e.row.site, e.split, str(e.client))]
+        if not rows:
+            raise FedctError(f"rows {wanted!r}: no manifest row has this site, split or client")
+    if not rows:
+        raise FedctError(f"{split.directory}: no training rows selected")
+    return rows
+
+
+def monitor_value(metrics: dict, monitor: str) -> float:
+    """Higher is better for every monitor (the loss is negated)."""
+    key = monitor.removeprefix("val_")
+    value = metrics["loss"] if key == "loss" else metrics[key]
+    value = -value if key == "loss" else value
+    return float("-inf") if np.isnan(value) else value
+
+
+def checkpoint_meta(config, split: Split, dcfg: dict, *, stage: str, extra: dict) -> dict:
+    return {"architecture": config.model, "classes": split.classes, "positive": split.positive,
+            "input_size": dcfg["input_size"], "mean": dcfg["mean"], "std": dcfg["std"],
+            "interpolation": dcfg["interpolation"], "stage": stage, **extra}
+
+
+def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
+                 resume: bool = False, force: bool = False, quiet: bool = False,
+                 console: Console | None = None) -> dict:
+    console = console or Console(quiet=quiet)
+    out = Path(out)
+    split = load_split(split_dir)
+    train_rows = select_training_rows(split, config)
+    val_rows = split.select(split="val")
+    if not val_rows:
+        raise FedctError(f"{split_dir}: no val rows to validate on")
+    set_threads()
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    positive_index = split.classes.index(split.positive) if split.positive else 1
+    model = create_model(config.model, len(split.classes), pretrained=config.pretrained,
+                         drop_rate=config.drop_rate)
+    out = prepare_run_dir(out, resume=resume, force=force)
+    trainable = apply_freeze(model, config.freeze, freeze_bn=config.freeze_bn)
+    dcfg = data_config(model, config.image_size)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    started = time.perf_counter()
+    images = SplitImages(split, config.image_size)
+    decode_seconds = time.perf_counter() - started
+    train_set = images.dataset(train_rows, make_transform(data_cfg=dcfg, train=True, config=config))
+    val_set = images.dataset(val_rows, make_transform(data_cfg=dcfg, train=False, config=config))
+    labels = train_set.labels.tolist()
+    train_loader = make_loader(train_set, batch_size=config.batch_size, train=True,
+                               seed=config.seed, balance=config.balance,
+                               num_classes=len(split.classes))
+    val_loader = make_loader(val_set, batch_size=config.batch_size * 2, train=False, seed=0)
+    loss_fn = make_loss(config, labels, len(split.classes))
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = len(train_loader)
+    scheduler = cosine_with_warmup(
+        optimizer, total_steps=config.epochs * steps_per_epoch,
+        warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+        min_lr_ratio=config.min_lr / config.lr)
+    state = {"epoch": 0, "best": float("-inf"), "best_epoch": 0, "bad_epochs": 0}
+    if resume:
+        weights, _ = read_checkpoint(out / "last")
+        model.load_state_dict(weights)
+        saved = load_resume(out)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: saved[k] for k in state}
+        truncate_summary(out, "epoch", state["epoch"])
+        console.print(f"resuming {out} after epoch {state['epoch']}")
+    else:
+        write_config(out, to_dict(config), command="pretrain",
+                     extra={"split": str(Path(split_dir).resolve()),
+                            "train_images": len(train_rows), "val_images": len(val_rows),
+                            "trainable_parameters": trainable, "device": str(device)})
+    history = []
+    train_seconds = 0.0
+    train_examples = 0
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                        console=console, disable=quiet)
+    with progress:
+        task = progress.add_task("train", info="",
+                                 total=steps_per_epoch * (config.epochs - state["epoch"]))
+        for epoch in range(state["epoch"] + 1, config.epochs + 1):
+            seed_everything(config.seed * 1000 + epoch)  # a resumed epoch sees the same randomness
+            train_loader.generator.manual_seed(config.seed * 1000 + epoch)
+            progress.update(task, description=f"epoch {epoch}/{config.epochs}")
+            tick = time.perf_counter()
+            result = train_epoch(model, train_loader, optimizer, loss_fn, device=device,
+                                 scheduler=scheduler, grad_clip=config.grad_clip, amp=config.amp,
+                                 channels_last=config.channels_last,
+                                 on_step=lambda _s: progress.advance(task))
+            seconds = time.perf_counter() - tick
+            train_seconds += seconds
+            train_examples += result["examples"]
+            probs, truth = predict(model, val_loader, device=device,
+                                   channels_last=config.channels_last, amp=config.amp)
+            metrics = summary_metrics(probs, truth, positive_index)
+            metrics["loss"] = mean_loss(probs, truth)
+            row = {"epoch": epoch, "train_loss": result["loss"], "val_loss": metrics["loss"],
+                   "val_acc": metrics["acc"], "val_auc": metrics["auc"],
+                   "val_sensitivity": metrics["sensitivity"],
+                   "val_specificity": metrics["specificity"],
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)}
+            append_summary(out, row)
+            history.append(row)
+            progress.update(task, info=f"val acc {metrics['acc']:.3f} auc {metrics['auc']:.3f}")
+            meta = checkpoint_meta(config, split, dcfg, stage="pretrain",
+                                   extra={"epoch": epoch, "metrics": row})
+            save_checkpoint(out / "last", model.state_dict(), meta)
+            score = monitor_value(metrics, config.monitor)
+            if score > state["best"]:
+                state.update(best=score, best_epoch=epoch, bad_epochs=0)
+                save_checkpoint(out / "best", model.state_dict(), meta)
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch
+            save_resume(out, {"optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), **state})
+            if config.patience and state["bad_epochs"] >= config.patience:
+                console.print(f"early stop after epoch {epoch}: {config.monitor} has not improved "
+                              f"for {config.patience} epochs")
+                break
+    _, best_meta = read_checkpoint(out / "best")
+    report = {
+        "stage": "pretrain", "run": str(out), "best_epoch": state["best_epoch"],
+        "monitor": config.monitor, "best": best_meta["metrics"],
+        "last": history[-1] if history else None,
+        "train_images": len(train_rows), "val_images": len(val_rows),
+        "decode_seconds": round(decode_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "train_images_per_second": round(train_examples / train_seconds, 2) if train_seconds else None,
+        "device": str(device),
+    }
+    write_report(out, report)
+    return report

@@ -1,0 +1,180 @@
+"""Run directories: resolved config, summary.csv, safetensors checkpoints with JSON sidecars.
+
+A checkpoint is `NAME.safetensors` (weights only: loading an untrusted file executes nothing)
+beside `NAME.json` (architecture, classes, input size, mean/std, stage, epoch or round,
+metrics). Resume state (optimiser, RNG) goes to `resume.pt`, read with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fedct import __version__
+from fedct.errors import FedctError
+
+CONFIG = "config.yaml"
+SUMMARY = "summary.csv"
+REPORT = "report.json"
+RESUME = "resume.pt"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_paths(name: str | Path) -> tuple[Path, Path]:
+    """`RUN/best`, `RUN/best.safetensors` or `RUN/best.json` -> (weights, sidecar)."""
+    path = Path(name)
+    if path.is_dir():
+        for candidate in ("final", "best", "last"):
+            if (path / f"{candidate}.safetensors").is_file():
+                path = path / candidate
+                break
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+def save_checkpoint(stem: Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
+    weights, sidecar = checkpoint_paths(stem)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(sidecar, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    return weights
+
+
+def read_checkpoint(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    weights, sidecar = checkpoint_paths(name)
+    if not weights.is_file():
+        raise FedctError(f"{weights}: checkpoint not found")
+    if not sidecar.is_file():
+        raise FedctError(f"{sidecar}: checkpoint sidecar not found (a fedct checkpoint has both)")
+    try:
+        state = load_file(str(weights))
+        meta = json.loads(sidecar.read_text())
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise FedctError(f"{weights}: unreadable checkpoint ({exc.__class__.__name__})") from None
+    for key in ("architecture", "classes"):
+        if key not in meta:
+            raise FedctError(f"{sidecar}: missing key '{key}'")
+    return state, meta
+
+
+def versions() -> dict:
+    import opacus
+    import timm
+
+    info = {"fedct": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+            "timm": timm.__version__, "opacus": opacus.__version__}
+    try:
+        import flwr
+
+        info["flwr"] = flwr.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> Path:
+    """A fresh run directory, or the existing one when resuming. Never clobbers without --force."""
+    out = Path(out)
+    if resume:
+        if not (out / RESUME).is_file():
+            raise FedctError(f"{out}: nothing to resume ({RESUME} not found)")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FedctError(f"{out}: exists and is not empty (use --force to replace it, "
+                             "or --resume to continue it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_config(out: Path, config: dict, *, command: str, extra: dict | None = None) -> None:
+    doc = {"command": command, "config": config, "seed": config.get("seed"),
+           "versions": versions(), "git_commit": git_commit(),
+           "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **(extra or {})}
+    atomic_write(out / CONFIG, lambda p: p.write_text(yaml.safe_dump(doc, sort_keys=False)))
+
+
+def read_config(out: Path) -> dict:
+    path = Path(out) / CONFIG
+    if not path.is_file():
+        raise FedctError(f"{path}: not found")
+    return yaml.safe_load(path.read_text())
+
+
+def append_summary(out: Path, row: dict) -> None:
+    path = Path(out) / SUMMARY
+    exists = path.is_file()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if not exists:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def truncate_summary(out: Path, first_column: str, keep_through: int) -> None:
+    """On resume, drop summary rows written after the state being resumed."""
+    path = Path(out) / SUMMARY
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+        fields = rows[0].keys() if rows else []
+    kept = [r for r in rows if int(r[first_column]) <= keep_through]
+
+    def write(p: Path) -> None:
+        with p.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(fields))
+            writer.writeheader()
+            writer.writerows(kept)
+
+    if fields:
+        atomic_write(path, write)
+
+
+def write_report(out: Path, report: dict) -> None:
+    atomic_write(Path(out) / REPORT,
+                 lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
+
+
+def save_resume(out: Path, state: dict) -> None:
+    atomic_write(Path(out) / RESUME, lambda p: torch.save(state, p))
+
+
+def load_resume(out: Path) -> dict:
+    return torch.load(Path(out) / RESUME, map_location="cpu", weights_only=True)
