@@ -156,30 +156,6 @@ def run() -> None:  # pragma: no cover - console entry for `python -m fedct`
     sys.exit(0)
 
 
-@app.command()
-@one_line_errors
-def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's data, split and runs.")] = Path("demo-out"),
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    force: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
-) -> None:
-    """Run the pipeline end to end on synthetic CT: synth, split over 4 non-IID clients.
-
-    Example: fedct demo --out demo-out
-    """
-    from fedct.data.manifest import SplitOptions, run_split
-    from fedct.data.synthetic import write_synthetic
-
-    data = write_synthetic(out / "data", n=400, seed=seed, force=force)
-    console.print(f"[bold]1. synth[/] 400 synthetic CT slices in {data}")
-    split_dir, meta = run_split(data / "dataset.csv", out / "split",
-                                SplitOptions(scheme="dirichlet", alpha=0.5, clients=4, seed=seed,
-                                             local_val=0.2),
-                                force=force)
-    console.print(f"[bold]2. split[/] {split_dir}")
-    print_split_table(meta)
-
-
 def _print_json(payload: dict) -> None:
     import json
 
@@ -309,3 +285,130 @@ def print_evaluation(report: dict) -> None:
         table.add_row(r["checkpoint"], r["data"], str(r["n"]), *(_cell(m, c) for c in columns),
                       f"{y['threshold']:.2f}: {y['sensitivity']:.2f}/{y['specificity']:.2f}")
     console.print(table)
+
+
+@app.command()
+@one_line_errors
+def federate(
+    split_dir: Annotated[Path, typer.Argument(help="Split directory from `fedct split`.")],
+    init: Annotated[str | None, typer.Option(help="Stage 1 checkpoint (RUN/best), or hub / none / a weights file with --model.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory to write.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with any option below (flags override it).")] = None,
+    model: Annotated[str | None, typer.Option(help="timm architecture when --init is not a checkpoint.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds. [default: 10]")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round. [default: 1]")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="Local steps per round (replaces --local-epochs).")] = None,
+    fraction: Annotated[float | None, typer.Option(help="Share of clients sampled each round (seeded). [default: 1.0]")] = None,
+    clients_per_round: Annotated[int | None, typer.Option(help="Clients sampled each round (replaces --fraction).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox, fedavgm, fedadam, fedyogi. [default: fedavg]")] = None,
+    mu: Annotated[float | None, typer.Option(help="FedProx proximal weight. [default: 0.01]")] = None,
+    server_lr: Annotated[float | None, typer.Option(help="Server learning rate (FedAvgM/FedAdam/FedYogi). [default: 1.0]")] = None,
+    fedbn: Annotated[bool | None, typer.Option("--fedbn/--no-fedbn", help="Keep normalisation layers local per client (FedBN).")] = None,
+    freeze: Annotated[str | None, typer.Option(help="full, head, or last-N blocks. [default: full]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Client learning rate. [default: 1e-3]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Client batch size. [default: 32]")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels. [default: 224]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (sampling, data order, noise). [default: 0]")] = None,
+    dp: Annotated[bool | None, typer.Option("--dp/--no-dp", help="Differentially private client training (Opacus DP-SGD).")] = None,
+    target_epsilon: Annotated[float | None, typer.Option(help="Per-client epsilon for the whole run. [default: 8]")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP delta. [default: 1e-5]")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Per-sample gradient clipping norm. [default: 1.0]")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(help="Fixed noise instead of calibrating to --target-epsilon.")] = None,
+    dp_train: Annotated[str | None, typer.Option(help="head (keeps pretrained BatchNorm) or full (GroupNorm). [default: head]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
+) -> None:
+    """Stage 2: fine-tune a model by federated rounds over the split's clients.
+
+    Writes config.yaml, summary.csv (one row per round), privacy.csv (with --dp),
+    round/best/last/final checkpoints, report.json.
+
+    Example: fedct federate splits/covid --init runs/stage1/best --out runs/stage2
+    --rounds 10 --strategy fedavg
+    """
+    from fedct.config import FederateConfig, build_config
+    from fedct.federated.simulation import run_federate
+    from fedct.runs import read_config
+
+    overrides = {"model": model, "rounds": rounds, "local_epochs": local_epochs,
+                 "local_steps": local_steps, "fraction": fraction,
+                 "clients_per_round": clients_per_round, "strategy": strategy, "mu": mu,
+                 "server_lr": server_lr, "fedbn": fedbn, "freeze": freeze, "lr": lr,
+                 "batch_size": batch_size, "image_size": image_size, "seed": seed, "dp": dp,
+                 "target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm,
+                 "noise_multiplier": noise_multiplier, "dp_train": dp_train, "device": device}
+    if resume is not None:
+        saved = read_config(resume)
+        cfg = build_config(FederateConfig, None, {**saved["config"], **{
+            k: v for k, v in overrides.items() if v is not None}})
+        init, out = saved["init"], resume
+    else:
+        if out is None or init is None:
+            raise FedctError("--init CKPT and --out RUN_DIR are required (or --resume RUN_DIR)")
+        cfg = build_config(FederateConfig, config, overrides)
+    report = run_federate(split_dir, out, cfg, init=init, resume=resume is not None, force=force,
+                          quiet=quiet or json_out, console=console)
+    if json_out:
+        _print_json(report)
+    elif not quiet:
+        final = report["final"]
+        console.print(f"final (round {report['rounds']}): val acc {final['val_acc']:.3f}, "
+                      f"AUC {final['val_auc']:.3f}; best round {report['best_round']} by "
+                      f"{report['monitor']}"
+                      + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""))
+        console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")
+
+
+@app.command()
+@one_line_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data, split and runs.")] = Path("demo-out"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
+) -> None:
+    """The whole two-stage pipeline on synthetic CT, offline, in a few minutes on 2 CPU cores.
+
+    synth -> split over 4 non-IID clients -> stage 1 on client 0's share (standing in for
+    data that may be pooled) -> stage 2 federated over all 4 -> evaluate on test.
+    Settings: examples/demo.yaml.
+
+    Example: fedct demo --out demo-out
+    """
+    from fedct.config import FederateConfig, PretrainConfig, build_config
+    from fedct.data.manifest import SplitOptions, run_split
+    from fedct.data.synthetic import write_synthetic
+    from fedct.evaluation import run_evaluate
+    from fedct.federated.simulation import run_federate
+    from fedct.pretrain import run_pretrain
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FedctError(f"{out}: exists and is not empty (use --force to replace it)")
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    if not (examples / "demo-pretrain.yaml").is_file():
+        raise FedctError(f"{examples}/demo-*.yaml not found: run the demo from a source checkout")
+    data = write_synthetic(out / "data", n=400, seed=seed, force=True)
+    console.rule("1. synth")
+    console.print(f"400 synthetic CT slices (100 patients, 4 sites) in {data}")
+    console.rule("2. split")
+    split_dir, meta = run_split(data / "dataset.csv", out / "split",
+                                SplitOptions(scheme="dirichlet", alpha=0.5, clients=4, seed=seed,
+                                             min_per_client=20),
+                                force=True)
+    print_split_table(meta)
+    console.rule("3. stage 1: pretrain on client 0's share")
+    stage1 = run_pretrain(split_dir, out / "stage1",
+                          build_config(PretrainConfig, examples / "demo-pretrain.yaml",
+                                       {"seed": seed}),
+                          force=True, console=console)
+    console.rule("4. stage 2: federate over 4 clients")
+    run_federate(split_dir, out / "stage2",
+                 build_config(FederateConfig, examples / "demo-federate.yaml", {"seed": seed}),
+                 init=str(out / "stage1" / "best"), force=True, console=console)
+    console.rule("5. evaluate on test")
+    report = run_evaluate([out / "stage1" / "best", out / "stage2" / "final"], split_dir=split_dir,
+                          on="test", out=out / "evaluation", n_boot=500, seed=seed)
+    print_evaluation(report)
+    console.print(f"stage 1 best epoch {stage1['best_epoch']}; everything is under {out}/")

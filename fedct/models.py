@@ -34,10 +34,10 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
     check_architecture(name)
     kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
     if pretrained == "none":
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return reset_head(timm.create_model(name, pretrained=False, **kwargs))
     if pretrained == "hub":
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return reset_head(timm.create_model(name, pretrained=True, **kwargs))
         except Exception as exc:  # network errors surface as many types (OSError, HF errors)
             raise FedctError(
                 f"could not fetch pretrained weights for {name} from the hub "
@@ -57,16 +57,29 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
         head = {k for k in state if k.startswith(_head_prefix(model))}
         if len(meta.get("classes", [])) != num_classes:
             state = {k: v for k, v in state.items() if k not in head}
+            reset_head(model)
         load_weights(model, state, source=weights, allow_missing_head=True)
         return model
     if not weights.is_file():
         raise FedctError(f"--pretrained {pretrained}: no such file (use hub, none or a path)")
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)},
-                                 **kwargs)
+        return reset_head(timm.create_model(name, pretrained=True, **kwargs,
+                                            pretrained_cfg_overlay={"file": str(weights)}))
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise FedctError(f"{weights}: weights do not fit {name} ({first})") from None
+
+
+def reset_head(model: nn.Module) -> nn.Module:
+    """Small initial head weights: timm's EfficientNet init scales by fan-out, which for two
+    classes gives logits so large that fine-tuning starts with a loss near 3 and wrecks the
+    pretrained features in its first steps."""
+    for module in model.get_classifier().modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=0.01)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
 
 
 def _head_prefix(model: nn.Module) -> str:
@@ -146,6 +159,17 @@ def train_mode(model: nn.Module) -> None:
         module.eval()
 
 
+def _keep_affine(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Carry the learnt scale and shift over; the running statistics have no GroupNorm analogue."""
+    if getattr(old, "affine", False):
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.copy_(old.bias)
+        new.weight.requires_grad = old.weight.requires_grad
+        new.bias.requires_grad = old.bias.requires_grad
+    return new
+
+
 def make_dp_safe(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm (timm's BatchNormAct2d too) with GroupNorm, activations not in place.
 
@@ -169,11 +193,11 @@ def make_dp_safe(model: nn.Module) -> nn.Module:
                 if act is not None:
                     new.act = act
                 new.drop = child.drop
-                setattr(parent, child_name, new)
+                setattr(parent, child_name, _keep_affine(child, new))
             elif isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(parent, child_name, nn.GroupNorm(groups_for(child.num_features),
-                                                         child.num_features, eps=child.eps,
-                                                         affine=child.affine))
+                new = nn.GroupNorm(groups_for(child.num_features), child.num_features,
+                                   eps=child.eps, affine=child.affine)
+                setattr(parent, child_name, _keep_affine(child, new))
             else:
                 replace(child)
 

@@ -82,7 +82,7 @@ def checkpoint_meta(config, split: Split, dcfg: dict, *, stage: str, extra: dict
 def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                  resume: bool = False, force: bool = False, quiet: bool = False,
                  console: Console | None = None) -> dict:
-    console = console or Console(quiet=quiet)
+    console = Console(quiet=True) if quiet else (console or Console())
     out = Path(out)
     split = load_split(split_dir)
     train_rows = select_training_rows(split, config)

@@ -1,9 +1,9 @@
 import csv
 
 import yaml
+from conftest import COVID_CSV, require_shared
 from typer.testing import CliRunner
 
-from conftest import COVID_CSV, require_shared
 from fedct import __version__
 from fedct.cli import app
 from fedct.data.manifest import load_split

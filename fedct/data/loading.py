@@ -97,7 +97,8 @@ class ImageTensorDataset(Dataset):
 
 
 def make_loader(dataset: ImageTensorDataset, *, batch_size: int, train: bool, seed: int,
-                balance: str = "none", num_classes: int = 2) -> DataLoader:
+                balance: str = "none", num_classes: int = 2,
+                drop_last: bool | None = None) -> DataLoader:
     """Seeded loader: the same seed gives the same batches; `sampler` balances classes."""
     generator = torch.Generator().manual_seed(seed)
     sampler = None
@@ -108,7 +109,8 @@ def make_loader(dataset: ImageTensorDataset, *, batch_size: int, train: bool, se
                                         generator=generator)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
                       sampler=sampler, generator=generator, num_workers=0,
-                      drop_last=train and len(dataset) > batch_size)
+                      drop_last=(train and len(dataset) > batch_size) if drop_last is None
+                      else drop_last)
 
 
 class SplitImages:

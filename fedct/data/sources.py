@@ -221,7 +221,7 @@ def _decode_dicom(path: Path, window: tuple[float, float]) -> np.ndarray:
     try:
         import pydicom
     except ImportError:
-        raise FedctError(f"{path}: reading DICOM needs the dicom extra: pip install 'fedct[dicom]'")
+        raise FedctError(f"{path}: reading DICOM needs the dicom extra: pip install 'fedct[dicom]'") from None
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array.astype(np.float32)

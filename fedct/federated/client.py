@@ -1,0 +1,114 @@
+"""The client update: one function, called by the embedded engine and by the Flower ClientApp."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedct import privacy
+from fedct.data.loading import ImageTensorDataset, make_loader
+from fedct.federated.strategies import Update, Weights
+from fedct.training import make_loss, make_optimizer, seed_everything, train_epoch
+
+
+@dataclass
+class ClientData:
+    client_id: int
+    train: ImageTensorDataset
+    val: ImageTensorDataset | None = None
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from (run seed, round, client): resumes replay the same randomness."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def norm_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of normalisation layers: what FedBN keeps local."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+            keys.update(f"{name}.{k}" for k in module.state_dict())
+    return keys
+
+
+def new_client_state(config) -> dict:
+    state: dict = {"steps": 0, "rounds": 0}
+    if config.dp:
+        state["accountant"] = privacy.new_accountant_state(config)
+        state["epsilon"] = 0.0
+    return state
+
+
+def load_global(model: nn.Module, global_weights: Weights, state: dict, *, fedbn: bool) -> None:
+    weights = dict(global_weights)
+    if fedbn and "norms" in state:
+        weights.update(state["norms"])
+    model.load_state_dict(weights, strict=True)
+
+
+def client_update(model: nn.Module, global_weights: Weights, data: ClientData, config,
+                  state: dict, *, round_number: int, device: torch.device,
+                  num_classes: int, noise: float | None = None) -> tuple[Update, dict]:
+    """Train the global weights on one client's data; returns its update and its new state.
+
+    `model` is the one shared model object (with the run's freezing already applied); its
+    weights are overwritten here, so memory does not grow with the number of clients.
+    """
+    state = dict(state)
+    load_global(model, global_weights, state, fedbn=config.fedbn)
+    seed = derive_seed(config.seed, round_number, data.client_id)
+    seed_everything(seed)
+    labels = data.train.labels.tolist()
+    loss_fn = make_loss(config, labels, num_classes)
+    loader = make_loader(data.train, batch_size=config.batch_size, train=True, seed=seed,
+                         balance="none" if config.dp else config.balance, num_classes=num_classes,
+                         drop_last=False if config.dp else None)
+    optimizer = make_optimizer(model, config)
+    penalty = None
+    if config.strategy == "fedprox" and config.mu > 0:
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        def penalty(m: nn.Module) -> torch.Tensor:
+            return 0.5 * config.mu * sum(((p - anchor[n]) ** 2).sum()
+                                         for n, p in m.named_parameters() if n in anchor)
+
+    target_steps = privacy.steps_per_round(len(data.train), config)
+    loss_sum, seen, steps = 0.0, 0, 0
+
+    def run_epochs(batches, opt) -> None:
+        nonlocal loss_sum, seen, steps
+        while steps < target_steps:
+            result = train_epoch(model, batches, opt, loss_fn, device=device,
+                                 grad_clip=0.0 if config.dp else config.grad_clip,
+                                 amp=config.amp, channels_last=config.channels_last,
+                                 max_steps=target_steps - steps, penalty=penalty)
+            if result["steps"] == 0 and result["examples"] == 0 and len(data.train) == 0:
+                break
+            loss_sum += result["loss"] * result["examples"]
+            seen += result["examples"]
+            steps += result["steps"]
+
+    if config.dp:
+        with privacy.private_training(model, optimizer, loader, noise=noise,
+                                      accountant_state=state["accountant"], config=config,
+                                      loss_fn=loss_fn) as (dp_loader, dp_optimizer, result):
+            run_epochs(dp_loader, dp_optimizer)
+        state["accountant"] = result["accountant"]
+        state["epsilon"] = privacy.epsilon_of(state["accountant"], config)
+    else:
+        run_epochs(loader, optimizer)
+    weights = privacy.strip_prefix({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    if config.fedbn:
+        keep = norm_keys(model)
+        state["norms"] = {k: v for k, v in weights.items() if k in keep}
+    state["steps"] = state.get("steps", 0) + steps
+    state["rounds"] = state.get("rounds", 0) + 1
+    metrics = {"train_loss": loss_sum / max(1, seen), "examples_seen": seen, "steps": steps}
+    if config.dp:
+        metrics["epsilon"] = state["epsilon"]
+    return Update(weights=weights, examples=len(data.train), metrics=metrics), state

@@ -1,0 +1,112 @@
+"""Differential privacy with Opacus, with one privacy budget per client for the whole run.
+
+Each client's noise multiplier is fixed once per run, calibrated for every step that client
+will take over all the rounds it is sampled for (or given with --noise-multiplier). Its
+accountant lives in the client's state across rounds and is saved with the run, so epsilon
+is the epsilon of the whole run, not of one round. The Opacus wrapping of the shared model
+is put on for a client's local update and taken off after it, so weights leave the client
+without the `_module.` prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+
+from fedct.errors import FedctError
+from fedct.models import train_mode
+
+
+def steps_per_round(n_examples: int, config) -> int:
+    if config.local_steps > 0:
+        return config.local_steps
+    return config.local_epochs * max(1, math.ceil(n_examples / config.batch_size))
+
+
+def sample_rate(n_examples: int, batch_size: int) -> float:
+    """Opacus's Poisson rate for a loader of ceil(n / batch) batches: 1 / len(loader)."""
+    return 1.0 / max(1, math.ceil(n_examples / batch_size))
+
+
+def calibrate_noise(*, n_examples: int, total_steps: int, config) -> float:
+    """The noise multiplier that spends exactly the target epsilon over `total_steps`."""
+    if config.noise_multiplier > 0:
+        return config.noise_multiplier
+    if total_steps == 0:
+        return 1.0
+    try:
+        return float(get_noise_multiplier(
+            target_epsilon=config.target_epsilon, target_delta=config.delta,
+            sample_rate=sample_rate(n_examples, config.batch_size), steps=total_steps,
+            accountant=config.accountant))
+    except ValueError as exc:
+        raise FedctError(f"target_epsilon {config.target_epsilon}: cannot be reached ({exc})") from None
+
+
+def new_accountant_state(config) -> dict:
+    return create_accountant(config.accountant).state_dict()
+
+
+def epsilon_of(state: dict, config, *, extra_steps: int = 0, noise: float = 0.0,
+               rate: float = 0.0) -> float:
+    """Epsilon spent so far, or after `extra_steps` more steps at (noise, rate)."""
+    accountant = create_accountant(config.accountant)
+    if state.get("history"):
+        accountant.load_state_dict(copy.deepcopy(dict(state)))  # Opacus keeps the list it is given
+    if extra_steps:
+        accountant.history.append((noise, rate, extra_steps))
+    if not accountant.history:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=config.delta))
+
+
+@contextlib.contextmanager
+def private_training(model: nn.Module, optimizer, loader, *, noise: float, accountant_state: dict,
+                     config, loss_fn: nn.Module):
+    """Wrap model, optimiser and loader with Opacus for one local update.
+
+    Yields (loader, optimizer, result) where result["accountant"] holds the updated
+    accountant state after the block.
+    """
+    train_mode(model)  # Opacus refuses a model in eval mode
+    engine = PrivacyEngine(accountant=config.accountant)
+    if accountant_state.get("history"):
+        engine.accountant.load_state_dict(copy.deepcopy(dict(accountant_state)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=loss_fn,
+            noise_multiplier=noise, max_grad_norm=config.max_grad_norm, poisson_sampling=True,
+            grad_sample_mode=config.grad_sample_mode,
+        )
+    result: dict = {}
+    try:
+        with BatchMemoryManager(data_loader=dp_loader,
+                                max_physical_batch_size=config.physical_batch_size,
+                                optimizer=dp_optimizer) as physical_loader, \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus's per-module hook warnings, every step
+            yield physical_loader, dp_optimizer, result
+    finally:
+        result["accountant"] = engine.accountant.state_dict()
+        if hasattr(wrapped, "_close"):
+            wrapped._close()
+        for param in model.parameters():
+            for attribute in ("grad_sample", "_forward_counter", "summed_grad"):
+                if hasattr(param, attribute):
+                    delattr(param, attribute)
+
+
+def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("_module."): v for k, v in state.items()}

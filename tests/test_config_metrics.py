@@ -1,0 +1,82 @@
+import re
+
+import numpy as np
+import pytest
+
+from fedct.config import FederateConfig, PretrainConfig, build_config
+from fedct.errors import FedctError
+from fedct.metrics import binary_metrics, bootstrap, roc_auc, summary_metrics, youden_threshold
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nlr: 0.01\nmodel: resnet18\nclients: [0, 2]\n")
+    config = build_config(PretrainConfig, path, {"lr": 0.5, "batch_size": None})
+    assert (config.epochs, config.lr, config.model, config.clients) == (3, 0.5, "resnet18", [0, 2])
+    assert build_config(PretrainConfig, None, {"clients": "1,3"}).clients == [1, 3]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epoch: 3\n", "unknown key 'epoch' (did you mean 'epochs'?)"),
+    ("epochs: three\n", "key 'epochs'"),
+    ("optimizer: lamb\n", "optimizer 'lamb'"),
+    ("freeze: some\n", "freeze 'some'"),
+    ("- a\n", "expected a mapping"),
+])
+def test_bad_config_is_named(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(FedctError, match=re.escape(message)):
+        build_config(PretrainConfig, path)
+
+
+def test_federate_config_accepts_kebab_case_keys():
+    config = build_config(FederateConfig, None, {"local-epochs": 2, "dp": "true"})
+    assert config.local_epochs == 2 and config.dp is True
+
+
+def test_binary_metrics_by_hand():
+    truth = np.array([1, 1, 1, 0, 0, 0, 0, 1])
+    score = np.array([0.9, 0.8, 0.3, 0.1, 0.6, 0.2, 0.4, 0.7])
+    m = binary_metrics(truth, score, 0.5)
+    # called positive: 0.9 0.8 0.6 0.7 -> tp 3 (0.9 0.8 0.7), fp 1 (0.6); fn 1 (0.3); tn 3
+    assert m["confusion"] == {"tp": 3, "fp": 1, "tn": 3, "fn": 1}
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["precision"] == pytest.approx(3 / 4)
+    assert m["npv"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(0.75)
+    # AUC: positives 0.9 0.8 0.3 0.7 vs negatives 0.1 0.6 0.2 0.4: pairs won = 4+4+2+4 = 14 of 16
+    assert m["auc"] == pytest.approx(14 / 16)
+    assert roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5
+
+
+def test_youden_threshold_separates_perfectly():
+    truth = np.array([0, 0, 1, 1])
+    score = np.array([0.1, 0.3, 0.35, 0.9])
+    t = youden_threshold(truth, score)
+    m = binary_metrics(truth, score, t)
+    assert m["sensitivity"] == 1 and m["specificity"] == 1
+
+
+def test_bootstrap_is_repeatable_and_resamples_patients():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, 60)
+    score = np.clip(truth * 0.3 + rng.uniform(0, 0.7, 60), 0, 1)
+    groups = np.repeat(np.arange(20), 3)
+    a = bootstrap(truth, score, threshold=0.5, groups=groups, n=200, seed=1)
+    b = bootstrap(truth, score, threshold=0.5, groups=groups, n=200, seed=1)
+    c = bootstrap(truth, score, threshold=0.5, groups=None, n=200, seed=1)
+    assert a == b
+    assert a != c
+    low, high = a["auc"]
+    assert low < roc_auc(truth, score) < high
+
+
+def test_summary_metrics_multiclass_positive():
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]])
+    labels = np.array([0, 1, 2, 1])
+    m = summary_metrics(probs, labels, positive_index=1)
+    assert m["acc"] == pytest.approx(0.75)
+    assert m["sensitivity"] == pytest.approx(0.5)

@@ -1,0 +1,209 @@
+"""Stage 2: strategies, sampling, FedProx, FedBN, DP accounting, resume, rejection, end to end."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedct.cli import app
+from fedct.config import FederateConfig, build_config
+from fedct.data.manifest import SplitOptions, run_split
+from fedct.federated import simulation
+from fedct.federated.strategies import Update, aggregate, check_update, weighted_average
+from fedct.runs import read_checkpoint
+
+runner = CliRunner()
+TINY = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
+        "rounds": 2, "local_steps": 2}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FEDCT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def split_dir(synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsplit") / "split"
+    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=3, seed=0,
+                                                          local_val=0.2))
+    return out
+
+
+def config(**extra):
+    return build_config(FederateConfig, None, {**TINY, **extra})
+
+
+def run(split_dir, out, init="none", **extra):
+    return simulation.run_federate(split_dir, out, config(**extra), init=init, quiet=True)
+
+
+def test_fedavg_is_weighted_by_examples():
+    g = {"w": torch.zeros(2), "n": torch.tensor(1)}
+    a = Update({"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, 1, {})
+    b = Update({"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}, 3, {})
+    new, _ = aggregate(g, [a, b], strategy="fedavg", config=config(), server_state={})
+    assert torch.allclose(new["w"], torch.tensor([3.25, 6.5]))
+    assert int(new["n"]) == 5  # integer buffers take the maximum
+
+
+def test_adaptive_strategies_by_hand():
+    cfg = config(server_lr=0.1, beta1=0.9, beta2=0.99, tau=0.001, server_momentum=0.9)
+    g = {"w": torch.tensor([1.0])}
+    ups = [Update({"w": torch.tensor([3.0])}, 1, {})]  # delta = +2
+    new, state = aggregate(g, ups, strategy="fedavgm", config=cfg, server_state={})
+    assert new["w"].item() == pytest.approx(1 + 0.1 * 2)
+    new2, _ = aggregate(new, [Update({"w": new["w"] + 2}, 1, {})], strategy="fedavgm",
+                        config=cfg, server_state=state)
+    assert new2["w"].item() == pytest.approx(1.2 + 0.1 * (0.9 * 2 + 2))
+    m = 0.1 * 2
+    v = 0.99 * 0.001**2 + 0.01 * 4
+    adam, _ = aggregate(g, ups, strategy="fedadam", config=cfg, server_state={})
+    assert adam["w"].item() == pytest.approx(1 + 0.1 * m / (v**0.5 + 0.001), rel=1e-5)
+    v_yogi = 0.001**2 - 0.01 * 4 * np.sign(0.001**2 - 4)
+    yogi, _ = aggregate(g, ups, strategy="fedyogi", config=cfg, server_state={})
+    assert yogi["w"].item() == pytest.approx(1 + 0.1 * m / (v_yogi**0.5 + 0.001), rel=1e-5)
+
+
+def test_bad_updates_are_caught():
+    ref = {"w": torch.zeros(2)}
+    assert check_update(Update({"w": torch.tensor([1.0, float("nan")])}, 1, {}), ref)
+    assert check_update(Update({"w": torch.zeros(3)}, 1, {}), ref)
+    assert check_update(Update({"v": torch.zeros(2)}, 1, {}), ref)
+    assert check_update(Update({"w": torch.zeros(2)}, 1, {}), ref) is None
+    avg = weighted_average([Update({"w": torch.ones(2)}, 2, {})], ref)
+    assert torch.equal(avg["w"], torch.ones(2))
+
+
+def test_client_sampling_is_seeded():
+    a = simulation.sample_schedule(10, config(rounds=5, fraction=0.3, seed=1))
+    b = simulation.sample_schedule(10, config(rounds=5, fraction=0.3, seed=1))
+    c = simulation.sample_schedule(10, config(rounds=5, fraction=0.3, seed=2))
+    assert a == b and a != c and all(len(r) == 3 for r in a)
+
+
+def test_end_to_end_writes_the_run_directory(split_dir, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["federate", str(split_dir), "--init", "none", "--model",
+                                 "test_efficientnet", "--out", str(out), "--image-size", "32",
+                                 "--batch-size", "16", "--rounds", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["rounds"] == 2 and report["final"]["round"] == 2
+    with (out / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[:4] == ["round", "clients", "train_loss", "val_loss"]
+    assert [r["round"] for r in rows] == ["1", "2"] and rows[0]["clients"] == "3"
+    assert float(rows[0]["local_val_acc"]) >= 0
+    _, meta = read_checkpoint(out / "final")
+    assert meta["stage"] == "federate" and meta["round"] == 2
+    scored = runner.invoke(app, ["evaluate", str(out / "final"), "--split", str(split_dir),
+                                 "--on", "local_val", "--per-client", "--bootstrap", "0"])
+    assert scored.exit_code == 0, scored.output
+
+
+def test_resume_equals_uninterrupted(split_dir, tmp_path):
+    run(split_dir, tmp_path / "full", rounds=3, strategy="fedadam", server_lr=0.01)
+    cfg = config(rounds=3, strategy="fedadam", server_lr=0.01)
+    simulation.run_federate(split_dir, tmp_path / "cut", cfg, init="none", quiet=True,
+                            stop_after=2)
+    assert not (tmp_path / "cut" / "final.safetensors").exists()
+    simulation.run_federate(split_dir, tmp_path / "cut", cfg, init="none", quiet=True,
+                            resume=True)
+    full, _ = read_checkpoint(tmp_path / "full" / "final")
+    resumed, _ = read_checkpoint(tmp_path / "cut" / "final")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert len((tmp_path / "cut" / "summary.csv").read_text().splitlines()) == 4
+
+
+def test_fedprox_pulls_clients_towards_the_global_model(split_dir, tmp_path, monkeypatch):
+    drift = {}
+    real = simulation.client_update
+
+    def spy(model, global_weights, data, cfg, state, **kw):
+        update, new_state = real(model, global_weights, data, cfg, state, **kw)
+        drift.setdefault(cfg.mu, []).append(sum(
+            float((update.weights[k] - global_weights[k]).float().norm())
+            for k in global_weights if global_weights[k].is_floating_point()))
+        return update, new_state
+
+    monkeypatch.setattr(simulation, "client_update", spy)
+    run(split_dir, tmp_path / "a", rounds=1, strategy="fedprox", mu=0.0, local_steps=4)
+    run(split_dir, tmp_path / "b", rounds=1, strategy="fedprox", mu=50.0, local_steps=4)
+    assert np.mean(drift[50.0]) < np.mean(drift[0.0])
+
+
+def test_fedbn_keeps_norms_local(split_dir, tmp_path):
+    run(split_dir, tmp_path / "bn", rounds=1, fedbn=True)
+    from fedct.runs import load_resume
+
+    states = load_resume(tmp_path / "bn")["client_states"]
+    norms = [states[k]["norms"] for k in range(3)]
+    key = next(k for k in norms[0] if k.endswith("running_mean"))
+    assert not torch.equal(norms[0][key], norms[1][key])
+    final, _ = read_checkpoint(tmp_path / "bn" / "final")
+    assert torch.allclose(final[key], sum(n[key] for n in norms) / 3, atol=0.2)
+
+
+def test_nan_update_is_rejected_and_the_round_goes_on(split_dir, tmp_path, monkeypatch):
+    real = simulation.client_update
+
+    def poisoned(model, global_weights, data, cfg, state, **kw):
+        update, new_state = real(model, global_weights, data, cfg, state, **kw)
+        if data.client_id == 1:
+            key = next(k for k, v in update.weights.items() if v.is_floating_point())
+            update.weights[key] = torch.full_like(update.weights[key], float("nan"))
+        return update, new_state
+
+    monkeypatch.setattr(simulation, "client_update", poisoned)
+    report = run(split_dir, tmp_path / "nan", rounds=1)
+    assert report["final"]["clients"] == 2
+    final, _ = read_checkpoint(tmp_path / "nan" / "final")
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("dp_train", ["head", "full"])
+def test_dp_epsilon_stays_under_target_and_matches_an_independent_accountant(
+        split_dir, tmp_path, dp_train):
+    from opacus.accountants import RDPAccountant
+
+    from fedct.privacy import sample_rate
+
+    out = tmp_path / dp_train
+    report = run(split_dir, out, rounds=3, dp=True, dp_train=dp_train, target_epsilon=5.0,
+                 local_steps=2, fraction=1.0)
+    assert report["max_epsilon"] <= 5.0 + 1e-6
+    assert report["max_epsilon"] > 3.0  # calibrated to spend most of the budget
+    with (out / "privacy.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["status"] for r in rows} == {"trained"} and len(rows) == 9
+    for row in (r for r in rows if r["round"] == "3"):
+        n = sum(1 for e in simulation.load_split(split_dir).entries
+                if e.client == int(row["client"]) and e.split == "train")
+        independent = RDPAccountant()
+        independent.history = [(float(row["noise_multiplier"]), sample_rate(n, 16), 6)]
+        assert float(row["epsilon"]) == pytest.approx(independent.get_epsilon(1e-5), rel=1e-3)
+    final, meta = read_checkpoint(out / "final")
+    assert not any(k.startswith("_module.") for k in final)
+    assert meta["dp_safe"] == (dp_train == "full")
+
+
+def test_fixed_noise_makes_clients_sit_out_at_the_target(split_dir, tmp_path):
+    report = run(split_dir, tmp_path / "fixed", rounds=4, dp=True, noise_multiplier=0.6,
+                 target_epsilon=6.0, local_steps=3)
+    assert report["max_epsilon"] <= 6.0
+    with (tmp_path / "fixed" / "privacy.csv").open() as handle:
+        statuses = [r["status"] for r in csv.DictReader(handle)]
+    assert "sat out" in statuses
+
+
+def test_errors(split_dir, tmp_path):
+    result = runner.invoke(app, ["federate", str(split_dir), "--init", "none", "--model",
+                                 "test_efficientnet", "--out", str(tmp_path / "x"),
+                                 "--clients-per-round", "9"])
+    assert result.exit_code == 2 and "clients_per_round 9" in result.output
+    result = runner.invoke(app, ["federate", str(split_dir), "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "--init" in result.output

@@ -1,0 +1,201 @@
+"""Stage 1 and scoring on synthetic data with timm's tiny test model."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import COVID_CSV, LITE0_WEIGHTS, require_shared
+from typer.testing import CliRunner
+
+from fedct.cli import app
+from fedct.config import PretrainConfig, build_config
+from fedct.data.manifest import SplitOptions, run_split
+from fedct.errors import FedctError
+from fedct.models import apply_freeze, create_model, make_dp_safe
+from fedct.runs import read_checkpoint, save_checkpoint
+
+runner = CliRunner()
+TINY = {"model": "test_efficientnet", "pretrained": "none", "image_size": 64, "batch_size": 16,
+        "epochs": 3, "lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def split_dir(synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("split") / "split"
+    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=2, seed=0))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FEDCT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def tiny_flags(**extra):
+    flags = []
+    for key, value in {**TINY, **extra}.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def test_pretrain_and_evaluate_end_to_end(split_dir, tmp_path):
+    run = tmp_path / "run"
+    result = cli("pretrain", split_dir, "--out", run, *tiny_flags(), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["best_epoch"] in (1, 2, 3)
+    files = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "summary.csv", "best.safetensors", "best.json", "last.safetensors",
+            "last.json", "report.json"} <= files
+    rows = (run / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,val_loss,val_acc,val_auc") and len(rows) == 4
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["seed"] == 0 and "torch" in config["versions"]
+    _, meta = read_checkpoint(run / "best")
+    assert meta["classes"] == ["CT_COVID", "CT_NonCOVID"] and meta["stage"] == "pretrain"
+    assert meta["input_size"] == [3, 64, 64]
+    scored = cli("evaluate", run / "best", run / "last", "--split", split_dir, "--on", "val",
+                 "--bootstrap", 50, "--out", tmp_path / "eval")
+    assert scored.exit_code == 0, scored.output
+    assert "positive class CT_COVID" in scored.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert len(metrics["results"]) == 2 and metrics["grouped_bootstrap"]
+    assert {"roc.png", "confusion.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
+    on_train = cli("evaluate", run / "best", "--split", split_dir, "--on", "train",
+                   "--per-client", "--bootstrap", 0, "--json")
+    assert [r["data"] for r in json.loads(on_train.stdout)["results"]] == ["all", "client 0",
+                                                                           "client 1"]
+
+
+def test_same_seed_same_numbers_and_resume_equals_uninterrupted(split_dir, tmp_path, monkeypatch):
+    from fedct import pretrain as stage1
+
+    config = build_config(PretrainConfig, None, TINY)
+    stage1.run_pretrain(split_dir, tmp_path / "a", config, quiet=True)
+    stage1.run_pretrain(split_dir, tmp_path / "b", config, quiet=True)
+    first, _ = read_checkpoint(tmp_path / "a" / "last")
+    second, _ = read_checkpoint(tmp_path / "b" / "last")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    real_epoch = stage1.train_epoch
+    calls = {"n": 0}
+
+    def dies_in_third_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(stage1, "train_epoch", dies_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        stage1.run_pretrain(split_dir, tmp_path / "c", config, quiet=True)
+    monkeypatch.setattr(stage1, "train_epoch", real_epoch)
+    assert len((tmp_path / "c" / "summary.csv").read_text().splitlines()) == 3
+    result = cli("pretrain", split_dir, "--resume", tmp_path / "c", "--quiet")
+    assert result.exit_code == 0, result.output
+    resumed, _ = read_checkpoint(tmp_path / "c" / "last")
+    assert all(torch.equal(first[k], resumed[k]) for k in first)
+    resumed_rows = (tmp_path / "c" / "summary.csv").read_text().splitlines()
+    full_rows = (tmp_path / "a" / "summary.csv").read_text().splitlines()
+    assert len(resumed_rows) == 4
+    strip_seconds = [r.rsplit(",", 1)[0] for r in resumed_rows], [r.rsplit(",", 1)[0] for r in full_rows]
+    assert strip_seconds[0] == strip_seconds[1]
+
+
+def test_freezing_policies():
+    model = create_model("test_efficientnet", 2, pretrained="none")
+    total = sum(p.numel() for p in model.parameters())
+    head = apply_freeze(model, "head")
+    assert head == sum(p.numel() for p in model.get_classifier().parameters())
+    last = apply_freeze(model, "last-2")
+    assert head < last < total
+    assert apply_freeze(model, "full") == total
+    apply_freeze(model, "head")
+    from fedct.models import train_mode
+
+    train_mode(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.training for m in norms)
+
+
+def test_checkpoint_round_trip_and_head_replacement(tmp_path):
+    model = create_model("test_efficientnet", 3, pretrained="none")
+    meta = {"architecture": "test_efficientnet", "classes": ["a", "b", "c"], "stage": "pretrain"}
+    save_checkpoint(tmp_path / "ck", model.state_dict(), meta)
+    state, back = read_checkpoint(tmp_path / "ck.safetensors")
+    assert back["classes"] == ["a", "b", "c"]
+    same = create_model("test_efficientnet", 3, pretrained=str(tmp_path / "ck"))
+    assert all(torch.equal(same.state_dict()[k], v) for k, v in state.items())
+    two = create_model("test_efficientnet", 2, pretrained=str(tmp_path / "ck"))
+    assert two.get_classifier().out_features == 2
+    with pytest.raises(FedctError, match="not resnet18"):
+        create_model("resnet18", 2, pretrained=str(tmp_path / "ck"))
+
+
+def test_dp_safe_model_has_no_batchnorm_and_runs():
+    model = make_dp_safe(create_model("test_efficientnet", 2, pretrained="none"))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+
+
+def test_errors_are_one_line(split_dir, tmp_path):
+    bad_model = cli("pretrain", split_dir, "--out", tmp_path / "x", *tiny_flags(model="resnet1"))
+    assert bad_model.exit_code == 2 and "did you mean" in bad_model.output
+    no_hub = cli("pretrain", split_dir, "--out", tmp_path / "y",
+                 *tiny_flags(pretrained="/nonexistent.safetensors"))
+    assert no_hub.exit_code == 2 and "nonexistent" in no_hub.output
+    (tmp_path / "c.yaml").write_text("epochz: 2\n")
+    unknown = cli("pretrain", split_dir, "--out", tmp_path / "z", "--config", tmp_path / "c.yaml")
+    assert unknown.exit_code == 2 and "epochz" in unknown.output
+    model = create_model("test_efficientnet", 3, pretrained="none")
+    save_checkpoint(tmp_path / "three", model.state_dict(),
+                    {"architecture": "test_efficientnet", "classes": ["a", "b", "c"]})
+    wrong = cli("evaluate", tmp_path / "three", "--split", split_dir, "--bootstrap", 0)
+    assert wrong.exit_code == 2 and "trained for classes" in wrong.output
+    missing = cli("evaluate", tmp_path / "nothing", "--split", split_dir)
+    assert missing.exit_code == 2 and "not found" in missing.output
+    for result in (bad_model, no_hub, unknown, wrong, missing):
+        assert "Traceback" not in result.output
+
+
+def test_hub_failure_points_to_local_file(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("network unreachable")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(FedctError, match="--pretrained FILE"):
+        create_model("test_efficientnet", 2, pretrained="hub")
+
+
+@pytest.mark.slow
+def test_real_covid_slice_with_imagenet_weights(tmp_path):
+    """A short real run: the ImageNet head-only fit of tf_efficientnet_lite0 on COVID-CT val rows.
+
+    It trains on the rows it is scored on: this checks the real-data wiring (decoding, weights,
+    head replacement, scoring), not generalisation; the benchmark measures that.
+    """
+    require_shared(COVID_CSV)
+    require_shared(LITE0_WEIGHTS)
+    split = tmp_path / "covid"
+    assert cli("split", COVID_CSV, "--keep-split", "--clients", 2, "--out", split).exit_code == 0
+    result = cli("pretrain", split, "--out", tmp_path / "run", "--pretrained", LITE0_WEIGHTS,
+                 "--epochs", 8, "--image-size", 128, "--freeze", "head", "--rows", "val",
+                 "--lr", 0.003, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["best"]["val_auc"] > 0.7
+    scored = cli("evaluate", tmp_path / "run" / "best", "--split", split, "--on", "val",
+                 "--bootstrap", 100, "--json")
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["results"][0]["positive"] == "CT_COVID"
