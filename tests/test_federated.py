@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from fedct.cli import app
 from fedct.config import FederateConfig, build_config
 from fedct.data.manifest import SplitOptions, run_split
+from fedct.federated import client as client_module
 from fedct.federated import simulation
 from fedct.federated.strategies import Update, aggregate, check_update, weighted_average
 from fedct.runs import read_checkpoint
@@ -121,7 +122,7 @@ def test_resume_equals_uninterrupted(split_dir, tmp_path):
 
 def test_fedprox_pulls_clients_towards_the_global_model(split_dir, tmp_path, monkeypatch):
     drift = {}
-    real = simulation.client_update
+    real = client_module.client_update
 
     def spy(model, global_weights, data, cfg, state, **kw):
         update, new_state = real(model, global_weights, data, cfg, state, **kw)
@@ -130,7 +131,7 @@ def test_fedprox_pulls_clients_towards_the_global_model(split_dir, tmp_path, mon
             for k in global_weights if global_weights[k].is_floating_point()))
         return update, new_state
 
-    monkeypatch.setattr(simulation, "client_update", spy)
+    monkeypatch.setattr(client_module, "client_update", spy)
     run(split_dir, tmp_path / "a", rounds=1, strategy="fedprox", mu=0.0, local_steps=4)
     run(split_dir, tmp_path / "b", rounds=1, strategy="fedprox", mu=50.0, local_steps=4)
     assert np.mean(drift[50.0]) < np.mean(drift[0.0])
@@ -140,7 +141,7 @@ def test_fedbn_keeps_norms_local(split_dir, tmp_path):
     run(split_dir, tmp_path / "bn", rounds=1, fedbn=True)
     from fedct.runs import load_resume
 
-    states = load_resume(tmp_path / "bn")["client_states"]
+    states = load_resume(tmp_path / "bn")["extra"]["client_states"]
     norms = [states[k]["norms"] for k in range(3)]
     key = next(k for k in norms[0] if k.endswith("running_mean"))
     assert not torch.equal(norms[0][key], norms[1][key])
@@ -149,7 +150,7 @@ def test_fedbn_keeps_norms_local(split_dir, tmp_path):
 
 
 def test_nan_update_is_rejected_and_the_round_goes_on(split_dir, tmp_path, monkeypatch):
-    real = simulation.client_update
+    real = client_module.client_update
 
     def poisoned(model, global_weights, data, cfg, state, **kw):
         update, new_state = real(model, global_weights, data, cfg, state, **kw)
@@ -158,7 +159,7 @@ def test_nan_update_is_rejected_and_the_round_goes_on(split_dir, tmp_path, monke
             update.weights[key] = torch.full_like(update.weights[key], float("nan"))
         return update, new_state
 
-    monkeypatch.setattr(simulation, "client_update", poisoned)
+    monkeypatch.setattr(client_module, "client_update", poisoned)
     report = run(split_dir, tmp_path / "nan", rounds=1)
     assert report["final"]["clients"] == 2
     final, _ = read_checkpoint(tmp_path / "nan" / "final")

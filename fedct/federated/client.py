@@ -112,3 +112,36 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     if config.dp:
         metrics["epsilon"] = state["epsilon"]
     return Update(weights=weights, examples=len(data.train), metrics=metrics), state
+
+
+def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData, config,
+                     state: dict, *, round_number: int, planned_rounds: int,
+                     device: torch.device, num_classes: int):
+    """One client's part of a round, privacy checks included; returns (ClientReply, state).
+
+    The client fixes its own noise multiplier on its first round (for all `planned_rounds`)
+    and sits out when its next round would pass the target epsilon: the budget is the
+    client's to keep, not the server's.
+    """
+    from fedct.federated.server import ClientReply
+
+    noise = None
+    if config.dp:
+        if "noise" not in state:
+            total = planned_rounds * privacy.steps_per_round(len(data.train), config)
+            state = {**state, "noise": privacy.calibrate_noise(
+                n_examples=len(data.train), total_steps=total, config=config)}
+        noise = state["noise"]
+        projected = privacy.epsilon_of(
+            state["accountant"], config, extra_steps=privacy.steps_per_round(len(data.train), config),
+            noise=noise, rate=privacy.sample_rate(len(data.train), config.batch_size))
+        if projected > config.target_epsilon * (1 + 1e-6):
+            return ClientReply(data.client_id, None, status="sat out", epsilon=state["epsilon"],
+                               steps=state["steps"], noise=noise,
+                               detail=f"epsilon would reach {projected:.2f} > target "
+                                      f"{config.target_epsilon}"), state
+    update, state = client_update(model, global_weights, data, config, state,
+                                  round_number=round_number, device=device,
+                                  num_classes=num_classes, noise=noise)
+    return ClientReply(data.client_id, update, epsilon=state.get("epsilon"), steps=state["steps"],
+                       noise=noise), state

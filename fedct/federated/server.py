@@ -1,0 +1,206 @@
+"""The server side of a round, shared by both engines: check, aggregate, score, record.
+
+The embedded engine and the Flower ServerApp differ only in how client updates arrive;
+from there on both call `RoundServer.finish_round`, so both write the same run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from fedct.federated.strategies import Update, Weights, aggregate, check_update
+from fedct.metrics import summary_metrics
+from fedct.pretrain import monitor_value
+from fedct.runs import (
+    append_summary,
+    atomic_write,
+    load_resume,
+    read_checkpoint,
+    save_checkpoint,
+    save_resume,
+    truncate_summary,
+    write_report,
+)
+from fedct.training import mean_loss, predict
+
+PRIVACY_CSV = "privacy.csv"
+PRIVACY_FIELDS = ["round", "client", "epsilon", "steps", "noise_multiplier", "status"]
+
+
+@dataclass
+class ClientReply:
+    """One client's answer in a round: an update, or why there is none."""
+
+    client_id: int
+    update: Update | None
+    status: str = "trained"  # trained | sat out | failed
+    epsilon: float | None = None
+    steps: int = 0
+    noise: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class RoundServer:
+    out: Path
+    config: object
+    checkpoint_meta: dict
+    console: Console
+    trainable: set[str]
+    model: torch.nn.Module | None = None
+    pooled_val: object = None
+    positive_index: int = 1
+    device: torch.device = torch.device("cpu")
+    server_state: dict = field(default_factory=dict)
+    epsilon: dict[int, float] = field(default_factory=dict)
+    progress: dict = field(default_factory=lambda: {"round": 0, "best": float("-inf"),
+                                                    "best_round": 0})
+
+    def resume(self) -> tuple[Weights, dict]:
+        """Global weights and the saved extra state (the embedded engine's client states)."""
+        saved = load_resume(self.out)
+        weights, _ = read_checkpoint(self.out / "last")
+        self.server_state = saved["server_state"]
+        self.epsilon = {int(k): v for k, v in saved.get("epsilon", {}).items()}
+        self.progress = {k: saved[k] for k in self.progress}
+        truncate_summary(self.out, "round", self.progress["round"])
+        self._truncate_privacy()
+        self.console.print(f"resuming {self.out} after round {self.progress['round']}")
+        return weights, saved.get("extra", {})
+
+    def evaluate(self, weights: Weights) -> dict:
+        if self.model is None or self.pooled_val is None:
+            nan = float("nan")
+            return {"acc": nan, "auc": nan, "sensitivity": nan, "specificity": nan, "loss": nan}
+        from fedct.data.loading import make_loader
+
+        self.model.load_state_dict(weights)
+        probs, truth = predict(self.model, make_loader(self.pooled_val, batch_size=64, train=False,
+                                                       seed=0),
+                               device=self.device, channels_last=self.config.channels_last,
+                               amp=self.config.amp)
+        metrics = summary_metrics(probs, truth, self.positive_index)
+        metrics["loss"] = mean_loss(probs, truth)
+        return metrics
+
+    def finish_round(self, round_number: int, global_weights: Weights, replies: list[ClientReply],
+                     *, started: float, local_val_acc: float = float("nan"),
+                     extra_state: dict | None = None) -> Weights:
+        config = self.config
+        accepted: list[Update] = []
+        privacy_rows = []
+        for reply in replies:
+            if reply.status == "trained" and reply.update is not None:
+                problem = check_update(reply.update, global_weights)
+                if problem:
+                    reply.status, reply.detail = "rejected", problem
+            if reply.status == "trained":
+                accepted.append(reply.update)
+                if reply.epsilon is not None:
+                    self.epsilon[reply.client_id] = reply.epsilon
+            else:
+                self.console.print(f"round {round_number}: client {reply.client_id} "
+                                   f"{reply.status}: {reply.detail}")
+            if config.dp and reply.status in ("trained", "sat out"):
+                privacy_rows.append({"round": round_number, "client": reply.client_id,
+                                     "epsilon": round(self.epsilon.get(reply.client_id, 0.0), 4),
+                                     "steps": reply.steps,
+                                     "noise_multiplier": round(reply.noise or 0.0, 4),
+                                     "status": reply.status})
+        if len(accepted) < config.min_clients:
+            self.console.print(f"round {round_number}: {len(accepted)} updates, fewer than "
+                               f"min_clients {config.min_clients}; global model unchanged")
+            accepted = []
+        global_weights, self.server_state = aggregate(
+            global_weights, accepted, strategy=config.strategy, config=config,
+            server_state=self.server_state, trainable=self.trainable)
+        metrics = self.evaluate(global_weights)
+        seconds = time.perf_counter() - started
+        examples = sum(u.examples for u in accepted)
+        row = {"round": round_number, "clients": len(accepted),
+               "train_loss": (sum(u.metrics["train_loss"] * u.examples for u in accepted) / examples
+                              if examples else float("nan")),
+               "val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_auc": metrics["auc"],
+               "val_sensitivity": metrics["sensitivity"],
+               "val_specificity": metrics["specificity"],
+               "local_val_acc": local_val_acc, "max_epsilon": self.max_epsilon(),
+               "seconds": round(seconds, 2)}
+        append_summary(self.out, row)
+        if privacy_rows:
+            self._append_privacy(privacy_rows)
+        self.console.print(f"round {round_number}/{config.rounds}: {len(accepted)} clients, "
+                           f"train loss {row['train_loss']:.3f}, val acc {row['val_acc']:.3f}, "
+                           f"AUC {row['val_auc']:.3f}"
+                           + (f", max epsilon {row['max_epsilon']:.2f}" if config.dp else "")
+                           + f" ({seconds:.1f}s)")
+        meta = {**self.checkpoint_meta, "round": round_number, "metrics": row}
+        save_checkpoint(self.out / f"round-{round_number:04d}", global_weights, meta)
+        self._drop_old_rounds(round_number)
+        save_checkpoint(self.out / "last", global_weights, meta)
+        score = monitor_value(metrics, config.monitor)
+        if score > self.progress["best"] or self.progress["best_round"] == 0:
+            self.progress.update(best=score, best_round=round_number)
+            save_checkpoint(self.out / "best", global_weights, meta)
+        self.progress["round"] = round_number
+        save_resume(self.out, {"server_state": self.server_state, "epsilon": self.epsilon,
+                               "extra": extra_state or {}, **self.progress})
+        return global_weights
+
+    def finish(self, global_weights: Weights) -> dict:
+        _, last_meta = read_checkpoint(self.out / "last")
+        save_checkpoint(self.out / "final", global_weights, last_meta)
+        _, best_meta = read_checkpoint(self.out / "best")
+        report = {"stage": "federate", "run": str(self.out), "rounds": self.config.rounds,
+                  "strategy": self.config.strategy, "best_round": self.progress["best_round"],
+                  "monitor": self.config.monitor, "best": best_meta["metrics"],
+                  "final": last_meta["metrics"], "dp": self.config.dp,
+                  "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())}
+                  if self.config.dp else None,
+                  "max_epsilon": self.max_epsilon() if self.config.dp else None}
+        write_report(self.out, report)
+        return report
+
+    def max_epsilon(self) -> float:
+        return float(max(self.epsilon.values())) if self.epsilon else 0.0
+
+    def _append_privacy(self, rows: list[dict]) -> None:
+        path = self.out / PRIVACY_CSV
+        exists = path.is_file()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=PRIVACY_FIELDS)
+            if not exists:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def _drop_old_rounds(self, current: int) -> None:
+        for path in self.out.glob("round-*.safetensors"):
+            number = int(path.stem.split("-")[1])
+            if number <= current - max(1, self.config.keep_last):
+                path.unlink(missing_ok=True)
+                path.with_suffix(".json").unlink(missing_ok=True)
+
+    def _truncate_privacy(self) -> None:
+        path = self.out / PRIVACY_CSV
+        if not path.is_file():
+            return
+        with path.open(newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["round"]) <= self.progress["round"]]
+
+        def write(p: Path) -> None:
+            with p.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=PRIVACY_FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(path, write)
+
+
+def mean_or_nan(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
