@@ -156,6 +156,62 @@ def run() -> None:  # pragma: no cover - console entry for `python -m fedct`
     sys.exit(0)
 
 
+def _federate_on_flower(split_dir: Path, out: Path, cfg, *, init: str, federation: str | None,
+                        dry_run: bool, certs: Path | None, round_timeout: float, resume: bool,
+                        force: bool) -> None:
+    import shutil
+    import tempfile
+
+    from fedct.data.manifest import load_split
+    from fedct.federated import flower_run
+
+    split = load_split(split_dir)
+    if federation is None:
+        raise FedctError("--engine flower needs --federation NAME (a connection in $FLWR_HOME/config.toml)")
+    if dry_run:
+        submit = (f"fedct federate {split_dir} --init {init} --out {out} --engine flower "
+                  f"--federation {federation}")
+        lines = flower_run.role_commands(split_dir=split_dir, clients=split.num_clients,
+                                         federation=federation, certs=certs)
+        lines += ["# coordinator: submit the run (writes the Flower app, calls flwr run --stream)",
+                  submit]
+        for line in lines:
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+        return
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not force:
+            raise FedctError(f"{out}: exists and is not empty (use --force to replace it, "
+                             "or --resume to continue it)")
+        shutil.rmtree(out)
+    values = flower_run.run_config(cfg, init=init, out=out, split_dir=split_dir,
+                                   num_clients=split.num_clients, round_timeout=round_timeout,
+                                   node_wait=120.0, resume=resume)
+    with tempfile.TemporaryDirectory(prefix="fedct-flower-app-") as app_dir:
+        flower_run.write_app(Path(app_dir), values)
+        code = flower_run.submit(Path(app_dir), federation)
+    if code != 0:
+        raise FedctError(f"flwr run exited with code {code} (see its output above)")
+
+
+@app.command()
+@one_line_errors
+def certs(
+    out: Annotated[Path, typer.Argument(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
+    host: Annotated[list[str] | None, typer.Option(help="Host name or IP the SuperLink is reached at (repeat). [default: 127.0.0.1, localhost]")] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+) -> None:
+    """Make a private CA and a SuperLink certificate for TLS on Flower.
+
+    Example: fedct certs certs/ --host superlink.hospital-net.example --host 10.0.0.5
+    """
+    from fedct.federated.certs import make_certificates
+
+    paths = make_certificates(out, host or ["127.0.0.1", "localhost"], days=days)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    console.print("SuperLink: --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile "
+                  "server.key; SuperNodes and flwr: trust ca.crt (keep ca.key offline)")
+
+
 def _print_json(payload: dict) -> None:
     import json
 
@@ -316,6 +372,11 @@ def federate(
     noise_multiplier: Annotated[float | None, typer.Option(help="Fixed noise instead of calibrating to --target-epsilon.")] = None,
     dp_train: Annotated[str | None, typer.Option(help="head (keeps pretrained BatchNorm) or full (GroupNorm). [default: head]")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
+    engine: Annotated[str, typer.Option(help="embedded (one process) or flower (Flower's Deployment Engine).")] = "embedded",
+    federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name in $FLWR_HOME/config.toml.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="flower: print the SuperLink, SuperNode and submit commands, run nothing.")] = False,
+    certs: Annotated[Path | None, typer.Option(help="flower --dry-run: folder from `fedct certs` (TLS commands).")] = None,
+    round_timeout: Annotated[float, typer.Option(help="flower: seconds to wait for a round's replies.")] = 3600.0,
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -328,6 +389,9 @@ def federate(
 
     Example: fedct federate splits/covid --init runs/stage1/best --out runs/stage2
     --rounds 10 --strategy fedavg
+
+    With --engine flower the same run goes through `flwr run` to a SuperLink whose
+    SuperNodes each read only their own images; --dry-run prints the three roles' commands.
     """
     from fedct.config import FederateConfig, build_config
     from fedct.federated.simulation import run_federate
@@ -349,8 +413,22 @@ def federate(
         if out is None or init is None:
             raise FedctError("--init CKPT and --out RUN_DIR are required (or --resume RUN_DIR)")
         cfg = build_config(FederateConfig, config, overrides)
-    report = run_federate(split_dir, out, cfg, init=init, resume=resume is not None, force=force,
-                          quiet=quiet or json_out, console=console)
+    if engine not in ("embedded", "flower"):
+        raise FedctError(f"--engine {engine!r}: choose embedded or flower")
+    if engine == "flower":
+        _federate_on_flower(split_dir, out, cfg, init=init, federation=federation,
+                            dry_run=dry_run, certs=certs, round_timeout=round_timeout,
+                            resume=resume is not None, force=force)
+        from fedct.runs import REPORT
+
+        if dry_run or not (out / REPORT).is_file():
+            return
+        import json
+
+        report = json.loads((out / REPORT).read_text())
+    else:
+        report = run_federate(split_dir, out, cfg, init=init, resume=resume is not None,
+                              force=force, quiet=quiet or json_out, console=console)
     if json_out:
         _print_json(report)
     elif not quiet:

@@ -1,0 +1,122 @@
+"""`fedct federate --engine flower`: write the Flower app for a run and submit it with `flwr run`.
+
+The app directory holds only a pyproject.toml: its components point to the installed
+`fedct.federated.flower_app`, and its run config is the resolved FederateConfig, so the
+SuperLink, the SuperNodes and the embedded engine all run the same code with the same
+settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from fedct import __version__
+from fedct.errors import FedctError
+
+FLWR_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_config(config, *, init: str, out: Path, split_dir: Path | None, num_clients: int,
+               round_timeout: float, node_wait: float, resume: bool = False) -> dict:
+    values = {f.name.replace("_", "-"): getattr(config, f.name)
+              for f in dataclasses.fields(config) if getattr(config, f.name) is not None}
+    values.update({"init": str(Path(init).resolve()) if Path(init).exists() else str(init),
+                   "out": str(Path(out).resolve()),
+                   "split-dir": str(Path(split_dir).resolve()) if split_dir else "",
+                   "num-clients": num_clients, "round-timeout": round_timeout,
+                   "node-wait": node_wait, "resume": resume})
+    return values
+
+
+def write_app(app_dir: Path, values: dict) -> Path:
+    """A Flower app directory (pyproject.toml only) whose run config is `values`."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    config_lines = "\n".join(f"{key} = {_toml_value(value)}" for key, value in values.items())
+    (app_dir / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedct-run"
+version = "{__version__}"
+description = "A fedct federated run on Flower's Deployment Engine"
+dependencies = ["fedct[flower]=={__version__}"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedct"
+
+[tool.flwr.app.components]
+serverapp = "fedct.federated.flower_app:server_app"
+clientapp = "fedct.federated.flower_app:client_app"
+
+[tool.flwr.app.config]
+{config_lines}
+""")
+    return app_dir
+
+
+def submit(app_dir: Path, federation: str, *, flwr_home: str | None = None) -> int:
+    """Run `flwr run APP FEDERATION --stream`; returns its exit code."""
+    flwr = shutil.which("flwr")
+    if flwr is None:
+        raise FedctError("the flwr command is missing: pip install 'fedct[flower]'")
+    env = {**os.environ, **FLWR_ENV}
+    if flwr_home:
+        env["FLWR_HOME"] = flwr_home
+    return subprocess.run([flwr, "run", str(app_dir), federation, "--stream"], env=env,
+                          check=False).returncode
+
+
+def role_commands(*, split_dir: Path | None, clients: int, federation: str,
+                  superlink: str = "127.0.0.1:8000", certs: Path | None = None,
+                  insecure: bool = False) -> list[str]:
+    """The three roles' commands for this flwr version (1.42), as `--dry-run` prints them.
+
+    TLS unless `insecure` (loopback tests and the local demo only).
+    """
+    certs = Path(certs) if certs else Path("certs")
+    if insecure:
+        link_tls = node_tls = "--insecure"
+        conn = "insecure = true"
+    else:
+        link_tls = (f"--ssl-ca-certfile {certs}/ca.crt --ssl-certfile {certs}/server.pem "
+                    f"--ssl-keyfile {certs}/server.key")
+        node_tls = f"--root-certificates {certs}/ca.crt"
+        conn = f'root-certificates = "{certs.resolve()}/ca.crt"'
+    env = " ".join(f"{k}={v}" for k, v in FLWR_ENV.items())
+    host = superlink.rsplit(":", 1)[0]
+    lines = []
+    if not insecure:
+        lines += ["# coordinator, once: a private CA and the SuperLink's certificate "
+                  "(copy ca.crt, never ca.key, to every hospital)",
+                  f"fedct certs {certs} --host {host}"]
+    lines += ["# coordinator: the SuperLink",
+              f"{env} flower-superlink {link_tls} --disable-runtime-dependency-installation"
+              + ("" if host in ("127.0.0.1", "localhost") else " --host 0.0.0.0")]
+    for k in range(clients):
+        data = f'split="{split_dir.resolve()}"' if split_dir else 'data="/path/to/own-images.csv"'
+        lines += [f"# hospital {k}: a SuperNode reading only its own images "
+                  '(at a real site: data="/path/to/own-images.csv")',
+                  f"{env} flower-supernode {node_tls} --superlink {superlink} "
+                  f"--port {9094 + k} --node-config '{data} client-id={k}'"]
+    lines += ["# coordinator: name the connection once in $FLWR_HOME/config.toml "
+              "(default ~/.flwr/config.toml)",
+              f"printf '\\n[superlink.{federation}]\\naddress = \"{superlink}\"\\n{conn}\\n' "
+              ">> ${FLWR_HOME:-$HOME/.flwr}/config.toml"]
+    return lines

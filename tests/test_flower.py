@@ -1,0 +1,165 @@
+"""fedct on Flower's Deployment Engine: a SuperLink and 2 SuperNodes on 127.0.0.1.
+
+The processes are started and stopped by the tests (by PID, each in its own session so its
+flower-superexec children go with it). The final weights must equal the embedded engine's
+for the same seed and config: one code path, two engines.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedct.config import FederateConfig, build_config
+from fedct.data.manifest import SplitOptions, run_split
+from fedct.federated.simulation import run_federate
+from fedct.runs import read_checkpoint
+
+pytest.importorskip("flwr")
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SETTINGS = {"model": "test_efficientnet", "image-size": 32, "batch-size": 16, "lr": 0.003,
+            "rounds": 2, "local-steps": 2, "seed": 3}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Federation:
+    """SuperLink + SuperNodes on loopback, with a FLWR_HOME naming the connection."""
+
+    def __init__(self, tmp: Path, split_dir: Path, clients: int, certs: Path | None = None):
+        self.tmp, self.procs = tmp, {}
+        self.port = free_port()
+        self.env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home"),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        tls = (["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile",
+                str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key")]
+               if certs else ["--insecure"])
+        self.start("superlink", [str(BIN / "flower-superlink"), *tls, "--port", str(self.port),
+                                 "--disable-runtime-dependency-installation"])
+        self.wait_for_port(self.port)
+        node_tls = ["--root-certificates", str(certs / "ca.crt")] if certs else ["--insecure"]
+        for k in range(clients):
+            self.start(f"node{k}", [
+                str(BIN / "flower-supernode"), *node_tls, "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(free_port()), "--node-config",
+                f'split="{split_dir}" client-id={k} state-dir="{tmp / f"state{k}"}"'])
+        home = tmp / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        trust = f'root-certificates = "{certs / "ca.crt"}"' if certs else "insecure = true"
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+            f'address = "127.0.0.1:{self.port}"\n{trust}\n')
+
+    def start(self, name: str, argv: list[str]) -> None:
+        log = (self.tmp / f"{name}.log").open("w")
+        self.procs[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def wait_for_port(self, port: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise RuntimeError(f"nothing listens on {port}: {(self.tmp / 'superlink.log').read_text()}")
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+    def submit(self, split_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
+        argv = [str(BIN / "fedct"), "federate", str(split_dir), "--init", "none", "--out", str(out),
+                "--engine", "flower", "--federation", "loopback"]
+        for key, value in SETTINGS.items():
+            argv += [f"--{key}", str(value)]
+        return subprocess.Popen([*argv, *extra], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def split_dir(synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("flower-split") / "split"
+    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="dirichlet", alpha=1.0,
+                                                          clients=2, seed=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def embedded(split_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("embedded") / "run"
+    config = build_config(FederateConfig, None, {k.replace("-", "_"): v for k, v in SETTINGS.items()})
+    run_federate(split_dir, out, config, init="none", quiet=True)
+    return read_checkpoint(out / "final")[0]
+
+
+def run_and_compare(tmp_path, split_dir, embedded, certs=None):
+    federation = Federation(tmp_path, split_dir, clients=2, certs=certs)
+    try:
+        proc = federation.submit(split_dir, tmp_path / "run")
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        federation.stop()
+    assert proc.returncode == 0, output
+    assert "2 nodes answered" in output
+    flower, meta = read_checkpoint(tmp_path / "run" / "final")
+    assert meta["engine"] == "flower"
+    for key in embedded:
+        assert torch.allclose(embedded[key].double(), flower[key].double(), atol=1e-6), key
+    summary = (tmp_path / "run" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and summary[1].startswith("1,2,")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["rounds"] == 2
+
+
+def test_flower_equals_embedded(tmp_path, split_dir, embedded):
+    run_and_compare(tmp_path, split_dir, embedded)
+
+
+def test_flower_over_tls_equals_embedded(tmp_path, split_dir, embedded):
+    from fedct.federated.certs import make_certificates
+
+    make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
+    run_and_compare(tmp_path, split_dir, embedded, certs=tmp_path / "certs")
+
+
+def test_a_killed_supernode_does_not_stop_the_run(tmp_path, split_dir):
+    federation = Federation(tmp_path, split_dir, clients=2)
+    try:
+        proc = federation.submit(split_dir, tmp_path / "run", "--round-timeout", "25")
+        summary = tmp_path / "run" / "summary.csv"
+        deadline = time.monotonic() + 300
+        while not (summary.is_file() and len(summary.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.5)
+        federation.kill("node1")
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        federation.stop()
+    assert proc.returncode == 0, output
+    rows = [line.split(",") for line in summary.read_text().splitlines()[1:]]
+    assert [r[:2] for r in rows] == [["1", "2"], ["2", "1"]]
+    assert "client 1 failed" in output
+    assert (tmp_path / "run" / "final.safetensors").is_file()
