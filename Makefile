@@ -20,6 +20,7 @@ demo: install
 	$(VENV)/bin/fedct demo --out demo-out --force
 
 test: install
+	$(VENV)/bin/ruff check fedct tests benchmarks
 	$(PY) -m pytest -q
 
 lint: install

@@ -89,7 +89,7 @@ class FederateConfig(TrainConfig):
     noise_multiplier: float = 0.0  # if > 0, fixed noise instead of calibrating to the target
     dp_train: str = "head"  # head | full
     physical_batch_size: int = 32
-    grad_sample_mode: str = "functorch"  # hooks | functorch | ew
+    grad_sample_mode: str = "functorch"  # hooks | functorch
     accountant: str = "rdp"
 
 
@@ -100,7 +100,7 @@ CHOICES = {
     "monitor": MONITORS,
     "strategy": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"),
     "dp_train": ("head", "full"),
-    "grad_sample_mode": ("hooks", "functorch", "ew"),
+    "grad_sample_mode": ("hooks", "functorch"),
     "accountant": ("rdp", "prv", "gdp"),
 }
 

@@ -159,6 +159,23 @@ def train_mode(model: nn.Module) -> None:
         module.eval()
 
 
+class CloneOutput(nn.Module):
+    """A parameter-free copy, so that an in-place residual add does not modify the output of
+    a module Opacus hooks (timm's ResNet blocks do `x += shortcut`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def _clone_before_residual_add(model: nn.Module) -> None:
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    for module in model.modules():
+        if isinstance(module, (BasicBlock, Bottleneck)) and not isinstance(module.drop_path, CloneOutput):
+            module.drop_path = (CloneOutput() if module.drop_path is None
+                                else nn.Sequential(module.drop_path, CloneOutput()))
+
+
 def _keep_affine(old: nn.Module, new: nn.Module) -> nn.Module:
     """Carry the learnt scale and shift over; the running statistics have no GroupNorm analogue."""
     if getattr(old, "affine", False):
@@ -205,5 +222,6 @@ def make_dp_safe(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if hasattr(module, "inplace"):
             module.inplace = False
+    _clone_before_residual_add(model)
     model._fedct_dp_safe = True
     return model

@@ -80,11 +80,11 @@ def private_training(model: nn.Module, optimizer, loader, *, noise: float, accou
     accountant state after the block.
     """
     train_mode(model)  # Opacus refuses a model in eval mode
-    engine = PrivacyEngine(accountant=config.accountant)
-    if accountant_state.get("history"):
-        engine.accountant.load_state_dict(copy.deepcopy(dict(accountant_state)))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # "Secure RNG turned off": secure_mode is not offered yet
+        engine = PrivacyEngine(accountant=config.accountant)
+        if accountant_state.get("history"):
+            engine.accountant.load_state_dict(copy.deepcopy(dict(accountant_state)))
         wrapped, dp_optimizer, dp_loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=loss_fn,
             noise_multiplier=noise, max_grad_norm=config.max_grad_norm, poisson_sampling=True,

@@ -208,3 +208,10 @@ def test_errors(split_dir, tmp_path):
     assert result.exit_code == 2 and "clients_per_round 9" in result.output
     result = runner.invoke(app, ["federate", str(split_dir), "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "--init" in result.output
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_dp_full_works_for_timm_resnet_in_place_residuals(split_dir, tmp_path, mode):
+    report = run(split_dir, tmp_path / mode, model="resnet10t", rounds=1, local_steps=1, dp=True,
+                 dp_train="full", grad_sample_mode=mode)
+    assert 0 < report["max_epsilon"] <= 8.0
