@@ -1,6 +1,10 @@
 """The paper's study on COVID-CT, scaled to 2 CPU cores: centralised vs federated over 5 clients.
 
     python benchmarks/covid_study.py [--image-size 128] [--rounds 8] [--only NAME ...]
+                                     [--work DIR]
+
+With --work DIR the run directories are kept there, and a run whose report.json exists is
+read back instead of run again: on 2 cores the grid takes hours, so it can be run in parts.
 
 Every run starts from the shared ImageNet weights of tf_efficientnet_lite0 and is scored on
 COVID-CT val. "stage 1" is a central fine-tune on a public share (client 0 of an IID split,
@@ -16,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from fedct.config import FederateConfig, PretrainConfig, build_config
@@ -58,6 +61,7 @@ def main() -> int:
     parser.add_argument("--central-epochs", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "covid_study.png")
+    parser.add_argument("--work", type=Path, default=None, help="keep runs here; reuse finished ones")
     args = parser.parse_args()
     if not COVID.is_file() or not WEIGHTS.is_file():
         print(f"needs {COVID} and {WEIGHTS}", file=sys.stderr)
@@ -66,30 +70,38 @@ def main() -> int:
               "seed": 0, "aug_scale_min": 0.5, "aug_rotation": 15}
     results, curves = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("FEDCT_CACHE", str(work / "cache"))
         splits = {}
 
         def split_for(scheme: str, alpha: float) -> Path:
             key = (scheme, alpha)
+            if key not in splits and (work / f"split-{scheme}-{alpha}" / "split.yaml").is_file():
+                splits[key] = work / f"split-{scheme}-{alpha}"
             if key not in splits:
                 splits[key] = run_split(COVID, work / f"split-{scheme}-{alpha}", SplitOptions(
                     keep_split=True, clients=5, scheme=scheme, alpha=alpha or 0.5, seed=1))[0]
             return splits[key]
 
-        tick = time.perf_counter()
-        central = run_pretrain(split_for("iid", 0), work / "central", build_config(
-            PretrainConfig, None, {**common, "pretrained": str(WEIGHTS), "lr": 5e-4,
-                                   "epochs": args.central_epochs}), quiet=True)
-        results.append(("centralised (all train)", central["best"], time.perf_counter() - tick,
-                        None))
-        curves["centralised"] = [float(r["val_acc"]) for r in rows_of(work / "central" / "summary.csv")]
-        tick = time.perf_counter()
-        stage1 = run_pretrain(split_for("iid", 0), work / "stage1", build_config(
-            PretrainConfig, None, {**common, "pretrained": str(WEIGHTS), "lr": 5e-4,
-                                   "epochs": args.central_epochs, "clients": [0]}), quiet=True)
-        results.append(("stage 1 only (public fifth)", stage1["best"], time.perf_counter() - tick,
-                        None))
+        def finished(run_dir: Path, start) -> tuple[dict, float]:
+            """The run's report: read back when it finished earlier, else run it now."""
+            if (run_dir / "report.json").is_file():
+                report = json.loads((run_dir / "report.json").read_text())
+            else:
+                report = start()
+            seconds = sum(float(r["seconds"]) for r in rows_of(run_dir / "summary.csv"))
+            return report, seconds
+
+        for name, label, clients in (("central", "centralised (all train)", None),
+                                     ("stage1", "stage 1 only (public fifth)", [0])):
+            config = build_config(PretrainConfig, None, {
+                **common, "pretrained": str(WEIGHTS), "lr": 5e-4, "epochs": args.central_epochs,
+                "clients": clients})
+            report, seconds = finished(work / name, lambda n=name, c=config: run_pretrain(
+                split_for("iid", 0), work / n, c, quiet=True, force=True))
+            results.append((label, report["best"], seconds, None))
+            curves[label] = [float(r["val_acc"]) for r in rows_of(work / name / "summary.csv")]
         for name, (scheme, alpha, epochs, staged, dp) in RUNS.items():
             if args.only and name not in args.only:
                 continue
@@ -99,20 +111,19 @@ def main() -> int:
                 overrides.update({"dp": True, "target_epsilon": dp[0], "dp_train": dp[1],
                                   "lr": 1e-3 if dp[1] == "head" else 5e-4})
             init = str(work / "stage1" / "best") if staged else str(WEIGHTS)
-            tick = time.perf_counter()
-            report = run_federate(split_for(scheme, alpha), work / name.replace(" ", "_"),
-                                  build_config(FederateConfig, None, overrides), init=init,
-                                  quiet=True)
-            seconds = time.perf_counter() - tick
+            run_dir = work / name.replace(" ", "_").replace("=", "")
+            report, seconds = finished(run_dir, lambda d=run_dir, o=overrides, i=init, sc=scheme,
+                                       a=alpha: run_federate(split_for(sc, a), d,
+                                                             build_config(FederateConfig, None, o),
+                                                             init=i, quiet=True, force=True))
             best = report["best"]
             results.append((name, best, seconds, report.get("max_epsilon")))
-            curves[name] = [float(r["val_acc"]) for r in
-                            rows_of(work / name.replace(" ", "_") / "summary.csv")]
+            curves[name] = [float(r["val_acc"]) for r in rows_of(run_dir / "summary.csv")]
             print(f"{name}: {json.dumps({k: best[k] for k in ('val_acc', 'val_auc')})} "
                   f"{seconds:.0f}s", file=sys.stderr, flush=True)
     print(f"\n### COVID-CT val, tf_efficientnet_lite0 at {args.image_size} px, 5 clients, "
-          f"{args.rounds} rounds (best round by val AUC)\n")
-    print("| run | val accuracy | val AUC | sensitivity | specificity | max epsilon | wall time |")
+          f"{args.rounds} rounds (best round or epoch by val AUC)\n")
+    print("| run | val accuracy | val AUC | sensitivity | specificity | max epsilon | train time |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, best, seconds, eps in results:
         print(f"| {name} | {best['val_acc']:.3f} | {best['val_auc']:.3f} | "
