@@ -24,13 +24,14 @@ from fedct.errors import FedctError
 from fedct.metrics import summary_metrics
 from fedct.models import apply_freeze, create_model, data_config
 from fedct.runs import (
+    SUMMARY,
     append_summary,
     load_resume,
     prepare_run_dir,
     read_checkpoint,
     save_checkpoint,
     save_resume,
-    truncate_summary,
+    truncate_csv,
     write_config,
     write_report,
 )
@@ -126,7 +127,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved[k] for k in state}
-        truncate_summary(out, "epoch", state["epoch"])
+        truncate_csv(out / SUMMARY, "epoch", state["epoch"])
         console.print(f"resuming {out} after epoch {state['epoch']}")
     else:
         write_config(out, to_dict(config), command="pretrain",

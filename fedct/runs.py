@@ -147,15 +147,14 @@ def append_summary(out: Path, row: dict) -> None:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def truncate_summary(out: Path, first_column: str, keep_through: int) -> None:
-    """On resume, drop summary rows written after the state being resumed."""
-    path = Path(out) / SUMMARY
+def truncate_csv(path: Path, column: str, keep_through: int) -> None:
+    """On resume, drop the rows (of summary.csv, privacy.csv) written after the resumed state."""
     if not path.is_file():
         return
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
         fields = rows[0].keys() if rows else []
-    kept = [r for r in rows if int(r[first_column]) <= keep_through]
+    kept = [r for r in rows if int(r[column]) <= keep_through]
 
     def write(p: Path) -> None:
         with p.open("w", newline="") as handle:

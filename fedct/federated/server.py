@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
@@ -19,13 +18,13 @@ from fedct.federated.strategies import Update, Weights, aggregate, check_update
 from fedct.metrics import summary_metrics
 from fedct.pretrain import monitor_value
 from fedct.runs import (
+    SUMMARY,
     append_summary,
-    atomic_write,
     load_resume,
     read_checkpoint,
     save_checkpoint,
     save_resume,
-    truncate_summary,
+    truncate_csv,
     write_report,
 )
 from fedct.training import mean_loss, predict
@@ -70,8 +69,8 @@ class RoundServer:
         self.server_state = saved["server_state"]
         self.epsilon = {int(k): v for k, v in saved.get("epsilon", {}).items()}
         self.progress = {k: saved[k] for k in self.progress}
-        truncate_summary(self.out, "round", self.progress["round"])
-        self._truncate_privacy()
+        truncate_csv(self.out / SUMMARY, "round", self.progress["round"])
+        truncate_csv(self.out / PRIVACY_CSV, "round", self.progress["round"])
         self.console.print(f"resuming {self.out} after round {self.progress['round']}")
         return weights, saved.get("extra", {})
 
@@ -79,16 +78,9 @@ class RoundServer:
         if self.model is None or self.pooled_val is None:
             nan = float("nan")
             return {"acc": nan, "auc": nan, "sensitivity": nan, "specificity": nan, "loss": nan}
-        from fedct.data.loading import make_loader
-
         self.model.load_state_dict(weights)
-        probs, truth = predict(self.model, make_loader(self.pooled_val, batch_size=64, train=False,
-                                                       seed=0),
-                               device=self.device, channels_last=self.config.channels_last,
-                               amp=self.config.amp)
-        metrics = summary_metrics(probs, truth, self.positive_index)
-        metrics["loss"] = mean_loss(probs, truth)
-        return metrics
+        return score_model(self.model, self.pooled_val, device=self.device, config=self.config,
+                           positive_index=self.positive_index)
 
     def finish_round(self, round_number: int, global_weights: Weights, replies: list[ClientReply],
                      *, started: float, local_val_acc: float = float("nan"),
@@ -186,21 +178,15 @@ class RoundServer:
                 path.unlink(missing_ok=True)
                 path.with_suffix(".json").unlink(missing_ok=True)
 
-    def _truncate_privacy(self) -> None:
-        path = self.out / PRIVACY_CSV
-        if not path.is_file():
-            return
-        with path.open(newline="") as handle:
-            rows = [r for r in csv.DictReader(handle) if int(r["round"]) <= self.progress["round"]]
-
-        def write(p: Path) -> None:
-            with p.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=PRIVACY_FIELDS)
-                writer.writeheader()
-                writer.writerows(rows)
-
-        atomic_write(path, write)
 
 
-def mean_or_nan(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
+def score_model(model: torch.nn.Module, dataset, *, device: torch.device, config,
+                positive_index: int) -> dict:
+    """The per-round numbers (accuracy, AUC, sensitivity, specificity, loss) on one dataset."""
+    from fedct.data.loading import make_loader
+
+    probs, truth = predict(model, make_loader(dataset, batch_size=64, train=False, seed=0),
+                           device=device, channels_last=config.channels_last, amp=config.amp)
+    metrics = summary_metrics(probs, truth, positive_index)
+    metrics["loss"] = mean_loss(probs, truth)
+    return metrics

@@ -16,16 +16,15 @@ import torch
 from rich.console import Console
 
 from fedct.config import FederateConfig, to_dict
-from fedct.data.loading import SplitImages, make_loader, make_transform
+from fedct.data.loading import SplitImages, make_transform
 from fedct.data.manifest import LOCAL_VAL, Split, load_split
 from fedct.errors import FedctError
 from fedct.federated.client import ClientData, load_global, new_client_state, run_client_round
-from fedct.federated.server import RoundServer
-from fedct.metrics import summary_metrics
+from fedct.federated.server import RoundServer, score_model
 from fedct.models import apply_freeze, create_model, data_config, make_dp_safe
 from fedct.pretrain import checkpoint_meta
 from fedct.runs import checkpoint_paths, prepare_run_dir, read_checkpoint, write_config
-from fedct.training import mean_loss, pick_device, predict, seed_everything, set_threads
+from fedct.training import pick_device, seed_everything, set_threads
 
 
 def sample_schedule(num_clients: int, config: FederateConfig) -> list[list[int]]:
@@ -97,14 +96,6 @@ def prepare(split_dir, init: str, config: FederateConfig) -> tuple[Federation, s
     return fed, architecture
 
 
-def evaluate_global(fed: Federation, dataset, device, config) -> dict:
-    probs, truth = predict(fed.model, make_loader(dataset, batch_size=64, train=False, seed=0),
-                           device=device, channels_last=config.channels_last, amp=config.amp)
-    metrics = summary_metrics(probs, truth, fed.positive_index)
-    metrics["loss"] = mean_loss(probs, truth)
-    return metrics
-
-
 def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: bool = False,
                  force: bool = False, quiet: bool = False, console: Console | None = None,
                  stop_after: int | None = None) -> dict:
@@ -169,7 +160,8 @@ def _local_metrics(fed, global_weights, client_states, device, config) -> float:
             continue
         if config.fedbn:
             load_global(fed.model, global_weights, client_states[data.client_id], fedbn=True)
-        scores.append(evaluate_global(fed, data.val, device, config)["acc"])
+        scores.append(score_model(fed.model, data.val, device=device, config=config,
+                                  positive_index=fed.positive_index)["acc"])
     if config.fedbn:
         fed.model.load_state_dict(global_weights)
     return float(np.mean(scores)) if scores else float("nan")
