@@ -41,7 +41,9 @@ class Federation:
     def __init__(self, tmp: Path, split_dir: Path, clients: int, certs: Path | None = None):
         self.tmp, self.procs = tmp, {}
         self.port = free_port()
-        self.env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home"),
+        # the SuperLink and SuperNodes start flower-superexec by name: it must be on PATH
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "FLWR_HOME": str(tmp / "flwr-home"),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
         tls = (["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile",

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from fedct import __version__
@@ -73,10 +74,11 @@ clientapp = "fedct.federated.flower_app:client_app"
 
 def submit(app_dir: Path, federation: str, *, flwr_home: str | None = None) -> int:
     """Run `flwr run APP FEDERATION --stream`; returns its exit code."""
-    flwr = shutil.which("flwr")
+    here = Path(sys.executable).parent  # fedct's own environment, activated or not
+    flwr = shutil.which("flwr", path=f"{here}{os.pathsep}{os.environ.get('PATH', '')}")
     if flwr is None:
         raise FedctError("the flwr command is missing: pip install 'fedct[flower]'")
-    env = {**os.environ, **FLWR_ENV}
+    env = {**os.environ, **FLWR_ENV, "PATH": f"{here}{os.pathsep}{os.environ.get('PATH', '')}"}
     if flwr_home:
         env["FLWR_HOME"] = flwr_home
     return subprocess.run([flwr, "run", str(app_dir), federation, "--stream"], env=env,
