@@ -215,3 +215,35 @@ def test_dp_full_works_for_timm_resnet_in_place_residuals(split_dir, tmp_path, m
     report = run(split_dir, tmp_path / mode, model="resnet10t", rounds=1, local_steps=1, dp=True,
                  dp_train="full", grad_sample_mode=mode)
     assert 0 < report["max_epsilon"] <= 8.0
+
+
+def test_flower_dry_run_prints_tls_commands_for_every_client(split_dir, tmp_path):
+    result = runner.invoke(app, ["federate", str(split_dir), "--init", "none", "--model",
+                                 "test_efficientnet", "--out", str(tmp_path / "run"), "--engine",
+                                 "flower", "--federation", "hospitals", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("fedct certs") for line in lines)
+    link = next(line for line in lines if "flower-superlink" in line)
+    assert "--ssl-certfile" in link and "--insecure" not in result.output
+    nodes = [line for line in lines if "flower-supernode" in line]
+    assert len(nodes) == 3 and all("--root-certificates" in n for n in nodes)
+    assert [f"client-id={k}'" in n for k, n in enumerate(nodes)] == [True] * 3
+    assert "[superlink.hospitals]" in result.output
+    assert not (tmp_path / "run").exists()
+    missing = runner.invoke(app, ["federate", str(split_dir), "--init", "none", "--out",
+                                  str(tmp_path / "run"), "--engine", "flower"])
+    assert missing.exit_code == 2 and "--federation" in missing.output
+
+
+def test_certs_name_the_hosts(tmp_path):
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+
+    result = runner.invoke(app, ["certs", str(tmp_path / "certs"), "--host", "127.0.0.1",
+                                 "--host", "superlink.example.org"])
+    assert result.exit_code == 0, result.output
+    cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "superlink.example.org" in names.get_values_for_type(x509.DNSName)
+    assert (tmp_path / "certs" / "ca.key").stat().st_mode & 0o077 == 0
