@@ -30,6 +30,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9
     weight_decay: float = 0.01
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay, earlier blocks learn slower
     label_smoothing: float = 0.1
     balance: str = "none"  # none | loss | sampler
     grad_clip: float = 0.0
@@ -56,6 +57,7 @@ class PretrainConfig(TrainConfig):
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
     patience: int = 0  # early stopping; 0 = off
+    ema_decay: float = 0.0  # > 0: validate and checkpoint an EMA of the weights (timm ModelEmaV3)
     monitor: str = "val_auc"  # val_auc | val_acc | val_loss | val_balanced_acc
     clients: list[int] | None = None  # pretrain on these clients' training rows only
     rows: str | None = None  # or on rows whose site/client equals this value
@@ -182,6 +184,8 @@ def validate(config) -> None:
             raise FedctError(f"{key} {getattr(config, key)}: must be >= 1")
     if config.lr <= 0:
         raise FedctError(f"lr {config.lr}: must be > 0")
+    if not 0 < config.layer_decay <= 1:
+        raise FedctError(f"layer_decay {config.layer_decay}: must be in (0, 1]")
     if isinstance(config, FederateConfig):
         if config.rounds < 1:
             raise FedctError(f"rounds {config.rounds}: must be >= 1")
@@ -189,8 +193,11 @@ def validate(config) -> None:
             raise FedctError(f"fraction {config.fraction}: must be in (0, 1]")
         if config.dp and config.noise_multiplier <= 0 and config.target_epsilon <= 0:
             raise FedctError(f"target_epsilon {config.target_epsilon}: must be > 0")
-    if isinstance(config, PretrainConfig) and config.epochs < 1:
-        raise FedctError(f"epochs {config.epochs}: must be >= 1")
+    if isinstance(config, PretrainConfig):
+        if config.epochs < 1:
+            raise FedctError(f"epochs {config.epochs}: must be >= 1")
+        if not 0 <= config.ema_decay < 1:
+            raise FedctError(f"ema_decay {config.ema_decay}: must be in [0, 1)")
 
 
 def to_dict(config) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from timm.utils import ModelEmaV3
 
 from fedct.config import PretrainConfig, to_dict
 from fedct.data.loading import SplitImages, make_loader, make_transform
@@ -119,11 +121,15 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
         optimizer, total_steps=config.epochs * steps_per_epoch,
         warmup_steps=int(config.warmup_epochs * steps_per_epoch),
         min_lr_ratio=config.min_lr / config.lr)
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+    scored = ema.module if ema else model  # the weights that are validated and checkpointed
     state = {"epoch": 0, "best": float("-inf"), "best_epoch": 0, "bad_epochs": 0}
     if resume:
         weights, _ = read_checkpoint(out / "last")
-        model.load_state_dict(weights)
         saved = load_resume(out)
+        scored.load_state_dict(weights)
+        if ema:
+            model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved[k] for k in state}
@@ -140,6 +146,12 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                         console=console, disable=quiet)
+
+    def after_step(step: int, epoch: int) -> None:
+        if ema:
+            ema.update(model, step=(epoch - 1) * steps_per_epoch + step)
+        progress.advance(task)
+
     with progress:
         task = progress.add_task("train", info="",
                                  total=steps_per_epoch * (config.epochs - state["epoch"]))
@@ -151,11 +163,11 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
             result = train_epoch(model, train_loader, optimizer, loss_fn, device=device,
                                  scheduler=scheduler, grad_clip=config.grad_clip, amp=config.amp,
                                  channels_last=config.channels_last,
-                                 on_step=lambda _s: progress.advance(task))
+                                 on_step=partial(after_step, epoch=epoch))
             seconds = time.perf_counter() - tick
             train_seconds += seconds
             train_examples += result["examples"]
-            probs, truth = predict(model, val_loader, device=device,
+            probs, truth = predict(scored, val_loader, device=device,
                                    channels_last=config.channels_last, amp=config.amp)
             metrics = summary_metrics(probs, truth, positive_index)
             metrics["loss"] = mean_loss(probs, truth)
@@ -163,22 +175,23 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
                    "val_acc": metrics["acc"], "val_auc": metrics["auc"],
                    "val_sensitivity": metrics["sensitivity"],
                    "val_specificity": metrics["specificity"],
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)}
+                   "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(seconds, 2)}
             append_summary(out, row)
             history.append(row)
             progress.update(task, info=f"val acc {metrics['acc']:.3f} auc {metrics['auc']:.3f}")
             meta = checkpoint_meta(config, split, dcfg, stage="pretrain",
                                    extra={"epoch": epoch, "metrics": row})
-            save_checkpoint(out / "last", model.state_dict(), meta)
+            save_checkpoint(out / "last", scored.state_dict(), meta)
             score = monitor_value(metrics, config.monitor)
             if score > state["best"]:
                 state.update(best=score, best_epoch=epoch, bad_epochs=0)
-                save_checkpoint(out / "best", model.state_dict(), meta)
+                save_checkpoint(out / "best", scored.state_dict(), meta)
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch
             save_resume(out, {"optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), **state})
+                              "scheduler": scheduler.state_dict(), **state,
+                              **({"model": model.state_dict()} if ema else {})})
             if config.patience and state["bad_epochs"] >= config.patience:
                 console.print(f"early stop after epoch {epoch}: {config.monitor} has not improved "
                               f"for {config.patience} epochs")

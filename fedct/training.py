@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -41,15 +42,25 @@ def make_loss(config, labels: list[int], num_classes: int) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, config, *, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW or SGD over trainable parameters; no weight decay on norms and biases."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW or SGD over trainable parameters; no weight decay on norms and biases.
+
+    With `layer_decay` < 1, timm's layer-wise groups give each earlier block a smaller lr
+    (the pretrained low-level features move least), as in BEiT/timm fine-tuning recipes.
+    """
     lr = config.lr if lr is None else lr
+    if 0 < getattr(config, "layer_decay", 1.0) < 1:
+        groups = param_groups_layer_decay(model, weight_decay=config.weight_decay,
+                                          layer_decay=config.layer_decay)
+        for group in groups:
+            group["lr"] = lr * group.pop("lr_scale")
+    else:
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        groups = [{"params": decay, "weight_decay": config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=lr)

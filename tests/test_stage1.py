@@ -72,10 +72,13 @@ def test_pretrain_and_evaluate_end_to_end(split_dir, tmp_path):
                                                                            "client 1"]
 
 
-def test_same_seed_same_numbers_and_resume_equals_uninterrupted(split_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "layer_decay": 0.8}],
+                         ids=["plain", "ema+layer-decay"])
+def test_same_seed_same_numbers_and_resume_equals_uninterrupted(split_dir, tmp_path, monkeypatch,
+                                                                extra):
     from fedct import pretrain as stage1
 
-    config = build_config(PretrainConfig, None, TINY)
+    config = build_config(PretrainConfig, None, {**TINY, **extra})
     stage1.run_pretrain(split_dir, tmp_path / "a", config, quiet=True)
     stage1.run_pretrain(split_dir, tmp_path / "b", config, quiet=True)
     first, _ = read_checkpoint(tmp_path / "a" / "last")
@@ -105,6 +108,21 @@ def test_same_seed_same_numbers_and_resume_equals_uninterrupted(split_dir, tmp_p
     assert len(resumed_rows) == 4
     strip_seconds = [r.rsplit(",", 1)[0] for r in resumed_rows], [r.rsplit(",", 1)[0] for r in full_rows]
     assert strip_seconds[0] == strip_seconds[1]
+
+
+def test_layer_decay_gives_earlier_blocks_smaller_lr():
+    from fedct.training import make_optimizer
+
+    model = create_model("test_efficientnet", 2, pretrained="none")
+    config = build_config(PretrainConfig, None, {"lr": 1e-3, "layer_decay": 0.5})
+    lr_of = {id(p): g["lr"] for g in make_optimizer(model, config).param_groups for p in g["params"]}
+    stem = lr_of[id(model.conv_stem.weight)]
+    head = lr_of[id(model.classifier.weight)]
+    assert head == pytest.approx(1e-3) and stem < head / 4
+    plain = make_optimizer(model, build_config(PretrainConfig, None, {"lr": 1e-3}))
+    assert {g["lr"] for g in plain.param_groups} == {1e-3}
+    with pytest.raises(FedctError, match="layer_decay"):
+        build_config(PretrainConfig, None, {"layer_decay": 1.5})
 
 
 def test_freezing_policies():
