@@ -294,6 +294,7 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (patients resampled when groups exist).")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    tta: Annotated[bool, typer.Option(help="Average each image's and its mirror's probabilities.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Score checkpoints: accuracy, sensitivity, specificity, PPV, NPV, F1, AUC with 95% CIs.
@@ -307,7 +308,7 @@ def evaluate(
 
     report = run_evaluate(checkpoints, split_dir=split_dir, on=on, data=data,
                           per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
-                          device=device)
+                          device=device, tta=tta)
     if json_out:
         _print_json(report)
         return

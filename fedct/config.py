@@ -38,6 +38,7 @@ class TrainConfig:
     freeze_bn: bool = False
     drop_rate: float = 0.2
     augment: bool = True
+    tta: bool = False  # validate on the mean of each image and its mirror
     aug_scale_min: float = 0.6
     aug_rotation: float = 10.0
     aug_flip: bool = True

@@ -75,7 +75,8 @@ def score(truth: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, n_boot: in
 
 def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "val", data=None,
                  per_client: bool = False, out: str | Path | None = None, n_boot: int = 1000,
-                 seed: int = 0, batch_size: int = 64, device: str = "auto") -> dict:
+                 seed: int = 0, batch_size: int = 64, device: str = "auto",
+                 tta: bool = False) -> dict:
     if not checkpoints:
         raise FedctError("give at least one checkpoint")
     split = data_for(split_dir=split_dir, on=on, data=data)
@@ -104,7 +105,8 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                                                                config=None))
         model.to(dev)
         probs, labels = predict(model, make_loader(dataset, batch_size=batch_size, train=False,
-                                                   seed=0), device=dev, channels_last=False)
+                                                   seed=0), device=dev, channels_last=False,
+                                tta=tta)
         prob = probs[:, positive_index]
         truth = labels == positive_index
         for scope, idx in _scopes(split, per_client).items():
@@ -121,6 +123,7 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
     out_dir.mkdir(parents=True, exist_ok=True)
     where = f"--data {data}" if data else f"{split_dir} --on {on}"
     report = {"data": where, "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
+              "tta": tta,
               "grouped_bootstrap": len(set(groups)) < len(groups), "results": results}
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
     plot_roc(curves, out_dir / "roc.png", f"ROC on {where}")

@@ -167,7 +167,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
             seconds = time.perf_counter() - tick
             train_seconds += seconds
             train_examples += result["examples"]
-            probs, truth = predict(scored, val_loader, device=device,
+            probs, truth = predict(scored, val_loader, device=device, tta=config.tta,
                                    channels_last=config.channels_last, amp=config.amp)
             metrics = summary_metrics(probs, truth, positive_index)
             metrics["loss"] = mean_loss(probs, truth)

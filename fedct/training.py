@@ -136,16 +136,23 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, *, device: torch.device,
-            channels_last: bool = True, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities [N, C] and true labels [N], in loader order."""
+            channels_last: bool = True, amp: bool = False,
+            tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities [N, C] and true labels [N], in loader order.
+
+    `tta` averages the probabilities of each image and its left-right mirror (a CT slice's
+    findings may sit in either lung, and training already flips).
+    """
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     probs, truth = [], []
     for images, labels in loader:
         images = images.to(device).contiguous(memory_format=memory_format)
         with _autocast(device, amp):
-            logits = model(images)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            prob = torch.softmax(model(images).float(), dim=1)
+            if tta:
+                prob = (prob + torch.softmax(model(images.flip(-1)).float(), dim=1)) / 2
+        probs.append(prob.cpu())
         truth.append(labels)
     if not probs:
         return np.zeros((0, 0)), np.zeros((0,), dtype=int)

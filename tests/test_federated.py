@@ -106,6 +106,25 @@ def test_end_to_end_writes_the_run_directory(split_dir, tmp_path):
     assert scored.exit_code == 0, scored.output
 
 
+def test_live_view_on_a_terminal_and_lines_in_logs(split_dir, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=120)
+    simulation.run_federate(split_dir, tmp_path / "live", config(rounds=2), init="none",
+                            console=terminal)
+    shown = screen.getvalue()
+    assert "rounds (2/2 done)" in shown and "round 2 clients" in shown and "trained" in shown
+    assert "round 1/2:" not in shown  # no log lines under the live table
+    log = io.StringIO()
+    simulation.run_federate(split_dir, tmp_path / "log", config(rounds=2), init="none",
+                            console=Console(file=log, force_terminal=False, width=120))
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in lines] == ["round 1/2", "round 2/2"]
+
+
 def test_resume_equals_uninterrupted(split_dir, tmp_path):
     run(split_dir, tmp_path / "full", rounds=3, strategy="fedadam", server_lr=0.01)
     cfg = config(rounds=3, strategy="fedadam", server_lr=0.01)

@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from fedct.federated.strategies import Update, Weights, aggregate, check_update
+from fedct.federated.view import RoundView
 from fedct.metrics import summary_metrics
 from fedct.pretrain import monitor_value
 from fedct.runs import (
@@ -61,6 +62,12 @@ class RoundServer:
     epsilon: dict[int, float] = field(default_factory=dict)
     progress: dict = field(default_factory=lambda: {"round": 0, "best": float("-inf"),
                                                     "best_round": 0})
+    view: RoundView | None = None  # default: a line per round on `console`
+
+    def __post_init__(self) -> None:
+        if self.view is None:
+            self.view = RoundView(self.console, rounds=self.config.rounds, dp=self.config.dp,
+                                  live=False)
 
     def resume(self) -> tuple[Weights, dict]:
         """Global weights and the saved extra state (the embedded engine's client states)."""
@@ -71,7 +78,7 @@ class RoundServer:
         self.progress = {k: saved[k] for k in self.progress}
         truncate_csv(self.out / SUMMARY, "round", self.progress["round"])
         truncate_csv(self.out / PRIVACY_CSV, "round", self.progress["round"])
-        self.console.print(f"resuming {self.out} after round {self.progress['round']}")
+        self.view.message(f"resuming {self.out} after round {self.progress['round']}")
         return weights, saved.get("extra", {})
 
     def evaluate(self, weights: Weights) -> dict:
@@ -98,8 +105,8 @@ class RoundServer:
                 if reply.epsilon is not None:
                     self.epsilon[reply.client_id] = reply.epsilon
             else:
-                self.console.print(f"round {round_number}: client {reply.client_id} "
-                                   f"{reply.status}: {reply.detail}")
+                self.view.message(f"round {round_number}: client {reply.client_id} "
+                                  f"{reply.status}: {reply.detail}")
             if config.dp and reply.status in ("trained", "sat out"):
                 privacy_rows.append({"round": round_number, "client": reply.client_id,
                                      "epsilon": round(self.epsilon.get(reply.client_id, 0.0), 4),
@@ -107,8 +114,8 @@ class RoundServer:
                                      "noise_multiplier": round(reply.noise or 0.0, 4),
                                      "status": reply.status})
         if len(accepted) < config.min_clients:
-            self.console.print(f"round {round_number}: {len(accepted)} updates, fewer than "
-                               f"min_clients {config.min_clients}; global model unchanged")
+            self.view.message(f"round {round_number}: {len(accepted)} updates, fewer than "
+                              f"min_clients {config.min_clients}; global model unchanged")
             accepted = []
         global_weights, self.server_state = aggregate(
             global_weights, accepted, strategy=config.strategy, config=config,
@@ -127,11 +134,6 @@ class RoundServer:
         append_summary(self.out, row)
         if privacy_rows:
             self._append_privacy(privacy_rows)
-        self.console.print(f"round {round_number}/{config.rounds}: {len(accepted)} clients, "
-                           f"train loss {row['train_loss']:.3f}, val acc {row['val_acc']:.3f}, "
-                           f"AUC {row['val_auc']:.3f}"
-                           + (f", max epsilon {row['max_epsilon']:.2f}" if config.dp else "")
-                           + f" ({seconds:.1f}s)")
         meta = {**self.checkpoint_meta, "round": round_number, "metrics": row}
         save_checkpoint(self.out / f"round-{round_number:04d}", global_weights, meta)
         self._drop_old_rounds(round_number)
@@ -140,6 +142,7 @@ class RoundServer:
         if score > self.progress["best"] or self.progress["best_round"] == 0:
             self.progress.update(best=score, best_round=round_number)
             save_checkpoint(self.out / "best", global_weights, meta)
+        self.view.round_finished(row, best_round=self.progress["best_round"])
         self.progress["round"] = round_number
         save_resume(self.out, {"server_state": self.server_state, "epsilon": self.epsilon,
                                "extra": extra_state or {}, **self.progress})
@@ -186,7 +189,8 @@ def score_model(model: torch.nn.Module, dataset, *, device: torch.device, config
     from fedct.data.loading import make_loader
 
     probs, truth = predict(model, make_loader(dataset, batch_size=64, train=False, seed=0),
-                           device=device, channels_last=config.channels_last, amp=config.amp)
+                           device=device, channels_last=config.channels_last, amp=config.amp,
+                           tta=config.tta)
     metrics = summary_metrics(probs, truth, positive_index)
     metrics["loss"] = mean_loss(probs, truth)
     return metrics

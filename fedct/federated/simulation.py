@@ -21,6 +21,7 @@ from fedct.data.manifest import LOCAL_VAL, Split, load_split
 from fedct.errors import FedctError
 from fedct.federated.client import ClientData, load_global, new_client_state, run_client_round
 from fedct.federated.server import RoundServer, score_model
+from fedct.federated.view import RoundView
 from fedct.models import apply_freeze, create_model, data_config, make_dp_safe
 from fedct.pretrain import checkpoint_meta
 from fedct.runs import checkpoint_paths, prepare_run_dir, read_checkpoint, write_config
@@ -114,9 +115,10 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
                            extra={"architecture": architecture, "fedbn": config.fedbn,
                                   "dp": config.dp,
                                   "dp_safe": bool(getattr(fed.model, "_fedct_dp_safe", False))})
+    view = RoundView(console, rounds=config.rounds, dp=config.dp)
     server = RoundServer(out=out, config=config, checkpoint_meta=meta, console=console,
                          trainable=fed.trainable, model=fed.model, pooled_val=fed.pooled_val,
-                         positive_index=fed.positive_index, device=device)
+                         positive_index=fed.positive_index, device=device, view=view)
     global_weights = {k: v.detach().cpu().clone() for k, v in fed.model.state_dict().items()}
     client_states = {d.client_id: new_client_state(config) for d in fed.clients}
     if resume:
@@ -129,21 +131,25 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
                             "device": str(device), "clients": len(fed.clients),
                             "schedule": schedule})
     planned = planned_rounds(schedule, len(fed.clients))
-    for round_number in range(server.progress["round"] + 1, config.rounds + 1):
-        started = time.perf_counter()
-        replies = []
-        for k in schedule[round_number - 1]:
-            reply, client_states[k] = run_client_round(
-                fed.model, global_weights, fed.clients[k], config, client_states[k],
-                round_number=round_number, planned_rounds=planned[k], device=device,
-                num_classes=len(fed.split.classes))
-            replies.append(reply)
-        local = _local_metrics(fed, global_weights, client_states, device, config)
-        global_weights = server.finish_round(round_number, global_weights, replies,
-                                             started=started, local_val_acc=local,
-                                             extra_state={"client_states": client_states})
-        if stop_after is not None and round_number >= stop_after:
-            return {"stopped_after": round_number}
+    with view:
+        for round_number in range(server.progress["round"] + 1, config.rounds + 1):
+            started = time.perf_counter()
+            view.start_round(round_number, schedule[round_number - 1])
+            replies = []
+            for k in schedule[round_number - 1]:
+                view.client_started(k)
+                reply, client_states[k] = run_client_round(
+                    fed.model, global_weights, fed.clients[k], config, client_states[k],
+                    round_number=round_number, planned_rounds=planned[k], device=device,
+                    num_classes=len(fed.split.classes))
+                view.client_finished(reply)
+                replies.append(reply)
+            local = _local_metrics(fed, global_weights, client_states, device, config)
+            global_weights = server.finish_round(round_number, global_weights, replies,
+                                                 started=started, local_val_acc=local,
+                                                 extra_state={"client_states": client_states})
+            if stop_after is not None and round_number >= stop_after:
+                return {"stopped_after": round_number}
     return server.finish(global_weights)
 
 
