@@ -82,12 +82,15 @@ def test_missing_image_in_csv_is_named(tmp_path, synth_dir):
     assert result.exit_code == 2 and "missing.png" in result.output
 
 
-def test_changed_dataset_is_detected(tmp_path):
+def test_changed_dataset_is_detected(tmp_path, monkeypatch):
     from fedct.data.synthetic import write_synthetic
     from fedct.errors import FedctError
 
+    monkeypatch.setenv("FEDCT_CACHE", str(tmp_path / "cache"))
     data = write_synthetic(tmp_path / "d", n=40, size=32)
     assert invoke("split", data, "--out", tmp_path / "s", "--clients", 2).exit_code == 0
+    load_split(tmp_path / "s")  # a passed check is remembered, not re-hashed next time
+    assert len(list((tmp_path / "cache").glob("verified-*"))) == 1
     (data / "CT_COVID" / "p0000_s0.png").write_bytes(
         (data / "CT_COVID" / "p0000_s1.png").read_bytes())
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import os
 import shutil
 import tempfile
@@ -259,13 +260,36 @@ def load_split(directory: str | Path, *, verify: bool = True) -> Split:
 
 
 def verify_fingerprint(split: Split) -> None:
+    """Re-hash the images against split.yaml's fingerprint, once per unchanged set of files.
+
+    A passed check is remembered in the cache under a key of the files' paths, sizes and
+    mtimes (the image cache's rule), so a Flower node answering every round, or a command
+    run again, does not re-read every image.
+    """
+    from fedct.data.loading import cache_dir
+
     missing = [e.row.path for e in split.entries if not (split.root / e.row.path).is_file()]
     if missing:
         raise FedctError(f"{split.root / missing[0]}: image listed in {split.directory / MANIFEST} "
                          f"is missing ({len(missing)} missing)")
+    expected = split.meta.get("dataset", {}).get("fingerprint")
+    if not expected:
+        return
+    digest = hashlib.sha256(f"{expected}\n".encode())
+    for entry in sorted(split.entries, key=lambda e: e.row.path):
+        stat = (split.root / entry.row.path).stat()
+        digest.update(f"{entry.row.path}\0{entry.row.label}\0{entry.row.group}\0{entry.row.site}"
+                      f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    marker = cache_dir() / f"verified-{digest.hexdigest()[:32]}"
+    if marker.is_file():
+        return
     dataset = Dataset(root=split.root, source=split.root, rows=[e.row for e in split.entries],
                       classes=split.classes)
-    expected = split.meta.get("dataset", {}).get("fingerprint")
-    if expected and fingerprint(dataset) != expected:
+    if fingerprint(dataset) != expected:
         raise FedctError(f"{split.directory}: the dataset under {split.root} changed since it was "
                          "split (fingerprint differs); run `fedct split` again")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass  # a read-only cache only costs the re-hash next time
