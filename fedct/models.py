@@ -187,11 +187,14 @@ def _keep_affine(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-def make_dp_safe(model: nn.Module) -> nn.Module:
+def make_dp_safe(model: nn.Module, *, keep_batchnorm: bool = False) -> nn.Module:
     """Replace every BatchNorm (timm's BatchNormAct2d too) with GroupNorm, activations not in place.
 
     Opacus's ModuleValidator.fix misses timm's BatchNormAct2d; in-place activations break
-    its backward hooks. The fused activation of BatchNormAct2d is kept.
+    its backward hooks. The fused activation of BatchNormAct2d is kept. `keep_batchnorm`
+    leaves BatchNorm in place for models whose norms are all frozen in eval mode
+    (`freeze_bn`): they then mix no examples and keep their pretrained statistics.
+    `_fedct_dp_safe` marks a model whose norms were replaced (its checkpoints need the same).
     """
     from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
 
@@ -218,10 +221,11 @@ def make_dp_safe(model: nn.Module) -> nn.Module:
             else:
                 replace(child)
 
-    replace(model)
+    if not keep_batchnorm:
+        replace(model)
     for module in model.modules():
         if hasattr(module, "inplace"):
             module.inplace = False
     _clone_before_residual_add(model)
-    model._fedct_dp_safe = True
+    model._fedct_dp_safe = getattr(model, "_fedct_dp_safe", False) or not keep_batchnorm
     return model

@@ -236,6 +236,22 @@ def test_dp_full_works_for_timm_resnet_in_place_residuals(split_dir, tmp_path, m
     assert 0 < report["max_epsilon"] <= 8.0
 
 
+def test_dp_full_with_frozen_batchnorm_keeps_batchnorm(split_dir, tmp_path):
+    from fedct.evaluation import load_model
+
+    report = run(split_dir, tmp_path / "bn", rounds=1, local_steps=2, dp=True, dp_train="full",
+                 freeze_bn=True)
+    assert 0 < report["max_epsilon"] <= 8.0
+    model, meta = load_model(tmp_path / "bn" / "final")
+    assert not meta["dp_safe"]
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    first, _ = read_checkpoint(tmp_path / "bn" / "round-0001")
+    fresh = simulation.build_model("none", simulation.load_split(split_dir),
+                                   config(dp=True, dp_train="full", freeze_bn=True))[0]
+    stats = [k for k in first if k.endswith("running_mean")]
+    assert stats and all(torch.equal(first[k], fresh.state_dict()[k]) for k in stats)
+
+
 def test_flower_dry_run_prints_tls_commands_for_every_client(split_dir, tmp_path):
     result = runner.invoke(app, ["federate", str(split_dir), "--init", "none", "--model",
                                  "test_efficientnet", "--out", str(tmp_path / "run"), "--engine",

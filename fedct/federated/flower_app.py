@@ -100,8 +100,8 @@ def train(msg: Message, context: Context) -> Message:
     data = _node_data(context, classes, config.image_size, dcfg, config)
     model = create_model(str(spec["architecture"]), len(classes), pretrained="none",
                          drop_rate=config.drop_rate)
-    if bool(spec["dp-safe"]):
-        make_dp_safe(model)
+    if bool(spec["dp-safe"]) or (config.dp and config.dp_train == "full"):
+        make_dp_safe(model, keep_batchnorm=not bool(spec["dp-safe"]))
     apply_freeze(model, str(spec["freeze"]), freeze_bn=config.freeze_bn)
     device = pick_device(config.device)
     model.to(device)

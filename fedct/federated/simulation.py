@@ -66,7 +66,7 @@ def build_model(init: str, split: Split, config: FederateConfig):
         name = config.model
     model = create_model(name, len(split.classes), pretrained=init, drop_rate=config.drop_rate)
     if config.dp and config.dp_train == "full" and not getattr(model, "_fedct_dp_safe", False):
-        make_dp_safe(model)
+        make_dp_safe(model, keep_batchnorm=config.freeze_bn)
     policy = "head" if config.dp and config.dp_train == "head" else config.freeze
     apply_freeze(model, policy, freeze_bn=config.freeze_bn)
     return model, name
