@@ -46,6 +46,8 @@ RUNS = {
     "iid DP eps=3 head": ("iid", 0, 1, True, (3.0, "head")),
     "iid DP eps=1 head": ("iid", 0, 1, True, (1.0, "head")),
     "iid DP eps=8 full": ("iid", 0, 1, True, (8.0, "full")),
+    "iid DP eps=3 full": ("iid", 0, 1, True, (3.0, "full")),
+    "iid DP eps=1 full": ("iid", 0, 1, True, (1.0, "full")),
 }
 
 
@@ -58,7 +60,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--central-epochs", type=int, default=8)
+    parser.add_argument("--central-epochs", type=int, default=30)
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "covid_study.png")
     parser.add_argument("--work", type=Path, default=None, help="keep runs here; reuse finished ones")
@@ -96,7 +98,7 @@ def main() -> int:
         for name, label, clients in (("central", "centralised (all train)", None),
                                      ("stage1", "stage 1 only (public fifth)", [0])):
             config = build_config(PretrainConfig, None, {
-                **common, "pretrained": str(WEIGHTS), "lr": 5e-4, "epochs": args.central_epochs,
+                **common, "pretrained": str(WEIGHTS), "lr": 1e-3, "epochs": args.central_epochs,
                 "clients": clients})
             report, seconds = finished(work / name, lambda n=name, c=config: run_pretrain(
                 split_for("iid", 0), work / n, c, quiet=True, force=True))

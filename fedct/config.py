@@ -139,8 +139,10 @@ def _coerce(name: str, value, hint, where: str):
         raise FedctError(f"{where}: key '{name}' has value {value!r}, expected {hint.__name__}") from None
 
 
-def build_config(cls, path: str | Path | None = None, overrides: dict | None = None):
-    """Defaults, then the YAML file, then the non-None overrides; every value type-checked."""
+def build_config(cls, path: str | Path | None = None, overrides: dict | None = None, *,
+                 source: str = "command line"):
+    """Defaults, then the YAML file, then the non-None overrides (named `source` in errors);
+    every value type-checked."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     values: dict = {}
@@ -156,7 +158,7 @@ def build_config(cls, path: str | Path | None = None, overrides: dict | None = N
         if not isinstance(loaded, dict):
             raise FedctError(f"{path}: expected a mapping of option: value")
         sources.append((str(path), loaded))
-    sources.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
+    sources.append((source, {k: v for k, v in (overrides or {}).items() if v is not None}))
     for where, mapping in sources:
         for raw_key, value in mapping.items():
             key = str(raw_key).replace("-", "_")

@@ -282,3 +282,13 @@ def test_certs_name_the_hosts(tmp_path):
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "superlink.example.org" in names.get_values_for_type(x509.DNSName)
     assert (tmp_path / "certs" / "ca.key").stat().st_mode & 0o077 == 0
+
+
+def test_flower_run_config_is_typed_and_unknown_keys_are_named():
+    from fedct.errors import FedctError
+    from fedct.federated.flower_app import federate_config
+
+    config = federate_config({"local-epochs": 2, "init": "ckpt", "out": "run", "dp": "true"})
+    assert config.local_epochs == 2 and config.dp is True
+    with pytest.raises(FedctError, match="Flower run config: unknown key 'roundz'"):
+        federate_config({"roundz": 3})

@@ -18,7 +18,6 @@ privacy accountant and personal layers.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -33,11 +32,12 @@ EXTRA_KEYS = ("init", "out", "split-dir", "num-clients", "round-timeout", "node-
 
 
 def federate_config(run_config: dict):
+    """The typed config from the run config; a key that is neither a FederateConfig field nor
+    one of EXTRA_KEYS is an error naming it (the same rule as a YAML file)."""
     from fedct.config import FederateConfig, build_config
 
-    known = {f.name for f in dataclasses.fields(FederateConfig)}
-    values = {k: v for k, v in run_config.items() if k.replace("-", "_") in known}
-    return build_config(FederateConfig, None, values)
+    values = {k: v for k, v in run_config.items() if k not in EXTRA_KEYS}
+    return build_config(FederateConfig, None, values, source="Flower run config")
 
 
 # ---------------------------------------------------------------- node side
