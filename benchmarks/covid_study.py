@@ -109,9 +109,10 @@ def main() -> int:
                 continue
             overrides = {**common, "rounds": args.rounds, "local_epochs": epochs, "lr": 3e-4,
                          "model": "tf_efficientnet_lite0"}
-            if dp:
+            if dp:  # head: a linear model under noise needs a larger step; full: frozen BN
                 overrides.update({"dp": True, "target_epsilon": dp[0], "dp_train": dp[1],
-                                  "lr": 1e-3 if dp[1] == "head" else 5e-4})
+                                  "lr": 1e-2 if dp[1] == "head" else 5e-4,
+                                  "freeze_bn": dp[1] == "full", "grad_sample_mode": "hooks"})
             init = str(work / "stage1" / "best") if staged else str(WEIGHTS)
             run_dir = work / name.replace(" ", "_").replace("=", "")
             report, seconds = finished(run_dir, lambda d=run_dir, o=overrides, i=init, sc=scheme,
