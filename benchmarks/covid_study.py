@@ -8,7 +8,10 @@ read back instead of run again: on 2 cores the grid takes hours, so it can be ru
 
 Every run starts from the shared ImageNet weights of tf_efficientnet_lite0 and is scored on
 COVID-CT val. "stage 1" is a central fine-tune on a public share (client 0 of an IID split,
-a fifth of train); "one-stage" federates straight from ImageNet. Prints a markdown table
+a fifth of train), "centralised" the same recipe on all of train (AdamW 1e-3, 30 epochs);
+"one-stage" federates straight from ImageNet. Federated runs use lr 3e-4; DP head-only
+runs lr 1e-2 (a linear layer under noise needs a larger step), DP full runs lr 5e-4 with
+BatchNorm frozen in eval mode (`freeze_bn`), Opacus hooks. Prints a markdown table
 and writes docs/covid_study.png (val accuracy per round). Needs ../shared.
 """
 
