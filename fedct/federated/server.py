@@ -182,7 +182,6 @@ class RoundServer:
                 path.with_suffix(".json").unlink(missing_ok=True)
 
 
-
 def score_model(model: torch.nn.Module, dataset, *, device: torch.device, config,
                 positive_index: int) -> dict:
     """The per-round numbers (accuracy, AUC, sensitivity, specificity, loss) on one dataset."""
