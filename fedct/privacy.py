@@ -23,7 +23,25 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
 from fedct.errors import FedctError
-from fedct.models import train_mode
+from fedct.models import make_dp_safe, train_mode
+
+
+def prepare_model_for_dp(model: nn.Module, config, *, groupnorm: bool | None = None) -> nn.Module:
+    """Give the model the norms and activations the run's DP mode needs, the same on every side.
+
+    DP full training replaces BatchNorm by GroupNorm, unless `freeze_bn` keeps BatchNorm
+    frozen in eval mode (then only activations stop being in place). `groupnorm` None
+    decides from the config (the server); True or False matches the server's model (a
+    Flower node, told whether the server's norms were replaced).
+    """
+    if getattr(model, "_fedct_dp_safe", False):
+        return model
+    full = config.dp and config.dp_train == "full"
+    if groupnorm is None:
+        groupnorm = full and not config.freeze_bn
+    if groupnorm or full:
+        make_dp_safe(model, keep_batchnorm=not groupnorm)
+    return model
 
 
 def steps_per_round(n_examples: int, config) -> int:

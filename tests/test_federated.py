@@ -252,6 +252,27 @@ def test_dp_full_with_frozen_batchnorm_keeps_batchnorm(split_dir, tmp_path):
     assert stats and all(torch.equal(first[k], fresh.state_dict()[k]) for k in stats)
 
 
+@pytest.mark.parametrize("dp_train, freeze_bn, server_norm", [
+    ("full", False, "GroupNorm"), ("full", True, "BatchNorm"), ("head", False, "BatchNorm")])
+def test_server_and_node_prepare_the_same_model_for_dp(dp_train, freeze_bn, server_norm):
+    from fedct.models import create_model
+    from fedct.privacy import prepare_model_for_dp
+
+    cfg = config(dp=True, dp_train=dp_train, freeze_bn=freeze_bn)
+
+    def norms(model):
+        return sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+
+    server = prepare_model_for_dp(create_model("resnet10t", 2, pretrained="none"), cfg)
+    replaced = bool(getattr(server, "_fedct_dp_safe", False))
+    node = prepare_model_for_dp(create_model("resnet10t", 2, pretrained="none"), cfg,
+                                groupnorm=replaced)
+    assert norms(server) == norms(node) and all(server_norm in n for n in norms(server))
+    assert list(server.state_dict()) == list(node.state_dict())
+    inplace = [m for m in node.modules() if getattr(m, "inplace", False)]
+    assert bool(inplace) == (dp_train == "head")
+
+
 def test_flower_dry_run_prints_tls_commands_for_every_client(split_dir, tmp_path):
     result = runner.invoke(app, ["federate", str(split_dir), "--init", "none", "--model",
                                  "test_efficientnet", "--out", str(tmp_path / "run"), "--engine",

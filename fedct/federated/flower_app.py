@@ -88,7 +88,8 @@ def train(msg: Message, context: Context) -> Message:
     import torch
 
     from fedct.federated.client import new_client_state, run_client_round
-    from fedct.models import apply_freeze, create_model, make_dp_safe
+    from fedct.models import apply_freeze, create_model
+    from fedct.privacy import prepare_model_for_dp
     from fedct.training import pick_device, set_threads
 
     set_threads()
@@ -100,8 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     data = _node_data(context, classes, config.image_size, dcfg, config)
     model = create_model(str(spec["architecture"]), len(classes), pretrained="none",
                          drop_rate=config.drop_rate)
-    if bool(spec["dp-safe"]) or (config.dp and config.dp_train == "full"):
-        make_dp_safe(model, keep_batchnorm=not bool(spec["dp-safe"]))
+    prepare_model_for_dp(model, config, groupnorm=bool(spec["dp-safe"]))
     apply_freeze(model, str(spec["freeze"]), freeze_bn=config.freeze_bn)
     device = pick_device(config.device)
     model.to(device)

@@ -22,8 +22,9 @@ from fedct.errors import FedctError
 from fedct.federated.client import ClientData, load_global, new_client_state, run_client_round
 from fedct.federated.server import RoundServer, score_model
 from fedct.federated.view import RoundView
-from fedct.models import apply_freeze, create_model, data_config, make_dp_safe
+from fedct.models import apply_freeze, create_model, data_config
 from fedct.pretrain import checkpoint_meta
+from fedct.privacy import prepare_model_for_dp
 from fedct.runs import checkpoint_paths, prepare_run_dir, read_checkpoint, write_config
 from fedct.training import pick_device, seed_everything, set_threads
 
@@ -65,8 +66,7 @@ def build_model(init: str, split: Split, config: FederateConfig):
     else:
         name = config.model
     model = create_model(name, len(split.classes), pretrained=init, drop_rate=config.drop_rate)
-    if config.dp and config.dp_train == "full" and not getattr(model, "_fedct_dp_safe", False):
-        make_dp_safe(model, keep_batchnorm=config.freeze_bn)
+    prepare_model_for_dp(model, config)
     policy = "head" if config.dp and config.dp_train == "head" else config.freeze
     apply_freeze(model, policy, freeze_bn=config.freeze_bn)
     return model, name
