@@ -363,6 +363,7 @@ def federate(
     fedbn: Annotated[bool | None, typer.Option("--fedbn/--no-fedbn", help="Keep normalisation layers local per client (FedBN).")] = None,
     freeze: Annotated[str | None, typer.Option(help="full, head, or last-N blocks. [default: full]")] = None,
     lr: Annotated[float | None, typer.Option(help="Client learning rate. [default: 1e-3]")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(help="constant, or cosine: client lr decays over the rounds. [default: constant]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Client batch size. [default: 32]")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels. [default: 224]")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (sampling, data order, noise). [default: 0]")] = None,
@@ -402,7 +403,7 @@ def federate(
                  "local_steps": local_steps, "fraction": fraction,
                  "clients_per_round": clients_per_round, "strategy": strategy, "mu": mu,
                  "server_lr": server_lr, "fedbn": fedbn, "freeze": freeze, "lr": lr,
-                 "batch_size": batch_size, "image_size": image_size, "seed": seed, "dp": dp,
+                 "lr_schedule": lr_schedule, "batch_size": batch_size, "image_size": image_size, "seed": seed, "dp": dp,
                  "target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm,
                  "noise_multiplier": noise_multiplier, "dp_train": dp_train, "device": device}
     if resume is not None:

@@ -72,6 +72,8 @@ class FederateConfig(TrainConfig):
     rounds: int = 10
     local_epochs: int = 1
     local_steps: int = 0  # if > 0, replaces local_epochs
+    lr_schedule: str = "constant"  # constant | cosine: client lr decays over the rounds
+    min_lr: float = 1e-6
     fraction: float = 1.0
     clients_per_round: int = 0  # if > 0, replaces fraction
     min_clients: int = 1
@@ -101,6 +103,7 @@ CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "balance": ("none", "loss", "sampler"),
     "monitor": MONITORS,
+    "lr_schedule": ("constant", "cosine"),
     "strategy": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"),
     "dp_train": ("head", "full"),
     "grad_sample_mode": ("hooks", "functorch"),
@@ -192,6 +195,8 @@ def validate(config) -> None:
     if isinstance(config, FederateConfig):
         if config.rounds < 1:
             raise FedctError(f"rounds {config.rounds}: must be >= 1")
+        if not 0 <= config.min_lr <= config.lr:
+            raise FedctError(f"min_lr {config.min_lr}: must be in [0, lr {config.lr}]")
         if not 0 < config.fraction <= 1:
             raise FedctError(f"fraction {config.fraction}: must be in (0, 1]")
         if config.dp and config.noise_multiplier <= 0 and config.target_epsilon <= 0:

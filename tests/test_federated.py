@@ -156,6 +156,26 @@ def test_fedprox_pulls_clients_towards_the_global_model(split_dir, tmp_path, mon
     assert np.mean(drift[50.0]) < np.mean(drift[0.0])
 
 
+def test_cosine_schedule_decays_the_client_lr_over_the_rounds(split_dir, tmp_path, monkeypatch):
+    cosine = config(lr=1e-3, min_lr=1e-5, rounds=5, lr_schedule="cosine")
+    lrs = [client_module.round_lr(cosine, r) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)
+    assert lrs[2] == pytest.approx((1e-3 + 1e-5) / 2) and lrs == sorted(lrs, reverse=True)
+    assert client_module.round_lr(config(lr=1e-3, rounds=5), 5) == 1e-3
+
+    used = []
+    real = client_module.make_optimizer
+
+    def spy(model, cfg, *, lr=None):
+        used.append(lr)
+        return real(model, cfg, lr=lr)
+
+    monkeypatch.setattr(client_module, "make_optimizer", spy)
+    run(split_dir, tmp_path / "cos", rounds=3, local_steps=1, lr=1e-3, min_lr=0.0,
+        lr_schedule="cosine")
+    assert sorted(set(used), reverse=True) == pytest.approx([1e-3, 5e-4, 0.0])
+
+
 def test_fedbn_keeps_norms_local(split_dir, tmp_path):
     run(split_dir, tmp_path / "bn", rounds=1, fedbn=True)
     from fedct.runs import load_resume

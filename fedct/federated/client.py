@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,7 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     loader = make_loader(data.train, batch_size=config.batch_size, train=True, seed=seed,
                          balance="none" if config.dp else config.balance, num_classes=num_classes,
                          drop_last=False if config.dp else None)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, lr=round_lr(config, round_number))
     penalty = None
     if config.strategy == "fedprox" and config.mu > 0:
         anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -112,6 +113,19 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     if config.dp:
         metrics["epsilon"] = state["epsilon"]
     return Update(weights=weights, examples=len(data.train), metrics=metrics), state
+
+
+def round_lr(config, round_number: int) -> float:
+    """The clients' lr in a round: constant, or cosine from `lr` in round 1 to `min_lr` in the last.
+
+    Under label skew a constant lr keeps the global model's decision threshold swinging
+    from round to round; decaying it over the rounds lets the average settle, as the
+    cosine schedule does for a central run's epochs.
+    """
+    if config.lr_schedule != "cosine" or config.rounds <= 1:
+        return config.lr
+    progress = (round_number - 1) / (config.rounds - 1)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData, config,
