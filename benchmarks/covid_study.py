@@ -1,7 +1,8 @@
 """The paper's study on COVID-CT, scaled to 2 CPU cores: centralised vs federated over 5 clients.
 
-    python benchmarks/covid_study.py [--image-size 128] [--rounds 8] [--only NAME ...]
-                                     [--work DIR]
+    python benchmarks/covid_study.py [--image-size 128] [--rounds 20] [--local-epochs 2]
+                                     [--lr 1e-3] [--lr-schedule cosine] [--split-seed 1]
+                                     [--only NAME ...] [--work DIR]
 
 With --work DIR the run directories are kept there, and a run whose report.json exists is
 read back instead of run again: on 2 cores the grid takes hours, so it can be run in parts.
@@ -9,10 +10,11 @@ read back instead of run again: on 2 cores the grid takes hours, so it can be ru
 Every run starts from the shared ImageNet weights of tf_efficientnet_lite0 and is scored on
 COVID-CT val. "stage 1" is a central fine-tune on a public share (client 0 of an IID split,
 a fifth of train), "centralised" the same recipe on all of train (AdamW 1e-3, 30 epochs);
-"one-stage" federates straight from ImageNet. Federated runs use lr 3e-4; DP head-only
-runs lr 1e-2 (a linear layer under noise needs a larger step), DP full runs lr 5e-4 with
-BatchNorm frozen in eval mode (`freeze_bn`), Opacus hooks. Prints a markdown table
-and writes docs/covid_study.png (val accuracy per round). Needs ../shared.
+"one-stage" federates straight from ImageNet. Federated runs use --lr (the clients' lr,
+cosine-decayed over the rounds by default) and --local-epochs unless the run names its
+own; DP head-only runs lr 1e-2 (a linear layer under noise needs a larger step), DP full
+runs lr 5e-4 with BatchNorm frozen in eval mode (`freeze_bn`), Opacus hooks. Prints a
+markdown table and writes docs/covid_study.png (val accuracy per round). Needs ../shared.
 """
 
 from __future__ import annotations
@@ -35,22 +37,23 @@ SHARED = ROOT.parent / "shared"
 COVID = SHARED / "data" / "covid-ct" / "splits.csv"
 WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_in1k.safetensors"
 
-# name: (partition, alpha, local_epochs, stage-1 init?, dp: None | (epsilon, dp_train))
+# name: (partition, alpha, local epochs (None: --local-epochs), stage-1 init?,
+#        dp: None | (epsilon, dp_train))
 RUNS = {
-    "iid": ("iid", 0, 1, True, None),
-    "dir-1.0": ("dirichlet", 1.0, 1, True, None),
-    "dir-0.5": ("dirichlet", 0.5, 1, True, None),
-    "dir-0.1": ("dirichlet", 0.1, 1, True, None),
-    "dir-0.5 one-stage": ("dirichlet", 0.5, 1, False, None),
-    "dir-0.1 one-stage": ("dirichlet", 0.1, 1, False, None),
-    "dir-0.5 E=2": ("dirichlet", 0.5, 2, True, None),
+    "iid": ("iid", 0, None, True, None),
+    "dir-1.0": ("dirichlet", 1.0, None, True, None),
+    "dir-0.5": ("dirichlet", 0.5, None, True, None),
+    "dir-0.1": ("dirichlet", 0.1, None, True, None),
+    "dir-0.5 one-stage": ("dirichlet", 0.5, None, False, None),
+    "dir-0.1 one-stage": ("dirichlet", 0.1, None, False, None),
+    "dir-0.5 E=1": ("dirichlet", 0.5, 1, True, None),
     "dir-0.5 E=5": ("dirichlet", 0.5, 5, True, None),
-    "iid DP eps=8 head": ("iid", 0, 1, True, (8.0, "head")),
-    "iid DP eps=3 head": ("iid", 0, 1, True, (3.0, "head")),
-    "iid DP eps=1 head": ("iid", 0, 1, True, (1.0, "head")),
-    "iid DP eps=8 full": ("iid", 0, 1, True, (8.0, "full")),
-    "iid DP eps=3 full": ("iid", 0, 1, True, (3.0, "full")),
-    "iid DP eps=1 full": ("iid", 0, 1, True, (1.0, "full")),
+    "iid DP eps=8 head": ("iid", 0, None, True, (8.0, "head")),
+    "iid DP eps=3 head": ("iid", 0, None, True, (3.0, "head")),
+    "iid DP eps=1 head": ("iid", 0, None, True, (1.0, "head")),
+    "iid DP eps=8 full": ("iid", 0, None, True, (8.0, "full")),
+    "iid DP eps=3 full": ("iid", 0, None, True, (3.0, "full")),
+    "iid DP eps=1 full": ("iid", 0, None, True, (1.0, "full")),
 }
 
 
@@ -62,8 +65,12 @@ def rows_of(path: Path) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3, help="clients' lr (non-DP runs)")
+    parser.add_argument("--lr-schedule", default="cosine", choices=("constant", "cosine"))
     parser.add_argument("--central-epochs", type=int, default=30)
+    parser.add_argument("--split-seed", type=int, default=1, help="seed of the client partitions")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "covid_study.png")
     parser.add_argument("--work", type=Path, default=None, help="keep runs here; reuse finished ones")
@@ -86,7 +93,8 @@ def main() -> int:
                 splits[key] = work / f"split-{scheme}-{alpha}"
             if key not in splits:
                 splits[key] = run_split(COVID, work / f"split-{scheme}-{alpha}", SplitOptions(
-                    keep_split=True, clients=5, scheme=scheme, alpha=alpha or 0.5, seed=1))[0]
+                    keep_split=True, clients=5, scheme=scheme, alpha=alpha or 0.5,
+                    seed=args.split_seed))[0]
             return splits[key]
 
         def finished(run_dir: Path, start) -> tuple[dict, float]:
@@ -110,8 +118,9 @@ def main() -> int:
         for name, (scheme, alpha, epochs, staged, dp) in RUNS.items():
             if args.only and name not in args.only:
                 continue
-            overrides = {**common, "rounds": args.rounds, "local_epochs": epochs, "lr": 3e-4,
-                         "model": "tf_efficientnet_lite0"}
+            overrides = {**common, "rounds": args.rounds, "lr": args.lr,
+                         "local_epochs": epochs or args.local_epochs,
+                         "lr_schedule": args.lr_schedule}
             if dp:  # head: a linear model under noise needs a larger step; full: frozen BN
                 overrides.update({"dp": True, "target_epsilon": dp[0], "dp_train": dp[1],
                                   "lr": 1e-2 if dp[1] == "head" else 5e-4,
@@ -128,7 +137,8 @@ def main() -> int:
             print(f"{name}: {json.dumps({k: best[k] for k in ('val_acc', 'val_auc')})} "
                   f"{seconds:.0f}s", file=sys.stderr, flush=True)
     print(f"\n### COVID-CT val, tf_efficientnet_lite0 at {args.image_size} px, 5 clients, "
-          f"{args.rounds} rounds (best round or epoch by val AUC)\n")
+          f"{args.rounds} rounds of {args.local_epochs} local epochs unless named, client lr "
+          f"{args.lr:g} {args.lr_schedule} (best round or epoch by val AUC)\n")
     print("| run | val accuracy | val AUC | sensitivity | specificity | max epsilon | train time |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, best, seconds, eps in results:
