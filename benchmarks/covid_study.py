@@ -151,8 +151,10 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for name, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+    colours = plt.get_cmap("tab20").colors
+    for index, (name, values) in enumerate(curves.items()):
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name,
+                color=colours[index % len(colours)], linestyle="--" if "DP" in name else "-")
     ax.set_xlabel("round (centralised: epoch)")
     ax.set_ylabel("val accuracy")
     ax.set_title(f"COVID-CT val accuracy per round ({args.image_size} px)")

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,10 @@ def test_summary_metrics_multiclass_positive():
     m = summary_metrics(probs, labels, positive_index=1)
     assert m["acc"] == pytest.approx(0.75)
     assert m["sensitivity"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    cls = PretrainConfig if "pretrain" in path.name else FederateConfig
+    assert build_config(cls, path, {})
