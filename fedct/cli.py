@@ -403,7 +403,8 @@ def federate(
                  "local_steps": local_steps, "fraction": fraction,
                  "clients_per_round": clients_per_round, "strategy": strategy, "mu": mu,
                  "server_lr": server_lr, "fedbn": fedbn, "freeze": freeze, "lr": lr,
-                 "lr_schedule": lr_schedule, "batch_size": batch_size, "image_size": image_size, "seed": seed, "dp": dp,
+                 "lr_schedule": lr_schedule, "batch_size": batch_size, "image_size": image_size,
+                 "seed": seed, "dp": dp,
                  "target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm,
                  "noise_multiplier": noise_multiplier, "dp_train": dp_train, "device": device}
     if resume is not None:

@@ -118,9 +118,8 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
 def round_lr(config, round_number: int) -> float:
     """The clients' lr in a round: constant, or cosine from `lr` in round 1 to `min_lr` in the last.
 
-    Under label skew a constant lr keeps the global model's decision threshold swinging
-    from round to round; decaying it over the rounds lets the average settle, as the
-    cosine schedule does for a central run's epochs.
+    A constant lr leaves the last rounds as noisy as the first; decaying it lets the
+    global model settle, as the cosine schedule does for a central run's epochs.
     """
     if config.lr_schedule != "cosine" or config.rounds <= 1:
         return config.lr
