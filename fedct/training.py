@@ -66,13 +66,18 @@ def make_optimizer(model: nn.Module, config, *, lr: float | None = None) -> torc
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def cosine_between(start: float, end: float, progress: float) -> float:
+    """Half a cosine from `start` (progress 0) to `end` (progress 1 and beyond)."""
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def cosine_with_warmup(optimizer, *, total_steps: int, warmup_steps: int,
                        min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cosine_between(1.0, min_lr_ratio, progress)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from fedct import privacy
 from fedct.data.loading import ImageTensorDataset, make_loader
 from fedct.federated.strategies import Update, Weights
-from fedct.training import make_loss, make_optimizer, seed_everything, train_epoch
+from fedct.training import cosine_between, make_loss, make_optimizer, seed_everything, train_epoch
 
 
 @dataclass
@@ -123,8 +122,7 @@ def round_lr(config, round_number: int) -> float:
     """
     if config.lr_schedule != "cosine" or config.rounds <= 1:
         return config.lr
-    progress = (round_number - 1) / (config.rounds - 1)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+    return cosine_between(config.lr, config.min_lr, (round_number - 1) / (config.rounds - 1))
 
 
 def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData, config,
