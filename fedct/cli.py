@@ -13,6 +13,7 @@ from rich.table import Table
 
 from fedct import __version__
 from fedct.errors import FedctError
+from fedct.tables import print_evaluation, print_split_table
 
 app = typer.Typer(
     name="fedct",
@@ -123,74 +124,13 @@ def split(
                            skip_bad=skip_bad, force=force)
     for problem in meta["dataset"]["skipped"]:
         err_console.print(f"skipped: {problem}", highlight=False)
-    print_split_table(meta)
+    print_split_table(console, meta)
     console.print(f"wrote {path}/manifest.csv, split.yaml, partition.png")
-
-
-def print_split_table(meta: dict) -> None:
-    classes = meta["classes"]
-    part = meta["partition"]
-    table = Table(title=f"{part['scheme']} partition over {part['clients']} clients (training rows)")
-    table.add_column("client", justify="right")
-    for c in classes:
-        table.add_column(c + (" (+)" if c == meta.get("positive") else ""), justify="right")
-    table.add_column("total", justify="right")
-    has_local = any(sum(cl["local_val"].values()) for cl in meta["clients"])
-    if has_local:
-        table.add_column("local val", justify="right")
-    for cl in meta["clients"]:
-        cells = [str(cl["id"]), *(str(cl["train"][c]) for c in classes), str(cl["total"])]
-        if has_local:
-            cells.append(str(sum(cl["local_val"].values())))
-        table.add_row(*cells)
-    for name, counts in meta["counts"].items():
-        table.add_row(f"[dim]{name}[/]", *(f"[dim]{counts[c]}[/]" for c in classes),
-                      f"[dim]{sum(counts.values())}[/]", *([""] if has_local else []))
-    console.print(table)
-    console.print(f"heterogeneity: mean total-variation distance to the pooled label "
-                  f"distribution = {meta['heterogeneity']['mean_tv_distance']:.3f} (0 = IID)")
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m fedct`
     app(prog_name="fedct")
     sys.exit(0)
-
-
-def _federate_on_flower(split_dir: Path, out: Path, cfg, *, init: str, federation: str | None,
-                        dry_run: bool, certs: Path | None, round_timeout: float, resume: bool,
-                        force: bool) -> None:
-    import shutil
-    import tempfile
-
-    from fedct.data.manifest import load_split
-    from fedct.federated import flower_run
-
-    split = load_split(split_dir)
-    if federation is None:
-        raise FedctError("--engine flower needs --federation NAME (a connection in $FLWR_HOME/config.toml)")
-    if dry_run:
-        submit = (f"fedct federate {split_dir} --init {init} --out {out} --engine flower "
-                  f"--federation {federation}")
-        lines = flower_run.role_commands(split_dir=split_dir, clients=split.num_clients,
-                                         federation=federation, certs=certs)
-        lines += ["# coordinator: submit the run (writes the Flower app, calls flwr run --stream)",
-                  submit]
-        for line in lines:
-            console.print(line, highlight=False, soft_wrap=True, markup=False)
-        return
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not force:
-            raise FedctError(f"{out}: exists and is not empty (use --force to replace it, "
-                             "or --resume to continue it)")
-        shutil.rmtree(out)
-    values = flower_run.run_config(cfg, init=init, out=out, split_dir=split_dir,
-                                   num_clients=split.num_clients, round_timeout=round_timeout,
-                                   node_wait=120.0, resume=resume)
-    with tempfile.TemporaryDirectory(prefix="fedct-flower-app-") as app_dir:
-        flower_run.write_app(Path(app_dir), values)
-        code = flower_run.submit(Path(app_dir), federation)
-    if code != 0:
-        raise FedctError(f"flwr run exited with code {code} (see its output above)")
 
 
 @app.command()
@@ -250,22 +190,16 @@ def pretrain(
     Example: fedct pretrain splits/covid --out runs/stage1 --pretrained
     ../shared/weights/tf_efficientnet_lite0_in1k.safetensors --epochs 10
     """
-    from fedct.config import PretrainConfig, build_config
+    from fedct.config import PretrainConfig, resolve_config
     from fedct.pretrain import run_pretrain
-    from fedct.runs import read_config
 
     overrides = {"model": model, "pretrained": pretrained, "epochs": epochs,
                  "batch_size": batch_size, "lr": lr, "image_size": image_size, "freeze": freeze,
                  "seed": seed, "clients": clients, "rows": rows, "device": device}
-    if resume is not None:
-        saved = read_config(resume)["config"]
-        cfg = build_config(PretrainConfig, None, {**saved, **{k: v for k, v in overrides.items()
-                                                              if v is not None}})
-        out = resume
-    else:
-        if out is None:
-            raise FedctError("--out RUN_DIR is required (or --resume RUN_DIR)")
-        cfg = build_config(PretrainConfig, config, overrides)
+    cfg, _ = resolve_config(PretrainConfig, path=config, overrides=overrides, resume_dir=resume)
+    out = resume or out
+    if out is None:
+        raise FedctError("--out RUN_DIR is required (or --resume RUN_DIR)")
     report = run_pretrain(split_dir, out, cfg, resume=resume is not None, force=force,
                           quiet=quiet or json_out, console=console)
     if json_out:
@@ -312,36 +246,8 @@ def evaluate(
     if json_out:
         _print_json(report)
         return
-    print_evaluation(report)
+    print_evaluation(console, report)
     console.print(f"wrote {report['out']}/metrics.json, roc.png, confusion.png")
-
-
-def _cell(metrics: dict, name: str) -> str:
-    value = metrics[name]
-    ci = metrics.get("ci95", {}).get(name)
-    text = "-" if value != value else f"{value:.3f}"
-    if ci and ci[0] == ci[0]:
-        text += f"\n[dim]{ci[0]:.2f}-{ci[1]:.2f}[/]"
-    return text
-
-
-def print_evaluation(report: dict) -> None:
-    positive = report["results"][0]["positive"]
-    table = Table(title=f"{report['data']}: positive class {positive}, threshold 0.5, "
-                        f"95% CI by {'patient' if report['grouped_bootstrap'] else 'image'} bootstrap")
-    columns = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auc")
-    table.add_column("checkpoint", no_wrap=True)
-    table.add_column("data", no_wrap=True)
-    table.add_column("n", justify="right")
-    for c in columns:
-        table.add_column(c.replace("precision", "PPV").replace("npv", "NPV"), justify="right")
-    table.add_column("Youden t: sens/spec", justify="right")
-    for r in report["results"]:
-        m = r["threshold_0.5"]
-        y = r["youden"]
-        table.add_row(r["checkpoint"], r["data"], str(r["n"]), *(_cell(m, c) for c in columns),
-                      f"{y['threshold']:.2f}: {y['sensitivity']:.2f}/{y['specificity']:.2f}")
-    console.print(table)
 
 
 @app.command()
@@ -395,9 +301,9 @@ def federate(
     With --engine flower the same run goes through `flwr run` to a SuperLink whose
     SuperNodes each read only their own images; --dry-run prints the three roles' commands.
     """
-    from fedct.config import FederateConfig, build_config
+    from fedct.config import FederateConfig, resolve_config
+    from fedct.federated import flower_run
     from fedct.federated.simulation import run_federate
-    from fedct.runs import read_config
 
     overrides = {"model": model, "rounds": rounds, "local_epochs": local_epochs,
                  "local_steps": local_steps, "fraction": fraction,
@@ -407,28 +313,22 @@ def federate(
                  "seed": seed, "dp": dp,
                  "target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm,
                  "noise_multiplier": noise_multiplier, "dp_train": dp_train, "device": device}
-    if resume is not None:
-        saved = read_config(resume)
-        cfg = build_config(FederateConfig, None, {**saved["config"], **{
-            k: v for k, v in overrides.items() if v is not None}})
+    cfg, saved = resolve_config(FederateConfig, path=config, overrides=overrides, resume_dir=resume)
+    if saved is not None:
         init, out = saved["init"], resume
-    else:
-        if out is None or init is None:
-            raise FedctError("--init CKPT and --out RUN_DIR are required (or --resume RUN_DIR)")
-        cfg = build_config(FederateConfig, config, overrides)
+    if out is None or init is None:
+        raise FedctError("--init CKPT and --out RUN_DIR are required (or --resume RUN_DIR)")
     if engine not in ("embedded", "flower"):
         raise FedctError(f"--engine {engine!r}: choose embedded or flower")
+    if engine == "flower" and dry_run:
+        for line in flower_run.dry_run_lines(split_dir, out, init=init, federation=federation,
+                                             certs=certs):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+        return
     if engine == "flower":
-        _federate_on_flower(split_dir, out, cfg, init=init, federation=federation,
-                            dry_run=dry_run, certs=certs, round_timeout=round_timeout,
-                            resume=resume is not None, force=force)
-        from fedct.runs import REPORT
-
-        if dry_run or not (out / REPORT).is_file():
-            return
-        import json
-
-        report = json.loads((out / REPORT).read_text())
+        report = flower_run.run_on_flower(split_dir, out, cfg, init=init, federation=federation,
+                                          round_timeout=round_timeout, resume=resume is not None,
+                                          force=force)
     else:
         report = run_federate(split_dir, out, cfg, init=init, resume=resume is not None,
                               force=force, quiet=quiet or json_out, console=console)
@@ -454,42 +354,10 @@ def demo(
 
     synth -> split over 4 non-IID clients -> stage 1 on client 0's share (standing in for
     data that may be pooled) -> stage 2 federated over all 4 -> evaluate on test.
-    Settings: examples/demo.yaml.
+    Settings: examples/demo-pretrain.yaml and examples/demo-federate.yaml.
 
     Example: fedct demo --out demo-out
     """
-    from fedct.config import FederateConfig, PretrainConfig, build_config
-    from fedct.data.manifest import SplitOptions, run_split
-    from fedct.data.synthetic import write_synthetic
-    from fedct.evaluation import run_evaluate
-    from fedct.federated.simulation import run_federate
-    from fedct.pretrain import run_pretrain
+    from fedct.demo import run_demo
 
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FedctError(f"{out}: exists and is not empty (use --force to replace it)")
-    examples = Path(__file__).resolve().parent.parent / "examples"
-    if not (examples / "demo-pretrain.yaml").is_file():
-        raise FedctError(f"{examples}/demo-*.yaml not found: run the demo from a source checkout")
-    data = write_synthetic(out / "data", n=400, seed=seed, force=True)
-    console.rule("1. synth")
-    console.print(f"400 synthetic CT slices (100 patients, 4 sites) in {data}")
-    console.rule("2. split")
-    split_dir, meta = run_split(data / "dataset.csv", out / "split",
-                                SplitOptions(scheme="dirichlet", alpha=0.5, clients=4, seed=seed,
-                                             min_per_client=20),
-                                force=True)
-    print_split_table(meta)
-    console.rule("3. stage 1: pretrain on client 0's share")
-    stage1 = run_pretrain(split_dir, out / "stage1",
-                          build_config(PretrainConfig, examples / "demo-pretrain.yaml",
-                                       {"seed": seed}),
-                          force=True, console=console)
-    console.rule("4. stage 2: federate over 4 clients")
-    run_federate(split_dir, out / "stage2",
-                 build_config(FederateConfig, examples / "demo-federate.yaml", {"seed": seed}),
-                 init=str(out / "stage1" / "best"), force=True, console=console)
-    console.rule("5. evaluate on test")
-    report = run_evaluate([out / "stage1" / "best", out / "stage2" / "final"], split_dir=split_dir,
-                          on="test", out=out / "evaluation", n_boot=500, seed=seed)
-    print_evaluation(report)
-    console.print(f"stage 1 best epoch {stage1['best_epoch']}; everything is under {out}/")
+    run_demo(out, seed=seed, force=force, console=console)

@@ -175,6 +175,22 @@ def build_config(cls, path: str | Path | None = None, overrides: dict | None = N
     return config
 
 
+def resolve_config(cls, *, path: str | Path | None, overrides: dict,
+                   resume_dir: str | Path | None = None):
+    """A command's config: a resumed run's saved config (or defaults and the YAML file at
+    `path`), then the flags. Returns (config, the resumed run's config.yaml or None)."""
+    if resume_dir is None:
+        return build_config(cls, path, overrides), None
+    if path is not None:
+        raise FedctError("--config and --resume: a resumed run keeps its own config")
+    saved_path = Path(resume_dir) / "config.yaml"
+    if not saved_path.is_file():
+        raise FedctError(f"{saved_path}: not found (is {resume_dir} a fedct run directory?)")
+    saved = yaml.safe_load(saved_path.read_text())
+    merged = {**saved["config"], **{k: v for k, v in overrides.items() if v is not None}}
+    return build_config(cls, None, merged, source=f"{saved_path} and flags"), saved
+
+
 def validate(config) -> None:
     for key, allowed in CHOICES.items():
         value = getattr(config, key, None)

@@ -11,7 +11,14 @@ from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import LOCAL_VAL, Entry, Split, load_split
 from fedct.data.sources import check_files, read_dataset
 from fedct.errors import FedctError
-from fedct.metrics import binary_metrics, bootstrap, plot_confusion, plot_roc, youden_threshold
+from fedct.metrics import (
+    binary_metrics,
+    bootstrap,
+    plot_confusion,
+    plot_roc,
+    positive_index,
+    youden_threshold,
+)
 from fedct.models import create_model, load_weights, make_dp_safe
 from fedct.runs import checkpoint_paths, read_checkpoint
 from fedct.training import pick_device, predict, set_threads
@@ -41,7 +48,7 @@ def data_for(*, split_dir, on, data) -> Split:
         if on not in SPLITS:
             raise FedctError(f"--on {on!r}: choose from {', '.join(SPLITS)}")
         split = load_split(split_dir)
-        split.entries = split.select(split=on)
+        split = split.subset(split.select(split=on))
         if not split.entries:
             raise FedctError(f"{split_dir}: no rows with split {on!r}")
         return split
@@ -83,7 +90,7 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
     set_threads()
     dev = pick_device(device)
     results, curves, confusions = [], {}, {}
-    cache: dict[int, SplitImages] = {}
+    cache: dict[tuple, SplitImages] = {}
     groups = np.array([e.row.group for e in split.entries])
     for checkpoint in checkpoints:
         model, meta = load_model(checkpoint)
@@ -93,22 +100,20 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         if unknown:
             raise FedctError(f"{checkpoint_paths(checkpoint)[0]}: trained for classes "
                              f"{classes}, but the data has {unknown[0]!r}")
-        positive = meta.get("positive") or split.positive or classes[-1]
-        positive_index = classes.index(positive)
+        positive = classes[positive_index(classes, meta.get("positive") or split.positive)]
         size = int(meta["input_size"][-1])
-        if size not in cache:
-            cache[size] = SplitImages(split, size)
+        key = (size, tuple(classes))
+        if key not in cache:
+            cache[key] = SplitImages(split, size, classes=classes)
         dcfg = {"input_size": meta["input_size"], "mean": meta["mean"], "std": meta["std"]}
-        images = cache[size]
-        images.class_index = {c: i for i, c in enumerate(classes)}
-        dataset = images.dataset(split.entries, make_transform(data_cfg=dcfg, train=False,
-                                                               config=None))
+        dataset = cache[key].dataset(split.entries, make_transform(data_cfg=dcfg, train=False,
+                                                                   config=None))
         model.to(dev)
         probs, labels = predict(model, make_loader(dataset, batch_size=batch_size, train=False,
                                                    seed=0), device=dev, channels_last=False,
                                 tta=tta)
-        prob = probs[:, positive_index]
-        truth = labels == positive_index
+        prob = probs[:, classes.index(positive)]
+        truth = labels == classes.index(positive)
         for scope, idx in _scopes(split, per_client).items():
             entry = {"checkpoint": name, "path": str(checkpoint_paths(checkpoint)[0]),
                      "data": scope, "positive": positive, "stage": meta.get("stage"),

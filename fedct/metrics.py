@@ -94,6 +94,19 @@ def bootstrap(is_positive: np.ndarray, score: np.ndarray, *, threshold: float,
     return out
 
 
+def positive_index(classes: list[str], positive: str | None) -> int:
+    """The one rule for the positive class: the named one, else the last class (for two
+    classes, the second: CT_COVID after CT_NonCOVID is named anyway)."""
+    return list(classes).index(positive) if positive else len(classes) - 1
+
+
+def monitor_value(metrics: dict, monitor: str) -> float:
+    """A monitored value where higher is better (the loss is negated); NaN counts as -inf."""
+    key = monitor.removeprefix("val_")
+    value = -metrics["loss"] if key == "loss" else metrics[key]
+    return float("-inf") if np.isnan(value) else float(value)
+
+
 def summary_metrics(probs: np.ndarray, labels: np.ndarray, positive_index: int) -> dict:
     """The few numbers logged every epoch or round: accuracy (argmax), AUC, sens, spec, bal. acc."""
     predicted = probs.argmax(axis=1)

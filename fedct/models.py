@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -140,22 +141,27 @@ def apply_freeze(model: nn.Module, policy: str, *, freeze_bn: bool = False) -> i
         trainable = {n for g in groups[-(count + 1):] for n in g}
     for name, param in model.named_parameters():
         param.requires_grad = name in trainable
-    model._fedct_frozen_norms = [  # norms in frozen parts (or all, with freeze_bn) keep their stats
-        m for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and (freeze_bn or not any(p.requires_grad for p in m.parameters(recurse=False)))
-    ]
     if freeze_bn:
-        for module in model._fedct_frozen_norms:
-            for param in module.parameters(recurse=False):
-                param.requires_grad = False
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for param in module.parameters(recurse=False):
+                    param.requires_grad = False
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def frozen_norms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers none of whose own parameters train: they keep their statistics.
+
+    Derived from requires_grad, which `apply_freeze` sets, so no flag rides on the model.
+    """
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 def train_mode(model: nn.Module) -> None:
     """model.train(), but frozen BatchNorm layers stay in eval mode with their statistics."""
     model.train()
-    for module in getattr(model, "_fedct_frozen_norms", []):
+    for module in frozen_norms(model):
         module.eval()
 
 
@@ -194,7 +200,7 @@ def make_dp_safe(model: nn.Module, *, keep_batchnorm: bool = False) -> nn.Module
     its backward hooks. The fused activation of BatchNormAct2d is kept. `keep_batchnorm`
     leaves BatchNorm in place for models whose norms are all frozen in eval mode
     (`freeze_bn`): they then mix no examples and keep their pretrained statistics.
-    `_fedct_dp_safe` marks a model whose norms were replaced (its checkpoints need the same).
+    Calling it again changes nothing.
     """
     from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
 
@@ -227,5 +233,27 @@ def make_dp_safe(model: nn.Module, *, keep_batchnorm: bool = False) -> nn.Module
         if hasattr(module, "inplace"):
             module.inplace = False
     _clone_before_residual_add(model)
-    model._fedct_dp_safe = getattr(model, "_fedct_dp_safe", False) or not keep_batchnorm
+    return model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a run's model is built, the same on the server, on every node and in evaluation."""
+
+    architecture: str
+    num_classes: int
+    freeze: str = "full"  # full | head | last-N
+    freeze_bn: bool = False
+    groupnorm: bool = False  # BatchNorm replaced by GroupNorm (DP full); checkpoints say so
+    dp_layers: bool = False  # activations not in place, clones before in-place residual adds
+    drop_rate: float = 0.0
+
+
+def build_model(spec: ModelSpec, *, pretrained: str = "none") -> nn.Module:
+    """The model of `spec`, started from `pretrained` (hub, none, a file or a checkpoint)."""
+    model = create_model(spec.architecture, spec.num_classes, pretrained=pretrained,
+                         drop_rate=spec.drop_rate)
+    if spec.groupnorm or spec.dp_layers:
+        make_dp_safe(model, keep_batchnorm=not spec.groupnorm)
+    apply_freeze(model, spec.freeze, freeze_bn=spec.freeze_bn)
     return model

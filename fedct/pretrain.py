@@ -6,7 +6,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -23,15 +22,16 @@ from fedct.config import PretrainConfig, to_dict
 from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import Split, load_split
 from fedct.errors import FedctError
-from fedct.metrics import summary_metrics
+from fedct.metrics import positive_index, summary_metrics
 from fedct.models import apply_freeze, create_model, data_config
 from fedct.runs import (
     SUMMARY,
+    CheckpointTracker,
     append_summary,
+    checkpoint_meta,
     load_resume,
     prepare_run_dir,
     read_checkpoint,
-    save_checkpoint,
     save_resume,
     truncate_csv,
     write_config,
@@ -68,20 +68,6 @@ def select_training_rows(split: Split, config: PretrainConfig):
     return rows
 
 
-def monitor_value(metrics: dict, monitor: str) -> float:
-    """Higher is better for every monitor (the loss is negated)."""
-    key = monitor.removeprefix("val_")
-    value = metrics["loss"] if key == "loss" else metrics[key]
-    value = -value if key == "loss" else value
-    return float("-inf") if np.isnan(value) else value
-
-
-def checkpoint_meta(config, split: Split, dcfg: dict, *, stage: str, extra: dict) -> dict:
-    return {"architecture": config.model, "classes": split.classes, "positive": split.positive,
-            "input_size": dcfg["input_size"], "mean": dcfg["mean"], "std": dcfg["std"],
-            "interpolation": dcfg["interpolation"], "stage": stage, **extra}
-
-
 def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                  resume: bool = False, force: bool = False, quiet: bool = False,
                  console: Console | None = None) -> dict:
@@ -95,7 +81,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
     set_threads()
     seed_everything(config.seed)
     device = pick_device(config.device)
-    positive_index = split.classes.index(split.positive) if split.positive else 1
+    positive = split.classes[positive_index(split.classes, split.positive)]
     model = create_model(config.model, len(split.classes), pretrained=config.pretrained,
                          drop_rate=config.drop_rate)
     out = prepare_run_dir(out, resume=resume, force=force)
@@ -123,15 +109,18 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
         min_lr_ratio=config.min_lr / config.lr)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
     scored = ema.module if ema else model  # the weights that are validated and checkpointed
-    state = {"epoch": 0, "best": float("-inf"), "best_epoch": 0, "bad_epochs": 0}
+    tracker = CheckpointTracker(out, config.monitor)
+    state = {"epoch": 0, "bad_epochs": 0}
     if resume:
-        weights, _ = read_checkpoint(out / "last")
         saved = load_resume(out)
-        scored.load_state_dict(weights)
+        if "model" not in saved:
+            raise FedctError(f"{out}: resume state from an older fedct; start the run anew")
+        model.load_state_dict(saved["model"])
         if ema:
-            model.load_state_dict(saved["model"])
+            ema.module.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        tracker.load_state_dict(saved["tracker"])
         state = {k: saved[k] for k in state}
         truncate_csv(out / SUMMARY, "epoch", state["epoch"])
         console.print(f"resuming {out} after epoch {state['epoch']}")
@@ -169,7 +158,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
             train_examples += result["examples"]
             probs, truth = predict(scored, val_loader, device=device, tta=config.tta,
                                    channels_last=config.channels_last, amp=config.amp)
-            metrics = summary_metrics(probs, truth, positive_index)
+            metrics = summary_metrics(probs, truth, positive_index(split.classes, positive))
             metrics["loss"] = mean_loss(probs, truth)
             row = {"epoch": epoch, "train_loss": result["loss"], "val_loss": metrics["loss"],
                    "val_acc": metrics["acc"], "val_auc": metrics["auc"],
@@ -179,26 +168,22 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
             append_summary(out, row)
             history.append(row)
             progress.update(task, info=f"val acc {metrics['acc']:.3f} auc {metrics['auc']:.3f}")
-            meta = checkpoint_meta(config, split, dcfg, stage="pretrain",
-                                   extra={"epoch": epoch, "metrics": row})
-            save_checkpoint(out / "last", scored.state_dict(), meta)
-            score = monitor_value(metrics, config.monitor)
-            if score > state["best"]:
-                state.update(best=score, best_epoch=epoch, bad_epochs=0)
-                save_checkpoint(out / "best", scored.state_dict(), meta)
-            else:
-                state["bad_epochs"] += 1
+            meta = checkpoint_meta(architecture=config.model, classes=split.classes,
+                                   positive=positive, data_cfg=dcfg, stage="pretrain",
+                                   epoch=epoch, metrics=row)
+            improved = tracker.save(epoch, scored.state_dict(), meta, metrics)
+            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
             state["epoch"] = epoch
-            save_resume(out, {"optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), **state,
-                              **({"model": model.state_dict()} if ema else {})})
+            save_resume(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "tracker": tracker.state_dict(),
+                              **state, **({"ema": ema.module.state_dict()} if ema else {})})
             if config.patience and state["bad_epochs"] >= config.patience:
                 console.print(f"early stop after epoch {epoch}: {config.monitor} has not improved "
                               f"for {config.patience} epochs")
                 break
     _, best_meta = read_checkpoint(out / "best")
     report = {
-        "stage": "pretrain", "run": str(out), "best_epoch": state["best_epoch"],
+        "stage": "pretrain", "run": str(out), "best_epoch": tracker.best_step,
         "monitor": config.monitor, "best": best_meta["metrics"],
         "last": history[-1] if history else None,
         "train_images": len(train_rows), "val_images": len(val_rows),

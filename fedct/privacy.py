@@ -23,25 +23,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
 from fedct.errors import FedctError
-from fedct.models import make_dp_safe, train_mode
-
-
-def prepare_model_for_dp(model: nn.Module, config, *, groupnorm: bool | None = None) -> nn.Module:
-    """Give the model the norms and activations the run's DP mode needs, the same on every side.
-
-    DP full training replaces BatchNorm by GroupNorm, unless `freeze_bn` keeps BatchNorm
-    frozen in eval mode (then only activations stop being in place). `groupnorm` None
-    decides from the config (the server); True or False matches the server's model (a
-    Flower node, told whether the server's norms were replaced).
-    """
-    if getattr(model, "_fedct_dp_safe", False):
-        return model
-    full = config.dp and config.dp_train == "full"
-    if groupnorm is None:
-        groupnorm = full and not config.freeze_bn
-    if groupnorm or full:
-        make_dp_safe(model, keep_batchnorm=not groupnorm)
-    return model
+from fedct.models import train_mode
 
 
 def steps_per_round(n_examples: int, config) -> int:
@@ -118,12 +100,44 @@ def private_training(model: nn.Module, optimizer, loader, *, noise: float, accou
             yield physical_loader, dp_optimizer, result
     finally:
         result["accountant"] = engine.accountant.state_dict()
-        if hasattr(wrapped, "_close"):
-            wrapped._close()
-        for param in model.parameters():
-            for attribute in ("grad_sample", "_forward_counter", "summed_grad"):
-                if hasattr(param, attribute):
-                    delattr(param, attribute)
+        unwrap(wrapped, model)
+
+
+# The few Opacus internals fedct relies on, in one place. pyproject.toml bounds the Opacus
+# version; tests/test_privacy.py fails loudly when a release renames any of them.
+SKIPPED_STEP_FLAG = "_is_last_step_skipped"  # DPOptimizer: a physical batch that took no step
+PER_SAMPLE_ATTRIBUTES = ("grad_sample", "_forward_counter", "summed_grad")  # left on parameters
+
+
+def step_was_skipped(optimizer) -> bool:
+    """Whether Opacus's optimiser skipped the last step (BatchMemoryManager's physical batches
+    before the end of a logical batch); False for a plain optimiser."""
+    from opacus.optimizers import DPOptimizer
+
+    if not isinstance(optimizer, DPOptimizer):
+        return False
+    if not hasattr(optimizer, SKIPPED_STEP_FLAG):
+        raise RuntimeError(f"opacus {opacus_version()}: DPOptimizer.{SKIPPED_STEP_FLAG} is gone; "
+                           "fedct.privacy needs updating for this Opacus release")
+    return bool(getattr(optimizer, SKIPPED_STEP_FLAG))
+
+
+def unwrap(wrapped: nn.Module, model: nn.Module) -> None:
+    """Remove Opacus's hooks and per-sample attributes, so the shared model is plain again."""
+    if not hasattr(wrapped, "_close"):
+        raise RuntimeError(f"opacus {opacus_version()}: GradSampleModule._close is gone; "
+                           "fedct.privacy needs updating for this Opacus release")
+    wrapped._close()
+    for param in model.parameters():
+        for attribute in PER_SAMPLE_ATTRIBUTES:
+            if hasattr(param, attribute):
+                delattr(param, attribute)
+
+
+def opacus_version() -> str:
+    import opacus
+
+    return opacus.__version__
 
 
 def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from fedct import __version__
 from fedct.errors import FedctError
+from fedct.metrics import monitor_value
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.csv"
@@ -80,6 +82,57 @@ def read_checkpoint(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         if key not in meta:
             raise FedctError(f"{sidecar}: missing key '{key}'")
     return state, meta
+
+
+def checkpoint_meta(*, architecture: str, classes: list[str], positive: str | None,
+                    data_cfg: dict, stage: str, **extra) -> dict:
+    """A checkpoint's sidecar: what `fedct evaluate` and a later stage need to rebuild it."""
+    return {"architecture": architecture, "classes": list(classes), "positive": positive,
+            "input_size": data_cfg["input_size"], "mean": data_cfg["mean"], "std": data_cfg["std"],
+            "interpolation": data_cfg.get("interpolation", "bicubic"), "stage": stage, **extra}
+
+
+@dataclass
+class CheckpointTracker:
+    """A run's checkpoints: numbered ones (the last `keep_last`), `last`, and `best` by `monitor`.
+
+    A NaN monitored value never beats a real one, but the first step is `best` until one
+    does, so `best` exists after every step (a one-class val set gives NaN AUC throughout).
+    Its state goes into the run's resume state.
+    """
+
+    out: Path
+    monitor: str
+    keep_last: int = 0  # numbered checkpoints kept; 0 writes none
+    prefix: str = "round"
+    best: float = float("-inf")
+    best_step: int = 0
+
+    def save(self, step: int, weights: dict[str, torch.Tensor], meta: dict, metrics: dict) -> bool:
+        """Write this step's checkpoints; True when it is the new best."""
+        if self.keep_last > 0:
+            save_checkpoint(self.out / f"{self.prefix}-{step:04d}", weights, meta)
+            self._drop_old(step)
+        save_checkpoint(self.out / "last", weights, meta)
+        score = monitor_value(metrics, self.monitor)
+        improved = score > self.best or self.best_step == 0
+        if improved:
+            self.best, self.best_step = score, step
+            save_checkpoint(self.out / "best", weights, meta)
+        return improved
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = float(state["best"]), int(state["best_step"])
+
+    def _drop_old(self, current: int) -> None:
+        for path in self.out.glob(f"{self.prefix}-*.safetensors"):
+            number = int(path.stem.split("-")[1])
+            if number <= current - self.keep_last:
+                path.unlink(missing_ok=True)
+                path.with_suffix(".json").unlink(missing_ok=True)
 
 
 def versions() -> dict:

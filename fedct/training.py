@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedct.models import train_mode
+from fedct.privacy import step_was_skipped
 
 
 def seed_everything(seed: int) -> None:
@@ -127,7 +128,7 @@ def train_epoch(
         optimizer.step()
         total_loss += float(loss.detach()) * len(labels)
         examples += len(labels)
-        if getattr(optimizer, "_is_last_step_skipped", False):
+        if step_was_skipped(optimizer):
             continue
         steps += 1
         if scheduler is not None:

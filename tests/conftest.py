@@ -12,6 +12,16 @@ def require_shared(path: Path) -> None:
         pytest.skip(f"{path} is absent: the real-data test needs ../shared beside the repo")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Every test, and every module-scoped fixture, decodes into a cache of the test session's
+    own, never the user's (session scope: set before any other fixture runs)."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDCT_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     from fedct.data.synthetic import write_synthetic

@@ -1,8 +1,10 @@
+import dataclasses
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from fedct.config import FederateConfig, PretrainConfig, build_config
 from fedct.errors import FedctError
@@ -86,5 +88,34 @@ def test_summary_metrics_multiclass_positive():
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_example_config_is_valid(path):
+    """Each example builds, and every key it sets is the value the built config holds."""
     cls = PretrainConfig if "pretrain" in path.name else FederateConfig
-    assert build_config(cls, path, {})
+    written = yaml.safe_load(path.read_text())
+    config = build_config(cls, path, {})
+    assert written, f"{path.name} sets nothing"
+    for key, value in written.items():
+        assert getattr(config, key.replace("-", "_")) == value, key
+
+
+def test_resume_keeps_the_saved_config_and_flags_override_it(tmp_path):
+    from fedct.config import resolve_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = build_config(FederateConfig, None, {"rounds": 7, "lr": 0.01})
+    (run / "config.yaml").write_text(yaml.safe_dump({"config": dataclasses.asdict(saved),
+                                                      "init": "ckpt"}))
+    config, doc = resolve_config(FederateConfig, path=None, overrides={"lr": 0.02, "mu": None},
+                                 resume_dir=run)
+    assert (config.rounds, config.lr, doc["init"]) == (7, 0.02, "ckpt")
+    with pytest.raises(FedctError, match="--config and --resume"):
+        resolve_config(FederateConfig, path=tmp_path / "x.yaml", overrides={}, resume_dir=run)
+
+
+def test_positive_class_and_monitor_rules():
+    from fedct.metrics import monitor_value, positive_index
+
+    assert positive_index(["CT_COVID", "CT_NonCOVID"], "CT_COVID") == 0
+    assert positive_index(["a", "b", "c"], None) == 2
+    assert monitor_value({"loss": 0.3}, "val_loss") == -0.3
+    assert monitor_value({"auc": float("nan")}, "val_auc") == float("-inf")

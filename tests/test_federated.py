@@ -10,20 +10,17 @@ from typer.testing import CliRunner
 
 from fedct.cli import app
 from fedct.config import FederateConfig, build_config
-from fedct.data.manifest import SplitOptions, run_split
+from fedct.data.manifest import SplitOptions, load_split, run_split
 from fedct.federated import client as client_module
 from fedct.federated import simulation
-from fedct.federated.strategies import Update, aggregate, check_update, weighted_average
+from fedct.federated.protocol import Update
+from fedct.federated.setup import model_spec, prepare_setup, sample_schedule
+from fedct.federated.strategies import aggregate, check_update, weighted_average
 from fedct.runs import read_checkpoint
 
 runner = CliRunner()
 TINY = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
         "rounds": 2, "local_steps": 2}
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FEDCT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +77,9 @@ def test_bad_updates_are_caught():
 
 
 def test_client_sampling_is_seeded():
-    a = simulation.sample_schedule(10, config(rounds=5, fraction=0.3, seed=1))
-    b = simulation.sample_schedule(10, config(rounds=5, fraction=0.3, seed=1))
-    c = simulation.sample_schedule(10, config(rounds=5, fraction=0.3, seed=2))
+    a = sample_schedule(10, config(rounds=5, fraction=0.3, seed=1))
+    b = sample_schedule(10, config(rounds=5, fraction=0.3, seed=1))
+    c = sample_schedule(10, config(rounds=5, fraction=0.3, seed=2))
     assert a == b and a != c and all(len(r) == 3 for r in a)
 
 
@@ -221,7 +218,7 @@ def test_dp_epsilon_stays_under_target_and_matches_an_independent_accountant(
         rows = list(csv.DictReader(handle))
     assert {r["status"] for r in rows} == {"trained"} and len(rows) == 9
     for row in (r for r in rows if r["round"] == "3"):
-        n = sum(1 for e in simulation.load_split(split_dir).entries
+        n = sum(1 for e in load_split(split_dir).entries
                 if e.client == int(row["client"]) and e.split == "train")
         independent = RDPAccountant()
         independent.history = [(float(row["noise_multiplier"]), sample_rate(n, 16), 6)]
@@ -266,8 +263,8 @@ def test_dp_full_with_frozen_batchnorm_keeps_batchnorm(split_dir, tmp_path):
     assert not meta["dp_safe"]
     assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     first, _ = read_checkpoint(tmp_path / "bn" / "round-0001")
-    fresh = simulation.build_model("none", simulation.load_split(split_dir),
-                                   config(dp=True, dp_train="full", freeze_bn=True))[0]
+    fresh = prepare_setup(config(dp=True, dp_train="full", freeze_bn=True), init="none",
+                          split_dir=split_dir).model
     stats = [k for k in first if k.endswith("running_mean")]
     assert stats and all(torch.equal(first[k], fresh.state_dict()[k]) for k in stats)
 
@@ -275,18 +272,17 @@ def test_dp_full_with_frozen_batchnorm_keeps_batchnorm(split_dir, tmp_path):
 @pytest.mark.parametrize("dp_train, freeze_bn, server_norm", [
     ("full", False, "GroupNorm"), ("full", True, "BatchNorm"), ("head", False, "BatchNorm")])
 def test_server_and_node_prepare_the_same_model_for_dp(dp_train, freeze_bn, server_norm):
-    from fedct.models import create_model
-    from fedct.privacy import prepare_model_for_dp
+    from fedct.models import build_model
 
     cfg = config(dp=True, dp_train=dp_train, freeze_bn=freeze_bn)
 
     def norms(model):
         return sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
 
-    server = prepare_model_for_dp(create_model("resnet10t", 2, pretrained="none"), cfg)
-    replaced = bool(getattr(server, "_fedct_dp_safe", False))
-    node = prepare_model_for_dp(create_model("resnet10t", 2, pretrained="none"), cfg,
-                                groupnorm=replaced)
+    server_spec = model_spec(cfg, "resnet10t", 2)
+    server = build_model(server_spec)
+    node = build_model(model_spec(cfg, "resnet10t", 2, groupnorm=server_spec.groupnorm))
+    assert server_spec.groupnorm == (server_norm == "GroupNorm")
     assert norms(server) == norms(node) and all(server_norm in n for n in norms(server))
     assert list(server.state_dict()) == list(node.state_dict())
     inplace = [m for m in node.modules() if getattr(m, "inplace", False)]
@@ -327,9 +323,11 @@ def test_certs_name_the_hosts(tmp_path):
 
 def test_flower_run_config_is_typed_and_unknown_keys_are_named():
     from fedct.errors import FedctError
-    from fedct.federated.flower_app import federate_config
+    from fedct.federated.protocol import split_run_config
 
-    config = federate_config({"local-epochs": 2, "init": "ckpt", "out": "run", "dp": "true"})
+    config, extras = split_run_config({"local-epochs": 2, "init": "ckpt", "out": "run",
+                                       "dp": "true", "node-wait": 5})
     assert config.local_epochs == 2 and config.dp is True
+    assert extras.init == "ckpt" and extras.out == "run" and extras.node_wait == 5.0
     with pytest.raises(FedctError, match="Flower run config: unknown key 'roundz'"):
-        federate_config({"roundz": 3})
+        split_run_config({"roundz": 3})

@@ -27,11 +27,6 @@ def split_dir(synth_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FEDCT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 

@@ -114,13 +114,17 @@ def make_loader(dataset: ImageTensorDataset, *, batch_size: int, train: bool, se
 
 
 class SplitImages:
-    """Every image of a split directory decoded once at one size; subsets are views by index."""
+    """Every image of a split directory decoded once at one size; subsets are views by index.
 
-    def __init__(self, split, size: int):
+    `classes` gives the label order when it is not the split's own (a model trained for
+    classes in another order, a node's data labelled by the server's classes).
+    """
+
+    def __init__(self, split, size: int, *, classes: list[str] | None = None):
         self.split = split
         self.index = {e.row.path: i for i, e in enumerate(split.entries)}
         self.images = load_images([split.root / e.row.path for e in split.entries], size)
-        self.class_index = {name: i for i, name in enumerate(split.classes)}
+        self.class_index = {name: i for i, name in enumerate(classes or split.classes)}
 
     def dataset(self, entries, transform) -> ImageTensorDataset:
         rows = torch.as_tensor([self.index[e.row.path] for e in entries], dtype=torch.long)

@@ -67,6 +67,10 @@ class Split:
     def num_clients(self) -> int:
         return int(self.meta.get("partition", {}).get("clients", 0))
 
+    def subset(self, entries: list[Entry]) -> Split:
+        """The same split holding only `entries` (a node's own rows, the rows to score)."""
+        return replace(self, entries=list(entries))
+
     def select(self, *, split: str | None = None, clients: list[int] | None = None) -> list[Entry]:
         return [
             e for e in self.entries

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from fedct import privacy
-from fedct.data.loading import ImageTensorDataset, make_loader
-from fedct.federated.strategies import Update, Weights
+from fedct.data.loading import ImageTensorDataset, SplitImages, make_loader
+from fedct.data.manifest import LOCAL_VAL, Entry
+from fedct.federated.protocol import ClientReply, Status, Update, Weights
 from fedct.training import cosine_between, make_loss, make_optimizer, seed_everything, train_epoch
 
 
@@ -19,6 +20,15 @@ class ClientData:
     client_id: int
     train: ImageTensorDataset
     val: ImageTensorDataset | None = None
+
+
+def client_data(client_id: int, images: SplitImages, entries: list[Entry], *, train_transform,
+                eval_transform) -> ClientData:
+    """A client's training rows and its local validation rows (if any), from its entries."""
+    train = [e for e in entries if e.split == "train"]
+    local = [e for e in entries if e.split == LOCAL_VAL]
+    return ClientData(client_id, images.dataset(train, train_transform),
+                      images.dataset(local, eval_transform) if local else None)
 
 
 def derive_seed(*parts: int) -> int:
@@ -134,8 +144,6 @@ def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData
     and sits out when its next round would pass the target epsilon: the budget is the
     client's to keep, not the server's.
     """
-    from fedct.federated.server import ClientReply
-
     noise = None
     if config.dp:
         if "noise" not in state:
@@ -147,7 +155,7 @@ def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData
             state["accountant"], config, extra_steps=privacy.steps_per_round(len(data.train), config),
             noise=noise, rate=privacy.sample_rate(len(data.train), config.batch_size))
         if projected > config.target_epsilon * (1 + 1e-6):
-            return ClientReply(data.client_id, None, status="sat out", epsilon=state["epsilon"],
+            return ClientReply(data.client_id, None, status=Status.SAT_OUT, epsilon=state["epsilon"],
                                steps=state["steps"], noise=noise,
                                detail=f"epsilon would reach {projected:.2f} > target "
                                       f"{config.target_epsilon}"), state

@@ -8,15 +8,18 @@ settings.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from fedct import __version__
 from fedct.errors import FedctError
+from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS, RunExtras, run_config_values
+from fedct.runs import REPORT, prepare_run_dir
 
 FLWR_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -31,15 +34,12 @@ def _toml_value(value) -> str:
 
 
 def run_config(config, *, init: str, out: Path, split_dir: Path | None, num_clients: int,
-               round_timeout: float, node_wait: float, resume: bool = False) -> dict:
-    values = {f.name.replace("_", "-"): getattr(config, f.name)
-              for f in dataclasses.fields(config) if getattr(config, f.name) is not None}
-    values.update({"init": str(Path(init).resolve()) if Path(init).exists() else str(init),
-                   "out": str(Path(out).resolve()),
-                   "split-dir": str(Path(split_dir).resolve()) if split_dir else "",
-                   "num-clients": num_clients, "round-timeout": round_timeout,
-                   "node-wait": node_wait, "resume": resume})
-    return values
+               round_timeout: float = ROUND_TIMEOUT_SECONDS, resume: bool = False) -> dict:
+    """The Flower run config of a run: the resolved FederateConfig plus `RunExtras`."""
+    return run_config_values(config, RunExtras(
+        init=str(Path(init).resolve()) if Path(init).exists() else str(init),
+        out=str(Path(out).resolve()), split_dir=str(Path(split_dir).resolve()) if split_dir else "",
+        num_clients=num_clients, round_timeout=round_timeout, resume=resume))
 
 
 def write_app(app_dir: Path, values: dict) -> Path:
@@ -70,6 +70,50 @@ clientapp = "fedct.federated.flower_app:client_app"
 {config_lines}
 """)
     return app_dir
+
+
+def run_on_flower(split_dir: Path, out: Path, config, *, init: str, federation: str | None,
+                  round_timeout: float = ROUND_TIMEOUT_SECONDS, resume: bool = False,
+                  force: bool = False) -> dict:
+    """Submit a run to the federation's SuperLink and wait; returns the run's report.
+
+    The coordinator's ServerApp writes the run directory `out` (this machine's, in a local
+    federation) exactly as the embedded engine does.
+    """
+    from fedct.data.manifest import load_split
+
+    if federation is None:
+        raise FedctError("--engine flower needs --federation NAME (a connection in "
+                         "$FLWR_HOME/config.toml)")
+    split = load_split(split_dir)
+    if not resume:
+        prepare_run_dir(out, resume=False, force=force)
+    values = run_config(config, init=init, out=out, split_dir=split_dir,
+                        num_clients=split.num_clients, round_timeout=round_timeout, resume=resume)
+    with tempfile.TemporaryDirectory(prefix="fedct-flower-app-") as app_dir:
+        write_app(Path(app_dir), values)
+        code = submit(Path(app_dir), federation)
+    if code != 0:
+        raise FedctError(f"flwr run exited with code {code} (see its output above)")
+    if not (Path(out) / REPORT).is_file():
+        raise FedctError(f"{out}: the run ended without {REPORT} (see the SuperLink's log)")
+    return json.loads((Path(out) / REPORT).read_text())
+
+
+def dry_run_lines(split_dir: Path, out: Path, *, init: str, federation: str | None,
+                  certs: Path | None) -> list[str]:
+    """What `--dry-run` prints: the three roles' commands and the submit command."""
+    from fedct.data.manifest import load_split
+
+    if federation is None:
+        raise FedctError("--engine flower needs --federation NAME (a connection in "
+                         "$FLWR_HOME/config.toml)")
+    split = load_split(split_dir)
+    lines = role_commands(split_dir=split_dir, clients=split.num_clients, federation=federation,
+                          certs=certs)
+    return lines + ["# coordinator: submit the run (writes the Flower app, calls flwr run --stream)",
+                    f"fedct federate {split_dir} --init {init} --out {out} --engine flower "
+                    f"--federation {federation}"]
 
 
 def submit(app_dir: Path, federation: str, *, flwr_home: str | None = None) -> int:

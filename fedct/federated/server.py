@@ -1,31 +1,43 @@
-"""The server side of a round, shared by both engines: check, aggregate, score, record.
+"""The server side of a federated run, shared by both engines.
 
-The embedded engine and the Flower ServerApp differ only in how client updates arrive;
-from there on both call `RoundServer.finish_round`, so both write the same run directory.
+`run_rounds` opens (or resumes) the run directory and runs the rounds; the engines differ
+only in the `train_round` they pass, which gets each round's client replies (in-process, or
+over Flower). Each round the `RoundServer` accepts the replies (update checks, quorum),
+aggregates them, and records the round (summary.csv, privacy.csv, checkpoints, and last of
+all resume.pt, which holds everything a resume needs), so both engines write the same run
+directory.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
-from fedct.federated.strategies import Update, Weights, aggregate, check_update
+from fedct.config import to_dict
+from fedct.data.loading import make_loader
+from fedct.errors import FedctError
+from fedct.federated.protocol import ClientReply, Status, Update, Weights
+from fedct.federated.setup import RunSetup
+from fedct.federated.strategies import aggregate, check_update
 from fedct.federated.view import RoundView
 from fedct.metrics import summary_metrics
-from fedct.pretrain import monitor_value
 from fedct.runs import (
     SUMMARY,
+    CheckpointTracker,
     append_summary,
     load_resume,
+    prepare_run_dir,
     read_checkpoint,
     save_checkpoint,
     save_resume,
     truncate_csv,
+    write_config,
     write_report,
 )
 from fedct.training import mean_loss, predict
@@ -33,95 +45,90 @@ from fedct.training import mean_loss, predict
 PRIVACY_CSV = "privacy.csv"
 PRIVACY_FIELDS = ["round", "client", "epsilon", "steps", "noise_multiplier", "status"]
 
-
-@dataclass
-class ClientReply:
-    """One client's answer in a round: an update, or why there is none."""
-
-    client_id: int
-    update: Update | None
-    status: str = "trained"  # trained | sat out | failed
-    epsilon: float | None = None
-    steps: int = 0
-    noise: float | None = None
-    detail: str = ""
+TrainRound = Callable[[int, Weights], list[ClientReply]]
 
 
 @dataclass
 class RoundServer:
     out: Path
-    config: object
-    checkpoint_meta: dict
-    console: Console
-    trainable: set[str]
-    model: torch.nn.Module | None = None
-    pooled_val: object = None
-    positive_index: int = 1
-    device: torch.device = torch.device("cpu")
+    setup: RunSetup
+    view: RoundView
+    device: torch.device
+    engine: str
     server_state: dict = field(default_factory=dict)
     epsilon: dict[int, float] = field(default_factory=dict)
-    progress: dict = field(default_factory=lambda: {"round": 0, "best": float("-inf"),
-                                                    "best_round": 0})
-    view: RoundView | None = None  # default: a line per round on `console`
+    round: int = 0  # the last round recorded
+    tracker: CheckpointTracker = field(init=False)
+    meta: dict = field(init=False)  # the checkpoints' sidecar, less round and metrics
 
     def __post_init__(self) -> None:
-        if self.view is None:
-            self.view = RoundView(self.console, rounds=self.config.rounds, dp=self.config.dp,
-                                  live=False)
+        config = self.setup.config
+        self.tracker = CheckpointTracker(self.out, config.monitor,
+                                         keep_last=max(1, config.keep_last), prefix="round")
+        self.meta = self.setup.checkpoint_meta(engine=self.engine)
 
     def resume(self) -> tuple[Weights, dict]:
-        """Global weights and the saved extra state (the embedded engine's client states)."""
+        """The committed round's global weights and the engine's saved state."""
         saved = load_resume(self.out)
-        weights, _ = read_checkpoint(self.out / "last")
+        if "weights" not in saved:
+            raise FedctError(f"{self.out}: resume state from an older fedct; start the run anew")
         self.server_state = saved["server_state"]
-        self.epsilon = {int(k): v for k, v in saved.get("epsilon", {}).items()}
-        self.progress = {k: saved[k] for k in self.progress}
-        truncate_csv(self.out / SUMMARY, "round", self.progress["round"])
-        truncate_csv(self.out / PRIVACY_CSV, "round", self.progress["round"])
-        self.view.message(f"resuming {self.out} after round {self.progress['round']}")
-        return weights, saved.get("extra", {})
+        self.epsilon = {int(k): v for k, v in saved["epsilon"].items()}
+        self.round = int(saved["round"])
+        self.tracker.load_state_dict(saved["tracker"])
+        truncate_csv(self.out / SUMMARY, "round", self.round)
+        truncate_csv(self.out / PRIVACY_CSV, "round", self.round)
+        self.view.message(f"resuming {self.out} after round {self.round}")
+        return saved["weights"], saved["extra"]
 
-    def evaluate(self, weights: Weights) -> dict:
-        if self.model is None or self.pooled_val is None:
-            nan = float("nan")
-            return {"acc": nan, "auc": nan, "sensitivity": nan, "specificity": nan, "loss": nan}
-        self.model.load_state_dict(weights)
-        return score_model(self.model, self.pooled_val, device=self.device, config=self.config,
-                           positive_index=self.positive_index)
-
-    def finish_round(self, round_number: int, global_weights: Weights, replies: list[ClientReply],
-                     *, started: float, local_val_acc: float = float("nan"),
-                     extra_state: dict | None = None) -> Weights:
-        config = self.config
-        accepted: list[Update] = []
-        privacy_rows = []
+    def accept(self, round_number: int, global_weights: Weights,
+               replies: list[ClientReply]) -> tuple[list[ClientReply], list[Update]]:
+        """Check every update; returns the replies (failed checks marked rejected) and the
+        updates to aggregate (none when fewer than min_clients passed)."""
+        checked, accepted = [], []
         for reply in replies:
-            if reply.status == "trained" and reply.update is not None:
-                problem = check_update(reply.update, global_weights)
+            if reply.status is Status.TRAINED:
+                problem = ("no update" if reply.update is None
+                           else check_update(reply.update, global_weights))
                 if problem:
-                    reply.status, reply.detail = "rejected", problem
-            if reply.status == "trained":
+                    reply = dataclasses.replace(reply, status=Status.REJECTED, detail=problem)
+            if reply.status is Status.TRAINED:
                 accepted.append(reply.update)
                 if reply.epsilon is not None:
                     self.epsilon[reply.client_id] = reply.epsilon
             else:
                 self.view.message(f"round {round_number}: client {reply.client_id} "
-                                  f"{reply.status}: {reply.detail}")
-            if config.dp and reply.status in ("trained", "sat out"):
-                privacy_rows.append({"round": round_number, "client": reply.client_id,
-                                     "epsilon": round(self.epsilon.get(reply.client_id, 0.0), 4),
-                                     "steps": reply.steps,
-                                     "noise_multiplier": round(reply.noise or 0.0, 4),
-                                     "status": reply.status})
-        if len(accepted) < config.min_clients:
+                                  f"{reply.status.value}: {reply.detail}")
+            checked.append(reply)
+        if len(accepted) < self.setup.config.min_clients:
             self.view.message(f"round {round_number}: {len(accepted)} updates, fewer than "
-                              f"min_clients {config.min_clients}; global model unchanged")
+                              f"min_clients {self.setup.config.min_clients}; global model unchanged")
             accepted = []
-        global_weights, self.server_state = aggregate(
+        return checked, accepted
+
+    def aggregate(self, global_weights: Weights, accepted: list[Update]) -> Weights:
+        config = self.setup.config
+        weights, self.server_state = aggregate(
             global_weights, accepted, strategy=config.strategy, config=config,
-            server_state=self.server_state, trainable=self.trainable)
-        metrics = self.evaluate(global_weights)
-        seconds = time.perf_counter() - started
+            server_state=self.server_state, trainable=self.setup.trainable)
+        return weights
+
+    def evaluate(self, weights: Weights) -> dict:
+        """The global model on the coordinator's pooled val rows (NaN where it has none)."""
+        setup = self.setup
+        if setup.pooled_val is None:
+            nan = float("nan")
+            return {"acc": nan, "auc": nan, "sensitivity": nan, "specificity": nan,
+                    "balanced_acc": nan, "loss": nan}
+        setup.model.load_state_dict(weights)
+        return score_model(setup.model, setup.pooled_val, device=self.device, config=setup.config,
+                           positive_index=setup.positive_index)
+
+    def record(self, round_number: int, weights: Weights, replies: list[ClientReply],
+               accepted: list[Update], *, started: float, local_val_acc: float,
+               extra_state: dict) -> None:
+        """Score, append the CSV rows, write checkpoints, and commit the round in resume.pt."""
+        metrics = self.evaluate(weights)
         examples = sum(u.examples for u in accepted)
         row = {"round": round_number, "clients": len(accepted),
                "train_loss": (sum(u.metrics["train_loss"] * u.examples for u in accepted) / examples
@@ -130,42 +137,52 @@ class RoundServer:
                "val_sensitivity": metrics["sensitivity"],
                "val_specificity": metrics["specificity"],
                "local_val_acc": local_val_acc, "max_epsilon": self.max_epsilon(),
-               "seconds": round(seconds, 2)}
+               "seconds": round(time.perf_counter() - started, 2)}
         append_summary(self.out, row)
-        if privacy_rows:
-            self._append_privacy(privacy_rows)
-        meta = {**self.checkpoint_meta, "round": round_number, "metrics": row}
-        save_checkpoint(self.out / f"round-{round_number:04d}", global_weights, meta)
-        self._drop_old_rounds(round_number)
-        save_checkpoint(self.out / "last", global_weights, meta)
-        score = monitor_value(metrics, config.monitor)
-        if score > self.progress["best"] or self.progress["best_round"] == 0:
-            self.progress.update(best=score, best_round=round_number)
-            save_checkpoint(self.out / "best", global_weights, meta)
-        self.view.round_finished(row, best_round=self.progress["best_round"])
-        self.progress["round"] = round_number
-        save_resume(self.out, {"server_state": self.server_state, "epsilon": self.epsilon,
-                               "extra": extra_state or {}, **self.progress})
-        return global_weights
+        if self.setup.config.dp:
+            self._append_privacy(round_number, replies)
+        self.tracker.save(round_number, weights, {**self.meta, "round": round_number,
+                                                  "metrics": row}, metrics)
+        self.view.round_finished(row, best_round=self.tracker.best_step)
+        self.round = round_number
+        save_resume(self.out, {"weights": weights, "round": round_number,
+                               "server_state": self.server_state, "epsilon": self.epsilon,
+                               "tracker": self.tracker.state_dict(), "extra": extra_state})
+
+    def finish_round(self, round_number: int, global_weights: Weights,
+                     replies: list[ClientReply], *, started: float,
+                     local_val_acc: float = float("nan"), extra_state: dict | None = None) -> Weights:
+        replies, accepted = self.accept(round_number, global_weights, replies)
+        weights = self.aggregate(global_weights, accepted)
+        self.record(round_number, weights, replies, accepted, started=started,
+                    local_val_acc=local_val_acc, extra_state=extra_state or {})
+        return weights
 
     def finish(self, global_weights: Weights) -> dict:
+        config = self.setup.config
         _, last_meta = read_checkpoint(self.out / "last")
         save_checkpoint(self.out / "final", global_weights, last_meta)
         _, best_meta = read_checkpoint(self.out / "best")
-        report = {"stage": "federate", "run": str(self.out), "rounds": self.config.rounds,
-                  "strategy": self.config.strategy, "best_round": self.progress["best_round"],
-                  "monitor": self.config.monitor, "best": best_meta["metrics"],
-                  "final": last_meta["metrics"], "dp": self.config.dp,
+        report = {"stage": "federate", "run": str(self.out), "rounds": config.rounds,
+                  "strategy": config.strategy, "best_round": self.tracker.best_step,
+                  "monitor": config.monitor, "best": best_meta["metrics"],
+                  "final": last_meta["metrics"], "dp": config.dp,
                   "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())}
-                  if self.config.dp else None,
-                  "max_epsilon": self.max_epsilon() if self.config.dp else None}
+                  if config.dp else None,
+                  "max_epsilon": self.max_epsilon() if config.dp else None}
         write_report(self.out, report)
         return report
 
     def max_epsilon(self) -> float:
         return float(max(self.epsilon.values())) if self.epsilon else 0.0
 
-    def _append_privacy(self, rows: list[dict]) -> None:
+    def _append_privacy(self, round_number: int, replies: list[ClientReply]) -> None:
+        rows = [{"round": round_number, "client": r.client_id,
+                 "epsilon": round(self.epsilon.get(r.client_id, 0.0), 4), "steps": r.steps,
+                 "noise_multiplier": round(r.noise or 0.0, 4), "status": r.status.value}
+                for r in replies if r.status in (Status.TRAINED, Status.SAT_OUT)]
+        if not rows:
+            return
         path = self.out / PRIVACY_CSV
         exists = path.is_file()
         with path.open("a", newline="") as handle:
@@ -174,19 +191,50 @@ class RoundServer:
                 writer.writeheader()
             writer.writerows(rows)
 
-    def _drop_old_rounds(self, current: int) -> None:
-        for path in self.out.glob("round-*.safetensors"):
-            number = int(path.stem.split("-")[1])
-            if number <= current - max(1, self.config.keep_last):
-                path.unlink(missing_ok=True)
-                path.with_suffix(".json").unlink(missing_ok=True)
+
+def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[list[int]],
+               train_round: TrainRound, engine: str, device: torch.device, view: RoundView, resume: bool = False,
+               force: bool = False, kept: dict | None = None,
+               local_val: Callable[[Weights], float] | None = None,
+               config_extra: dict | None = None, stop_after: int | None = None) -> dict:
+    """Run (or resume) a federated run's rounds; returns the final report.
+
+    `kept` is state the engine keeps on the server's machine between rounds (the embedded
+    engine's client states): saved with every round, restored in place on resume.
+    `stop_after` ends the run after that round without finishing it (for tests).
+    """
+    config = setup.config
+    out = prepare_run_dir(Path(out), resume=resume, force=force)
+    server = RoundServer(out=out, setup=setup, view=view, device=device, engine=engine)
+    weights = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
+    if resume:
+        weights, extra = server.resume()
+        if kept is not None:
+            kept.clear()
+            kept.update(extra)
+    else:
+        write_config(out, to_dict(config), command="federate",
+                     extra={"engine": engine, "init": setup.init,
+                            "split": str(setup.split.directory.resolve()) if setup.split else None,
+                            "architecture": setup.spec.architecture, "device": str(device),
+                            "clients": num_clients, "schedule": schedule,
+                            **(config_extra or {})})
+    with view:
+        for round_number in range(server.round + 1, config.rounds + 1):
+            started = time.perf_counter()
+            view.start_round(round_number, schedule[round_number - 1])
+            replies = sorted(train_round(round_number, weights), key=lambda r: r.client_id)
+            local = local_val(weights) if local_val else float("nan")
+            weights = server.finish_round(round_number, weights, replies, started=started,
+                                          local_val_acc=local, extra_state=dict(kept or {}))
+            if stop_after is not None and round_number >= stop_after:
+                return {"stopped_after": round_number}
+    return server.finish(weights)
 
 
 def score_model(model: torch.nn.Module, dataset, *, device: torch.device, config,
                 positive_index: int) -> dict:
     """The per-round numbers (accuracy, AUC, sensitivity, specificity, loss) on one dataset."""
-    from fedct.data.loading import make_loader
-
     probs, truth = predict(model, make_loader(dataset, batch_size=64, train=False, seed=0),
                            device=device, channels_last=config.channels_last, amp=config.amp,
                            tta=config.tta)

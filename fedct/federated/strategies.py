@@ -9,20 +9,9 @@ take the maximum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-Weights = dict[str, torch.Tensor]
-
-
-@dataclass
-class Update:
-    """What a client sends back: its weights, how many examples it trained on, its metrics."""
-
-    weights: Weights
-    examples: int
-    metrics: dict
+from fedct.federated.protocol import Update, Weights
 
 
 def check_update(update: Update, reference: Weights) -> str | None:

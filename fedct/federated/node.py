@@ -1,0 +1,85 @@
+"""A Flower node's part of a round, without Flower: its own data, its model, its saved state.
+
+The ClientApp decodes the server's message, calls `node_round`, and encodes the reply. A
+node learns its data from its node config, never from the server:
+
+- `client-id=K` (required): which client of the federation the node is;
+- `data=PATH`: a hospital's own ImageFolder or CSV; all its rows are training rows;
+- or `split=SPLIT_DIR`: a local test, where the node reads only client K's rows;
+- `state-dir=DIR` (optional): where the privacy accountant and FedBN layers are kept
+  between rounds (default `$FEDCT_CACHE/nodes`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedct.config import FederateConfig
+from fedct.data.loading import SplitImages, cache_dir, make_transform
+from fedct.data.manifest import Entry, Split, load_split
+from fedct.data.sources import read_dataset
+from fedct.errors import FedctError
+from fedct.federated.client import ClientData, client_data, new_client_state, run_client_round
+from fedct.federated.protocol import ClientReply, RoundSpec, Weights
+from fedct.federated.setup import model_spec
+from fedct.models import build_model
+from fedct.runs import atomic_write
+from fedct.training import pick_device
+
+
+def node_client_id(node_config: dict) -> int:
+    if "client-id" not in node_config:
+        raise FedctError("node config: client-id is missing (e.g. --node-config 'client-id=0 ...')")
+    return int(node_config["client-id"])
+
+
+def node_data(node_config: dict, config: FederateConfig, spec: RoundSpec) -> ClientData:
+    """This node's own rows, labelled by the server's classes."""
+    client_id = node_client_id(node_config)
+    classes = list(spec.classes)
+    if "split" in node_config:
+        split = load_split(str(node_config["split"]))
+        split = split.subset(split.select(clients=[client_id]))
+    elif "data" in node_config:
+        source = Path(str(node_config["data"]))
+        dataset = read_dataset(source)
+        unknown = sorted({r.label for r in dataset.rows} - set(classes))
+        if unknown:
+            raise FedctError(f"{source}: class {unknown[0]!r} is not one the server trains "
+                             f"({', '.join(classes)})")
+        split = Split(directory=source, root=dataset.root, classes=classes, positive=None,
+                      entries=[Entry(row=r, split="train", client=client_id) for r in dataset.rows])
+    else:
+        raise FedctError("node config: give data=PATH (the node's own images) or split=SPLIT_DIR")
+    data_cfg = {"input_size": [3, config.image_size, config.image_size], "mean": list(spec.mean),
+                "std": list(spec.std)}
+    return client_data(client_id, SplitImages(split, config.image_size, classes=classes),
+                       split.entries,
+                       train_transform=make_transform(data_cfg=data_cfg, train=True, config=config),
+                       eval_transform=make_transform(data_cfg=data_cfg, train=False, config=config))
+
+
+def state_path(node_config: dict, run_id: int, client_id: int) -> Path:
+    base = Path(str(node_config.get("state-dir", cache_dir() / "nodes")))
+    return base / f"run-{run_id}-client-{client_id}.pt"
+
+
+def node_round(node_config: dict, run_id: int, config: FederateConfig, global_weights: Weights,
+               spec: RoundSpec) -> ClientReply:
+    """Train the server's model on this node's data; the node's state is saved after the round."""
+    data = node_data(node_config, config, spec)
+    model = build_model(model_spec(config, spec.architecture, len(spec.classes),
+                                   groupnorm=spec.groupnorm))
+    device = pick_device(config.device)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    path = state_path(node_config, run_id, data.client_id)
+    state = torch.load(path, weights_only=True) if path.is_file() else new_client_state(config)
+    reply, state = run_client_round(model, global_weights, data, config, state,
+                                    round_number=spec.round, planned_rounds=spec.planned_rounds,
+                                    device=device, num_classes=len(spec.classes))
+    atomic_write(path, lambda p: torch.save(state, p))
+    return reply

@@ -1,0 +1,201 @@
+"""The messages of a federated round, typed, and their encoding to Flower's records.
+
+Both engines pass these objects between the client step and the server step; only the
+Flower apps encode them for the network. Adding a field to a message is one edit here: the
+encoders walk the dataclass fields. flwr is imported inside the encoders, so the embedded
+engine runs without it.
+
+On the wire a round is three messages: `Hello` (a node says which client it is), the
+global weights with a `RoundSpec` (server -> node), and a `ClientReply` with the node's
+`Update` when it trained (node -> server).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+
+import torch
+
+Weights = dict[str, torch.Tensor]
+
+NODE_WAIT_SECONDS = 120.0  # how long the Flower server waits for nodes to show up
+ROUND_TIMEOUT_SECONDS = 3600.0  # how long it waits for a round's replies
+
+
+class Status(StrEnum):
+    """What became of a client's part in a round."""
+
+    TRAINED = "trained"
+    SAT_OUT = "sat out"  # its privacy budget would pass the target
+    FAILED = "failed"  # it did not answer, or answered with an error
+    REJECTED = "rejected"  # its update failed the server's checks
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A node's answer to the server's query: which client of the federation it is."""
+
+    client_id: int
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What a client needs besides the global weights: the round, and the model to rebuild."""
+
+    round: int
+    planned_rounds: int  # rounds this client is scheduled for: what its privacy budget must last
+    architecture: str
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    groupnorm: bool  # the server's BatchNorm layers are GroupNorm (DP full)
+
+
+@dataclass
+class Update:
+    """What a client sends back: its weights, how many examples it trained on, its metrics."""
+
+    weights: Weights
+    examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """One client's answer in a round: an update, or why there is none."""
+
+    client_id: int
+    update: Update | None
+    status: Status = Status.TRAINED
+    epsilon: float | None = None
+    steps: int = 0
+    noise: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RunExtras:
+    """The Flower run config's keys that are not FederateConfig fields."""
+
+    init: str = "none"  # the starting checkpoint, on the coordinator
+    out: str = ""  # the run directory, on the coordinator
+    split_dir: str = ""  # optional: the coordinator's val rows and class names
+    num_clients: int = 0  # 0: as many as the nodes that answer
+    round_timeout: float = ROUND_TIMEOUT_SECONDS
+    node_wait: float = NODE_WAIT_SECONDS
+    resume: bool = False
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+EXTRA_KEYS = tuple(kebab(f.name) for f in dataclasses.fields(RunExtras))
+
+
+def split_run_config(run_config: dict):
+    """(FederateConfig, RunExtras) from a Flower run config; an unknown key is an error naming it."""
+    from fedct.config import FederateConfig, build_config
+
+    config = build_config(FederateConfig, None,
+                          {k: v for k, v in run_config.items() if k not in EXTRA_KEYS},
+                          source="Flower run config")
+    extras = _from_values(RunExtras, {k: v for k, v in run_config.items() if k in EXTRA_KEYS})
+    return config, extras
+
+
+def run_config_values(config, extras: RunExtras) -> dict:
+    """The run config for `config` and `extras`, kebab-case, None values left out."""
+    values = {kebab(f.name): getattr(config, f.name) for f in dataclasses.fields(config)
+              if getattr(config, f.name) is not None}
+    values.update(_to_values(extras))
+    return values
+
+
+# ------------------------------------------------------------------ dataclass <-> flat values
+
+
+def _to_values(obj) -> dict:
+    """A flat dataclass as record values: kebab-case keys, enums as their value, tuples as
+    lists, None left out."""
+    values = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None or isinstance(value, (Update, dict)):
+            continue
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, tuple):
+            value = list(value)
+        values[kebab(f.name)] = value
+    return values
+
+
+def _from_values(cls, values, **given):
+    """The inverse of `_to_values`, coercing each value to its field's type."""
+    hints = typing.get_type_hints(cls)
+    kwargs = dict(given)
+    for f in dataclasses.fields(cls):
+        key = kebab(f.name)
+        if f.name in given or key not in values:
+            continue
+        hint = hints[f.name]
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = options[0] if options and typing.get_origin(hint) is not tuple else hint
+        raw = values[key]
+        if typing.get_origin(base) is tuple:
+            kwargs[f.name] = tuple(typing.get_args(base)[0](v) for v in raw)
+        else:
+            kwargs[f.name] = base(raw)
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------ Flower records
+
+
+def encode_hello(hello: Hello):
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({"hello": ConfigRecord(_to_values(hello))})
+
+
+def decode_hello(content) -> Hello:
+    return _from_values(Hello, dict(content["hello"]))
+
+
+def encode_train(weights: Weights, spec: RoundSpec):
+    """Server -> node: the global weights and the round's spec."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    return RecordDict({"arrays": ArrayRecord.from_torch_state_dict(weights),
+                       "spec": ConfigRecord(_to_values(spec))})
+
+
+def decode_train(content) -> tuple[Weights, RoundSpec]:
+    return (content["arrays"].to_torch_state_dict(),
+            _from_values(RoundSpec, dict(content["spec"])))
+
+
+def encode_reply(reply: ClientReply):
+    """Node -> server: the reply, with the update's weights and metrics when it trained."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    content = {"reply": ConfigRecord(_to_values(reply))}
+    if reply.update is not None:
+        content["arrays"] = ArrayRecord.from_torch_state_dict(reply.update.weights)
+        content["update"] = ConfigRecord({"examples": int(reply.update.examples),
+                                          **{k: float(v) for k, v in reply.update.metrics.items()}})
+    return RecordDict(content)
+
+
+def decode_reply(content) -> ClientReply:
+    update = None
+    if "arrays" in content:
+        values = dict(content["update"])
+        examples = int(values.pop("examples"))
+        update = Update(weights=content["arrays"].to_torch_state_dict(), examples=examples,
+                        metrics={k: float(v) for k, v in values.items()})
+    return _from_values(ClientReply, dict(content["reply"]), update=update)

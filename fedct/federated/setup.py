@@ -1,0 +1,144 @@
+"""One federated run's setup, built the same way by the embedded engine and the Flower ServerApp.
+
+From (config, init, data) it decides, once: the model and how it is built (architecture,
+freeze policy, DP layers), its preprocessing, the classes and the positive class, the
+trainable set, the pooled validation data (when the coordinator has a split), the
+checkpoint metadata and the client schedule. A Flower node rebuilds the same model from the
+`RoundSpec` the server derives here, through the same `model_spec` rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from fedct.config import FederateConfig
+from fedct.data.loading import ImageTensorDataset, SplitImages, make_transform
+from fedct.data.manifest import Split, load_split
+from fedct.errors import FedctError
+from fedct.federated.protocol import RoundSpec
+from fedct.metrics import positive_index
+from fedct.models import ModelSpec, build_model, data_config
+from fedct.runs import checkpoint_meta, checkpoint_paths, read_checkpoint
+
+
+def freeze_policy(config: FederateConfig) -> str:
+    """Which parameters train: DP head-only training freezes all but the head."""
+    return "head" if config.dp and config.dp_train == "head" else config.freeze
+
+
+def model_spec(config: FederateConfig, architecture: str, num_classes: int, *,
+               groupnorm: bool = False) -> ModelSpec:
+    """The one rule for a run's model, on the server and on every node.
+
+    DP full training replaces BatchNorm by GroupNorm, unless `freeze_bn` keeps BatchNorm
+    frozen in eval mode (then only activations stop being in place). `groupnorm` is True
+    when the starting checkpoint already has GroupNorm, or on a node whose server says so.
+    """
+    full = config.dp and config.dp_train == "full"
+    groupnorm = groupnorm or (full and not config.freeze_bn)
+    return ModelSpec(architecture=architecture, num_classes=num_classes,
+                     freeze=freeze_policy(config), freeze_bn=config.freeze_bn,
+                     groupnorm=groupnorm, dp_layers=full or groupnorm,
+                     drop_rate=config.drop_rate)
+
+
+def sample_schedule(num_clients: int, config: FederateConfig) -> list[list[int]]:
+    """Which clients train in each round, drawn up front from the run seed (resume-safe)."""
+    per_round = config.clients_per_round or max(1, round(config.fraction * num_clients))
+    if per_round > num_clients:
+        raise FedctError(f"clients_per_round {per_round}: the federation has {num_clients} clients")
+    if per_round < config.min_clients:
+        raise FedctError(f"{per_round} clients per round is below min_clients {config.min_clients}")
+    rng = np.random.default_rng([config.seed, 7919])
+    return [sorted(int(k) for k in rng.choice(num_clients, per_round, replace=False))
+            for _ in range(config.rounds)]
+
+
+def planned_rounds(schedule: list[list[int]], num_clients: int) -> dict[int, int]:
+    """How many rounds each client is sampled for: what its privacy budget must last."""
+    return {k: sum(k in chosen for chosen in schedule) for k in range(num_clients)}
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Everything a federated run's server decides before round 1."""
+
+    config: FederateConfig
+    init: str
+    spec: ModelSpec
+    model: nn.Module
+    data_cfg: dict
+    classes: list[str]
+    positive: str
+    split: Split | None  # the coordinator's split, when it has one
+    images: SplitImages | None  # its images, decoded once
+    pooled_val: ImageTensorDataset | None
+
+    @property
+    def positive_index(self) -> int:
+        return positive_index(self.classes, self.positive)
+
+    @property
+    def trainable(self) -> set[str]:
+        return {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def checkpoint_meta(self, *, engine: str) -> dict:
+        config = self.config
+        return checkpoint_meta(architecture=self.spec.architecture, classes=self.classes,
+                               positive=self.positive, data_cfg=self.data_cfg, stage="federate",
+                               engine=engine, fedbn=config.fedbn, dp=config.dp,
+                               dp_safe=self.spec.groupnorm)
+
+    def round_spec(self, round_number: int, planned: int) -> RoundSpec:
+        return RoundSpec(round=round_number, planned_rounds=planned,
+                         architecture=self.spec.architecture, classes=tuple(self.classes),
+                         mean=tuple(float(v) for v in self.data_cfg["mean"]),
+                         std=tuple(float(v) for v in self.data_cfg["std"]),
+                         groupnorm=self.spec.groupnorm)
+
+    def transform(self, *, train: bool):
+        return make_transform(data_cfg=self.data_cfg, train=train, config=self.config)
+
+
+def prepare_setup(config: FederateConfig, *, init: str, split_dir: str | Path | None = None,
+                  need_val: bool = True) -> RunSetup:
+    """The run's setup from a starting point and, when the coordinator has one, a split.
+
+    `init` is a fedct checkpoint (architecture and classes from its sidecar) or a pretrained
+    source (hub, none, a weights file) for `config.model`; without a split, the classes
+    come from the checkpoint.
+    """
+    split = load_split(split_dir) if split_dir else None
+    weights, sidecar = checkpoint_paths(init)
+    init_meta = read_checkpoint(init)[1] if sidecar.is_file() else {}
+    if split is not None and init_meta and list(init_meta["classes"]) != list(split.classes):
+        raise FedctError(f"{weights}: trained for classes {init_meta['classes']}, the split has "
+                         f"{split.classes}")
+    if split is None and not init_meta:
+        raise FedctError(f"--init {init}: without a split the classes must come from a fedct "
+                         "checkpoint")
+    classes = list(split.classes if split is not None else init_meta["classes"])
+    positive = (split.positive if split is not None else init_meta.get("positive")) \
+        or classes[positive_index(classes, None)]
+    spec = model_spec(config, init_meta.get("architecture", config.model), len(classes),
+                      groupnorm=bool(init_meta.get("dp_safe")))
+    model = build_model(spec, pretrained=init)
+    data_cfg = data_config(model, config.image_size)
+    images = pooled_val = None
+    if split is not None:
+        if split.num_clients < 1:
+            raise FedctError(f"{split.directory}: the split has no clients")
+        val_rows = split.select(split="val")
+        if not val_rows and need_val:
+            raise FedctError(f"{split.directory}: no val rows for the global model")
+        images = SplitImages(split, config.image_size)
+        if val_rows:
+            pooled_val = images.dataset(val_rows, make_transform(data_cfg=data_cfg, train=False,
+                                                                 config=config))
+    return RunSetup(config=config, init=str(init), spec=spec, model=model, data_cfg=data_cfg,
+                    classes=classes, positive=positive, split=split, images=images,
+                    pooled_val=pooled_val)

@@ -1,0 +1,58 @@
+"""Rich tables of what the commands report: a split's partition, an evaluation."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_split_table(console: Console, meta: dict) -> None:
+    classes = meta["classes"]
+    part = meta["partition"]
+    table = Table(title=f"{part['scheme']} partition over {part['clients']} clients (training rows)")
+    table.add_column("client", justify="right")
+    for c in classes:
+        table.add_column(c + (" (+)" if c == meta.get("positive") else ""), justify="right")
+    table.add_column("total", justify="right")
+    has_local = any(sum(cl["local_val"].values()) for cl in meta["clients"])
+    if has_local:
+        table.add_column("local val", justify="right")
+    for cl in meta["clients"]:
+        cells = [str(cl["id"]), *(str(cl["train"][c]) for c in classes), str(cl["total"])]
+        if has_local:
+            cells.append(str(sum(cl["local_val"].values())))
+        table.add_row(*cells)
+    for name, counts in meta["counts"].items():
+        table.add_row(f"[dim]{name}[/]", *(f"[dim]{counts[c]}[/]" for c in classes),
+                      f"[dim]{sum(counts.values())}[/]", *([""] if has_local else []))
+    console.print(table)
+    console.print(f"heterogeneity: mean total-variation distance to the pooled label "
+                  f"distribution = {meta['heterogeneity']['mean_tv_distance']:.3f} (0 = IID)")
+
+
+def _cell(metrics: dict, name: str) -> str:
+    value = metrics[name]
+    ci = metrics.get("ci95", {}).get(name)
+    text = "-" if value != value else f"{value:.3f}"
+    if ci and ci[0] == ci[0]:
+        text += f"\n[dim]{ci[0]:.2f}-{ci[1]:.2f}[/]"
+    return text
+
+
+def print_evaluation(console: Console, report: dict) -> None:
+    positive = report["results"][0]["positive"]
+    table = Table(title=f"{report['data']}: positive class {positive}, threshold 0.5, "
+                        f"95% CI by {'patient' if report['grouped_bootstrap'] else 'image'} bootstrap")
+    columns = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auc")
+    table.add_column("checkpoint", no_wrap=True)
+    table.add_column("data", no_wrap=True)
+    table.add_column("n", justify="right")
+    for c in columns:
+        table.add_column(c.replace("precision", "PPV").replace("npv", "NPV"), justify="right")
+    table.add_column("Youden t: sens/spec", justify="right")
+    for r in report["results"]:
+        m = r["threshold_0.5"]
+        y = r["youden"]
+        table.add_row(r["checkpoint"], r["data"], str(r["n"]), *(_cell(m, c) for c in columns),
+                      f"{y['threshold']:.2f}: {y['sensitivity']:.2f}/{y['specificity']:.2f}")
+    console.print(table)
