@@ -1,3 +1,4 @@
+import csv
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,17 @@ def synth_dir(tmp_path_factory) -> Path:
     from fedct.data.synthetic import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("synth") / "data", n=160, seed=0, size=64)
+
+
+def write_node_csv(split_dir: Path, client_id: int, path: Path) -> Path:
+    """A hospital's own CSV holding exactly one client's rows of the split (absolute paths)."""
+    from fedct.data.manifest import load_split
+
+    split = load_split(split_dir)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "group"])
+        for entry in split.select(clients=[client_id]):
+            writer.writerow([(split.root / entry.row.path).as_posix(), entry.row.label,
+                             entry.row.group])
+    return path

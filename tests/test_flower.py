@@ -2,7 +2,7 @@
 
 The processes are started and stopped by the tests (by PID, each in its own session so its
 flower-superexec children go with it). The final weights must equal the embedded engine's
-for the same seed and config: one code path, two engines.
+bit for bit for the same seed and config, with DP and FedBN too: one code path, two engines.
 """
 
 import json
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_node_csv
 
 from fedct.config import FederateConfig, build_config
 from fedct.data.manifest import SplitOptions, run_split
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SETTINGS = {"model": "test_efficientnet", "image-size": 32, "batch-size": 16, "lr": 0.003,
             "rounds": 2, "local-steps": 2, "seed": 3}
+DP_FEDBN = {**SETTINGS, "dp": True, "dp-train": "full", "target-epsilon": 5.0, "fedbn": True}
 
 
 def free_port() -> int:
@@ -38,7 +40,8 @@ def free_port() -> int:
 class Federation:
     """SuperLink + SuperNodes on loopback, with a FLWR_HOME naming the connection."""
 
-    def __init__(self, tmp: Path, split_dir: Path, clients: int, certs: Path | None = None):
+    def __init__(self, tmp: Path, split_dir: Path, clients: int, certs: Path | None = None,
+                 own_data: bool = False):
         self.tmp, self.procs = tmp, {}
         self.port = free_port()
         # the SuperLink and SuperNodes start flower-superexec by name: it must be on PATH
@@ -54,10 +57,13 @@ class Federation:
         self.wait_for_port(self.port)
         node_tls = ["--root-certificates", str(certs / "ca.crt")] if certs else ["--insecure"]
         for k in range(clients):
+            # a hospital's node reads its own CSV; a local test's node reads its rows of the split
+            data = (f'data="{write_node_csv(split_dir, k, tmp / f"site{k}.csv")}"' if own_data
+                    else f'split="{split_dir}"')
             self.start(f"node{k}", [
                 str(BIN / "flower-supernode"), *node_tls, "--superlink", f"127.0.0.1:{self.port}",
                 "--port", str(free_port()), "--node-config",
-                f'split="{split_dir}" client-id={k} state-dir="{tmp / f"state{k}"}"'])
+                f'{data} client-id={k} state-dir="{tmp / f"state{k}"}"'])
         home = tmp / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
         trust = f'root-certificates = "{certs / "ca.crt"}"' if certs else "insecure = true"
@@ -91,11 +97,12 @@ class Federation:
         for name in list(self.procs):
             self.kill(name)
 
-    def submit(self, split_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
+    def submit(self, split_dir: Path, out: Path, *extra: str,
+               settings: dict = SETTINGS) -> subprocess.Popen:
         argv = [str(BIN / "fedct"), "federate", str(split_dir), "--init", "none", "--out", str(out),
                 "--engine", "flower", "--federation", "loopback"]
-        for key, value in SETTINGS.items():
-            argv += [f"--{key}", str(value)]
+        for key, value in settings.items():
+            argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
         return subprocess.Popen([*argv, *extra], env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
 
@@ -108,18 +115,22 @@ def split_dir(synth_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def embedded(split_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("embedded") / "run"
-    config = build_config(FederateConfig, None, {k.replace("-", "_"): v for k, v in SETTINGS.items()})
+def run_embedded(split_dir: Path, out: Path, settings: dict) -> dict:
+    config = build_config(FederateConfig, None, {k.replace("-", "_"): v for k, v in settings.items()})
     run_federate(split_dir, out, config, init="none", quiet=True)
     return read_checkpoint(out / "final")[0]
 
 
-def run_and_compare(tmp_path, split_dir, embedded, certs=None):
-    federation = Federation(tmp_path, split_dir, clients=2, certs=certs)
+@pytest.fixture(scope="module")
+def embedded(split_dir, tmp_path_factory):
+    return run_embedded(split_dir, tmp_path_factory.mktemp("embedded") / "run", SETTINGS)
+
+
+def run_and_compare(tmp_path, split_dir, embedded, certs=None, settings=SETTINGS,
+                    own_data=False):
+    federation = Federation(tmp_path, split_dir, clients=2, certs=certs, own_data=own_data)
     try:
-        proc = federation.submit(split_dir, tmp_path / "run")
+        proc = federation.submit(split_dir, tmp_path / "run", settings=settings)
         output, _ = proc.communicate(timeout=600)
     finally:
         federation.stop()
@@ -127,16 +138,31 @@ def run_and_compare(tmp_path, split_dir, embedded, certs=None):
     assert "2 nodes answered" in output
     flower, meta = read_checkpoint(tmp_path / "run" / "final")
     assert meta["engine"] == "flower"
+    assert flower.keys() == embedded.keys()
     for key in embedded:
-        assert torch.allclose(embedded[key].double(), flower[key].double(), atol=1e-6), key
+        assert torch.equal(embedded[key], flower[key]), key  # a difference of exactly 0.0
     summary = (tmp_path / "run" / "summary.csv").read_text().splitlines()
     assert len(summary) == 3 and summary[1].startswith("1,2,")
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["rounds"] == 2
+    return report
 
 
 def test_flower_equals_embedded(tmp_path, split_dir, embedded):
     run_and_compare(tmp_path, split_dir, embedded)
+
+
+def test_flower_with_dp_fedbn_and_hospital_data_equals_embedded(tmp_path, split_dir):
+    """Each node reads its own CSV (data=, as at a hospital), keeps its accountant and FedBN
+    layers in its state-dir across rounds, and the result is the embedded engine's."""
+    expected = run_embedded(split_dir, tmp_path / "embedded", DP_FEDBN)
+    report = run_and_compare(tmp_path, split_dir, expected, settings=DP_FEDBN, own_data=True)
+    embedded_report = json.loads((tmp_path / "embedded" / "report.json").read_text())
+    assert report["epsilon"] == embedded_report["epsilon"] and 0 < report["max_epsilon"] <= 5.0
+    assert report["best_round"] == embedded_report["best_round"]
+    for k in range(2):
+        state = torch.load(next((tmp_path / f"state{k}").glob("run-*.pt")), weights_only=True)
+        assert state["rounds"] == 2 and state["norms"] and state["accountant"]["history"]
 
 
 def test_flower_over_tls_equals_embedded(tmp_path, split_dir, embedded):
