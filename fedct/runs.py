@@ -166,6 +166,9 @@ def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> Path:
     if resume:
         if not (out / RESUME).is_file():
             raise FedctError(f"{out}: nothing to resume ({RESUME} not found)")
+        for stale in out.glob(".*.*"):  # temporary files of writes a kill cut short
+            if stale.is_file():
+                stale.unlink()
         return out
     if out.exists() and any(out.iterdir()):
         if not force:
