@@ -139,6 +139,7 @@ def certs(
     out: Annotated[Path, typer.Argument(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
     host: Annotated[list[str] | None, typer.Option(help="Host name or IP the SuperLink is reached at (repeat). [default: 127.0.0.1, localhost]")] = None,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    force: Annotated[bool, typer.Option(help="Replace an existing CA (every node must then get the new ca.crt).")] = False,
 ) -> None:
     """Make a private CA and a SuperLink certificate for TLS on Flower.
 
@@ -146,16 +147,21 @@ def certs(
     """
     from fedct.federated.certs import make_certificates
 
-    paths = make_certificates(out, host or ["127.0.0.1", "localhost"], days=days)
+    paths = make_certificates(out, host or ["127.0.0.1", "localhost"], days=days, force=force)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
     console.print("SuperLink: --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile "
                   "server.key; SuperNodes and flwr: trust ca.crt (keep ca.key offline)")
 
 
+def _number(value) -> str:
+    """A metric for people: 3 decimals, '-' where it is undefined (NaN, or null in JSON)."""
+    return "-" if value is None or value != value else f"{value:.3f}"
+
+
 def _print_json(payload: dict) -> None:
     import json
 
-    from fedct.evaluation import json_safe
+    from fedct.runs import json_safe
 
     sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")
 
@@ -209,7 +215,7 @@ def pretrain(
         table = Table(title=f"stage 1: best epoch {report['best_epoch']} by {report['monitor']}")
         for column in ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss"):
             table.add_column(column, justify="right")
-        table.add_row(*(f"{best[c]:.3f}" for c in ("val_acc", "val_auc", "val_sensitivity",
+        table.add_row(*(_number(best[c]) for c in ("val_acc", "val_auc", "val_sensitivity",
                                                     "val_specificity", "val_loss")))
         console.print(table)
         console.print(f"wrote {out}/best.safetensors (+ last, summary.csv, report.json); "
@@ -321,8 +327,8 @@ def federate(
     if engine not in ("embedded", "flower"):
         raise FedctError(f"--engine {engine!r}: choose embedded or flower")
     if engine == "flower" and dry_run:
-        for line in flower_run.dry_run_lines(split_dir, out, init=init, federation=federation,
-                                             certs=certs):
+        for line in flower_run.dry_run_lines(split_dir, out, cfg, init=init,
+                                             federation=federation, certs=certs):
             console.print(line, highlight=False, soft_wrap=True, markup=False)
         return
     if engine == "flower":
@@ -336,8 +342,8 @@ def federate(
         _print_json(report)
     elif not quiet:
         final = report["final"]
-        console.print(f"final (round {report['rounds']}): val acc {final['val_acc']:.3f}, "
-                      f"AUC {final['val_auc']:.3f}; best round {report['best_round']} by "
+        console.print(f"final (round {report['rounds']}): val acc {_number(final['val_acc'])}, "
+                      f"AUC {_number(final['val_auc'])}; best round {report['best_round']} by "
                       f"{report['monitor']}"
                       + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""))
         console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")

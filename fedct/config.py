@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class FederateConfig(TrainConfig):
     """Stage 2: federated rounds over the clients of a split."""
 
     pretrained: str = "none"
+    image_size: int = 0  # 0: the init checkpoint's input size (224 for other sources)
     rounds: int = 10
     local_epochs: int = 1
     local_steps: int = 0  # if > 0, replaces local_epochs
@@ -175,10 +177,14 @@ def build_config(cls, path: str | Path | None = None, overrides: dict | None = N
     return config
 
 
+RESUME_MAY_CHANGE = ("device",)  # where it runs, not what it computes
+
+
 def resolve_config(cls, *, path: str | Path | None, overrides: dict,
                    resume_dir: str | Path | None = None):
-    """A command's config: a resumed run's saved config (or defaults and the YAML file at
-    `path`), then the flags. Returns (config, the resumed run's config.yaml or None)."""
+    """A command's config: defaults, the YAML file at `path`, then the flags; or a resumed
+    run's saved config, which flags may not change (but for the device). Returns (config,
+    the resumed run's config.yaml or None)."""
     if resume_dir is None:
         return build_config(cls, path, overrides), None
     if path is not None:
@@ -187,8 +193,13 @@ def resolve_config(cls, *, path: str | Path | None, overrides: dict,
     if not saved_path.is_file():
         raise FedctError(f"{saved_path}: not found (is {resume_dir} a fedct run directory?)")
     saved = yaml.safe_load(saved_path.read_text())
-    merged = {**saved["config"], **{k: v for k, v in overrides.items() if v is not None}}
-    return build_config(cls, None, merged, source=f"{saved_path} and flags"), saved
+    given = build_config(cls, None, {**saved["config"], **{k: v for k, v in overrides.items()
+                                                           if v is not None}})
+    for key, value in dataclasses.asdict(given).items():
+        if key not in RESUME_MAY_CHANGE and saved["config"].get(key) != value:
+            raise FedctError(f"--resume {resume_dir}: {key} was {saved['config'].get(key)!r} when "
+                             f"the run started, not {value!r}; a resumed run keeps its settings")
+    return given, saved
 
 
 def validate(config) -> None:
@@ -202,10 +213,11 @@ def validate(config) -> None:
     ):
         raise FedctError(f"freeze {freeze!r}: choose full, head or last-N (e.g. last-2)")
     for key in ("image_size", "batch_size"):
-        if getattr(config, key) < 1:
-            raise FedctError(f"{key} {getattr(config, key)}: must be >= 1")
-    if config.lr <= 0:
-        raise FedctError(f"lr {config.lr}: must be > 0")
+        least = 0 if key == "image_size" and isinstance(config, FederateConfig) else 1
+        if getattr(config, key) < least:
+            raise FedctError(f"{key} {getattr(config, key)}: must be >= {least}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise FedctError(f"lr {config.lr}: must be a number > 0")
     if not 0 < config.layer_decay <= 1:
         raise FedctError(f"layer_decay {config.layer_decay}: must be in (0, 1]")
     if isinstance(config, FederateConfig):
@@ -215,8 +227,19 @@ def validate(config) -> None:
             raise FedctError(f"min_lr {config.min_lr}: must be in [0, lr {config.lr}]")
         if not 0 < config.fraction <= 1:
             raise FedctError(f"fraction {config.fraction}: must be in (0, 1]")
+        if config.local_steps < 0:
+            raise FedctError(f"local_steps {config.local_steps}: must be >= 0 (0: use local_epochs)")
+        if config.local_steps == 0 and config.local_epochs < 1:
+            raise FedctError(f"local_epochs {config.local_epochs}: must be >= 1 (or local_steps > 0)")
         if config.dp and config.noise_multiplier <= 0 and config.target_epsilon <= 0:
             raise FedctError(f"target_epsilon {config.target_epsilon}: must be > 0")
+        if config.dp and not 0 < config.delta < 1:
+            raise FedctError(f"delta {config.delta}: must be in (0, 1), far below 1/n of a "
+                             "client's examples (e.g. 1e-5)")
+        if config.dp and not (config.max_grad_norm > 0 and math.isfinite(config.max_grad_norm)):
+            raise FedctError(f"max_grad_norm {config.max_grad_norm}: must be a number > 0")
+        if config.noise_multiplier < 0:
+            raise FedctError(f"noise_multiplier {config.noise_multiplier}: must be >= 0")
     if isinstance(config, PretrainConfig):
         if config.epochs < 1:
             raise FedctError(f"epochs {config.epochs}: must be >= 1")

@@ -20,7 +20,7 @@ from fedct.metrics import (
     youden_threshold,
 )
 from fedct.models import create_model, load_weights, make_dp_safe
-from fedct.runs import checkpoint_paths, read_checkpoint
+from fedct.runs import checkpoint_paths, json_safe, read_checkpoint
 from fedct.training import pick_device, predict, set_threads
 
 SPLITS = ("train", "val", "test", LOCAL_VAL)
@@ -135,16 +135,3 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
     plot_confusion(confusions, out_dir / "confusion.png", positive, negative)
     report["out"] = str(out_dir)
     return report
-
-
-def json_safe(value):
-    """NaN becomes null (strict JSON), numpy scalars become Python numbers, tuples lists."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if np.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value

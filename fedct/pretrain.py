@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 
 from fedct.config import PretrainConfig, to_dict
 from fedct.data.loading import SplitImages, make_loader, make_transform
-from fedct.data.manifest import Split, load_split
+from fedct.data.manifest import Split, load_split, split_digest
 from fedct.errors import FedctError
 from fedct.metrics import positive_index, summary_metrics
 from fedct.models import apply_freeze, create_model, data_config
@@ -28,7 +28,9 @@ from fedct.runs import (
     SUMMARY,
     CheckpointTracker,
     append_summary,
+    check_resume_inputs,
     checkpoint_meta,
+    checkpoint_paths,
     load_resume,
     prepare_run_dir,
     read_checkpoint,
@@ -84,7 +86,10 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
     positive = split.classes[positive_index(split.classes, split.positive)]
     model = create_model(config.model, len(split.classes), pretrained=config.pretrained,
                          drop_rate=config.drop_rate)
-    out = prepare_run_dir(out, resume=resume, force=force)
+    out = prepare_run_dir(out, resume=resume, force=force,
+                          inputs={"split": split_dir,
+                                  "pretrained weights": checkpoint_paths(config.pretrained)[0]},
+                          roots={"dataset folder": split.root})
     trainable = apply_freeze(model, config.freeze, freeze_bn=config.freeze_bn)
     dcfg = data_config(model, config.image_size)
     model.to(device)
@@ -111,7 +116,9 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
     scored = ema.module if ema else model  # the weights that are validated and checkpointed
     tracker = CheckpointTracker(out, config.monitor)
     state = {"epoch": 0, "bad_epochs": 0}
+    inputs = {"split": str(Path(split_dir).resolve()), "split_digest": split_digest(split)}
     if resume:
+        check_resume_inputs(out, **inputs)
         saved = load_resume(out)
         if "model" not in saved:
             raise FedctError(f"{out}: resume state from an older fedct; start the run anew")
@@ -126,8 +133,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
         console.print(f"resuming {out} after epoch {state['epoch']}")
     else:
         write_config(out, to_dict(config), command="pretrain",
-                     extra={"split": str(Path(split_dir).resolve()),
-                            "train_images": len(train_rows), "val_images": len(val_rows),
+                     extra={**inputs, "train_images": len(train_rows), "val_images": len(val_rows),
                             "trainable_parameters": trainable, "device": str(device)})
     history = []
     train_seconds = 0.0

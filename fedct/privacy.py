@@ -26,6 +26,15 @@ from fedct.errors import FedctError
 from fedct.models import train_mode
 
 
+def delta_warning(n_examples: int, config) -> str | None:
+    """A note when delta is not far below 1/n: a mechanism may then leak one of the n
+    examples outright with probability delta and still meet (epsilon, delta)."""
+    if config.dp and n_examples and config.delta >= 1 / n_examples:
+        return (f"delta {config.delta:g} is not below 1/{n_examples} (1/its examples); "
+                "choose delta well below that, e.g. 1e-5")
+    return None
+
+
 def steps_per_round(n_examples: int, config) -> int:
     if config.local_steps > 0:
         return config.local_steps

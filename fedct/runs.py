@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError
@@ -46,6 +47,24 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def json_safe(value):
+    """NaN becomes null (strict JSON: every file fedct calls JSON parses anywhere), numpy
+    scalars become Python numbers, tuples lists."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def to_json(value) -> str:
+    return json.dumps(json_safe(value), indent=2, default=str, allow_nan=False)
+
+
 def checkpoint_paths(name: str | Path) -> tuple[Path, Path]:
     """`RUN/best`, `RUN/best.safetensors` or `RUN/best.json` -> (weights, sidecar)."""
     path = Path(name)
@@ -63,7 +82,7 @@ def save_checkpoint(stem: Path, state: dict[str, torch.Tensor], meta: dict) -> P
     weights, sidecar = checkpoint_paths(stem)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write(sidecar, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    atomic_write(sidecar, lambda p: p.write_text(to_json(meta)))
     return weights
 
 
@@ -160,9 +179,31 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> Path:
-    """A fresh run directory, or the existing one when resuming. Never clobbers without --force."""
+def refuse_overlap(out: Path, inputs: dict[str, str | Path | None],
+                   roots: dict[str, str | Path | None] | None = None) -> None:
+    """Refuse an output folder that is, holds or lies inside one of the `inputs` (--force
+    would delete the input, or the output would become part of it), or is or holds one of
+    the `roots` (a CSV dataset's folder: runs may sit inside it, never replace it)."""
+    target = Path(out).resolve()
+    checks = [(what, given, True) for what, given in inputs.items()]
+    checks += [(what, given, False) for what, given in (roots or {}).items()]
+    for what, given, inside_too in checks:
+        if not given or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        inside = inside_too and source.is_dir() and source in target.parents
+        if target == source or target in source.parents or inside:
+            raise FedctError(f"--out {out}: is, holds or lies inside the {what} {given}; "
+                             "choose a folder apart from the inputs")
+
+
+def prepare_run_dir(out: Path, *, resume: bool, force: bool,
+                    inputs: dict[str, str | Path | None] | None = None,
+                    roots: dict[str, str | Path | None] | None = None) -> Path:
+    """A fresh run directory, or the existing one when resuming. Never clobbers without --force,
+    and never an input (see `refuse_overlap`)."""
     out = Path(out)
+    refuse_overlap(out, inputs or {}, roots)
     if resume:
         if not (out / RESUME).is_file():
             raise FedctError(f"{out}: nothing to resume ({RESUME} not found)")
@@ -191,6 +232,15 @@ def read_config(out: Path) -> dict:
     if not path.is_file():
         raise FedctError(f"{path}: not found")
     return yaml.safe_load(path.read_text())
+
+
+def check_resume_inputs(out: Path, **current: str | None) -> None:
+    """Refuse to resume with other inputs (split, split digest, init) than the run started with."""
+    saved = read_config(out)
+    for key, value in current.items():
+        if value is not None and saved.get(key) not in (None, value):
+            raise FedctError(f"--resume {out}: the run started with {key} {saved[key]}, not "
+                             f"{value}; resume it with the same inputs")
 
 
 def append_summary(out: Path, row: dict) -> None:
@@ -224,7 +274,7 @@ def truncate_csv(path: Path, column: str, keep_through: int) -> None:
 
 def write_report(out: Path, report: dict) -> None:
     atomic_write(Path(out) / REPORT,
-                 lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
+                 lambda p: p.write_text(to_json(report)))
 
 
 def save_resume(out: Path, state: dict) -> None:

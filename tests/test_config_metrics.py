@@ -97,17 +97,20 @@ def test_every_example_config_is_valid(path):
         assert getattr(config, key.replace("-", "_")) == value, key
 
 
-def test_resume_keeps_the_saved_config_and_flags_override_it(tmp_path):
+def test_resume_keeps_the_saved_config_and_refuses_other_settings(tmp_path):
     from fedct.config import resolve_config
 
     run = tmp_path / "run"
     run.mkdir()
-    saved = build_config(FederateConfig, None, {"rounds": 7, "lr": 0.01})
+    saved = build_config(FederateConfig, None, {"rounds": 7, "lr": 0.01, "dp": True})
     (run / "config.yaml").write_text(yaml.safe_dump({"config": dataclasses.asdict(saved),
                                                       "init": "ckpt"}))
-    config, doc = resolve_config(FederateConfig, path=None, overrides={"lr": 0.02, "mu": None},
+    config, doc = resolve_config(FederateConfig, path=None,
+                                 overrides={"lr": 0.01, "device": "cpu", "mu": None},
                                  resume_dir=run)
-    assert (config.rounds, config.lr, doc["init"]) == (7, 0.02, "ckpt")
+    assert (config.rounds, config.lr, config.device, doc["init"]) == (7, 0.01, "cpu", "ckpt")
+    with pytest.raises(FedctError, match="dp was True when the run started, not False"):
+        resolve_config(FederateConfig, path=None, overrides={"dp": False}, resume_dir=run)
     with pytest.raises(FedctError, match="--config and --resume"):
         resolve_config(FederateConfig, path=tmp_path / "x.yaml", overrides={}, resume_dir=run)
 

@@ -147,7 +147,12 @@ def run_split(
     force: bool = False,
 ) -> tuple[Path, dict]:
     """Read, check, split and write a split directory atomically; returns it and its metadata."""
+    from fedct.runs import refuse_overlap
+
     out = Path(out)
+    source = Path(dataset_path)
+    refuse_overlap(out, {"dataset": source},
+                   roots={"dataset folder": source.parent if source.is_file() else None})
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FedctError(f"{out}: exists and is not empty (use --force to replace it)")
     dataset = read_dataset(dataset_path, group_pattern=group_pattern, positive=positive)
@@ -261,6 +266,14 @@ def load_split(directory: str | Path, *, verify: bool = True) -> Split:
     if verify:
         verify_fingerprint(split)
     return split
+
+
+def split_digest(split: Split) -> str:
+    """What a run records of its split: the manifest and the split metadata, hashed."""
+    digest = hashlib.sha256()
+    for name in (MANIFEST, SPLIT_YAML):
+        digest.update((split.directory / name).read_bytes())
+    return digest.hexdigest()[:32]
 
 
 def verify_fingerprint(split: Split) -> None:

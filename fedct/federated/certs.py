@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from pathlib import Path
 
 from fedct.errors import FedctError
 
+FILES = ("ca.crt", "ca.key", "server.pem", "server.key")
 
-def make_certificates(out: str | Path, hosts: list[str], *, days: int = 365) -> dict[str, Path]:
-    """Write ca.crt, ca.key, server.pem, server.key; the server certificate names `hosts`."""
+
+def make_certificates(out: str | Path, hosts: list[str], *, days: int = 365,
+                      force: bool = False) -> dict[str, Path]:
+    """Write ca.crt, ca.key, server.pem, server.key; the server certificate names `hosts`.
+
+    An existing CA is kept unless `force`: replacing it breaks the trust of every node that
+    holds the old ca.crt. Private keys are created readable by their owner only.
+    """
     try:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
@@ -23,7 +31,13 @@ def make_certificates(out: str | Path, hosts: list[str], *, days: int = 365) -> 
         raise FedctError("making certificates needs the flower extra: pip install 'fedct[flower]'") from None
     if not hosts:
         raise FedctError("--host: name at least one host or IP address the SuperLink is reached at")
+    if days < 1:
+        raise FedctError(f"--days {days}: must be >= 1")
     out = Path(out)
+    existing = [name for name in FILES if (out / name).exists()]
+    if existing and not force:
+        raise FedctError(f"{out / existing[0]}: exists; replacing the CA breaks every node's trust "
+                         "in it (use --force to make a new CA anyway)")
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
 
@@ -67,8 +81,10 @@ def make_certificates(out: str | Path, hosts: list[str], *, days: int = 365) -> 
     paths = {}
     for filename, payload in files.items():
         path = out / filename
-        path.write_bytes(payload)
-        if filename.endswith(".key"):
-            path.chmod(0o600)
+        path.unlink(missing_ok=True)
+        mode = 0o600 if filename.endswith(".key") else 0o644
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
         paths[filename] = path
     return paths

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from fedct import __version__
 from fedct.errors import FedctError
 from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS, RunExtras, run_config_values
-from fedct.runs import REPORT, prepare_run_dir
+from fedct.runs import REPORT, checkpoint_paths, prepare_run_dir
 
 FLWR_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -85,9 +86,16 @@ def run_on_flower(split_dir: Path, out: Path, config, *, init: str, federation: 
     if federation is None:
         raise FedctError("--engine flower needs --federation NAME (a connection in "
                          "$FLWR_HOME/config.toml)")
+    from fedct.federated.setup import resolve_input_size
+
     split = load_split(split_dir)
+    inputs = {"split": split_dir, "init checkpoint": checkpoint_paths(init)[0]}
+    config, note = resolve_input_size(config, init)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if not resume:
-        prepare_run_dir(out, resume=False, force=force)
+        prepare_run_dir(out, resume=False, force=force, inputs=inputs,
+                        roots={"dataset folder": split.root})
     values = run_config(config, init=init, out=out, split_dir=split_dir,
                         num_clients=split.num_clients, round_timeout=round_timeout, resume=resume)
     with tempfile.TemporaryDirectory(prefix="fedct-flower-app-") as app_dir:
@@ -100,9 +108,13 @@ def run_on_flower(split_dir: Path, out: Path, config, *, init: str, federation: 
     return json.loads((Path(out) / REPORT).read_text())
 
 
-def dry_run_lines(split_dir: Path, out: Path, *, init: str, federation: str | None,
+def dry_run_lines(split_dir: Path, out: Path, config, *, init: str, federation: str | None,
                   certs: Path | None) -> list[str]:
-    """What `--dry-run` prints: the three roles' commands and the submit command."""
+    """What `--dry-run` prints: the three roles' commands, then the run's every resolved option
+    as a config file and the submit command that reads it (shell-quoted, ready to paste)."""
+    import yaml
+
+    from fedct.config import to_dict
     from fedct.data.manifest import load_split
 
     if federation is None:
@@ -111,9 +123,14 @@ def dry_run_lines(split_dir: Path, out: Path, *, init: str, federation: str | No
     split = load_split(split_dir)
     lines = role_commands(split_dir=split_dir, clients=split.num_clients, federation=federation,
                           certs=certs)
-    return lines + ["# coordinator: submit the run (writes the Flower app, calls flwr run --stream)",
-                    f"fedct federate {split_dir} --init {init} --out {out} --engine flower "
-                    f"--federation {federation}"]
+    config_file = f"{Path(out).name or 'run'}-federate.yaml"
+    options = yaml.safe_dump(to_dict(config), sort_keys=False).rstrip().splitlines()
+    return lines + [
+        "# coordinator: the run's resolved options (all of them, DP included), then the submit",
+        f"cat > {shlex.quote(config_file)} <<'FEDCT_EOF'", *options, "FEDCT_EOF",
+        " ".join(["fedct", "federate", shlex.quote(str(split_dir)), "--init", shlex.quote(init),
+                  "--out", shlex.quote(str(out)), "--config", shlex.quote(config_file),
+                  "--engine", "flower", "--federation", shlex.quote(federation)])]
 
 
 def submit(app_dir: Path, federation: str, *, flwr_home: str | None = None) -> int:

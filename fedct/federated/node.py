@@ -12,10 +12,12 @@ node learns its data from its node config, never from the server:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
+from fedct import privacy
 from fedct.config import FederateConfig
 from fedct.data.loading import SplitImages, cache_dir, make_transform
 from fedct.data.manifest import Entry, Split, load_split
@@ -70,6 +72,9 @@ def node_round(node_config: dict, run_id: int, config: FederateConfig, global_we
                spec: RoundSpec) -> ClientReply:
     """Train the server's model on this node's data; the node's state is saved after the round."""
     data = node_data(node_config, config, spec)
+    warning = privacy.delta_warning(len(data.train), config)
+    if warning and spec.round == 1:
+        print(f"warning: client {data.client_id}: {warning}", file=sys.stderr)
     model = build_model(model_spec(config, spec.architecture, len(spec.classes),
                                    groupnorm=spec.groupnorm))
     device = pick_device(config.device)

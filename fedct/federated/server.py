@@ -21,6 +21,7 @@ import torch
 
 from fedct.config import to_dict
 from fedct.data.loading import make_loader
+from fedct.data.manifest import split_digest
 from fedct.errors import FedctError
 from fedct.federated.protocol import ClientReply, Status, Update, Weights
 from fedct.federated.setup import RunSetup
@@ -31,6 +32,7 @@ from fedct.runs import (
     SUMMARY,
     CheckpointTracker,
     append_summary,
+    check_resume_inputs,
     load_resume,
     prepare_run_dir,
     read_checkpoint,
@@ -204,18 +206,21 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
     `stop_after` ends the run after that round without finishing it (for tests).
     """
     config = setup.config
-    out = prepare_run_dir(Path(out), resume=resume, force=force)
+    out = prepare_run_dir(Path(out), resume=resume, force=force, **setup.inputs())
     server = RoundServer(out=out, setup=setup, view=view, device=device, engine=engine)
     weights = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
+    inputs = {"init": setup.init,
+              "split": str(setup.split.directory.resolve()) if setup.split else None,
+              "split_digest": split_digest(setup.split) if setup.split else None}
     if resume:
+        check_resume_inputs(out, **inputs)
         weights, extra = server.resume()
         if kept is not None:
             kept.clear()
             kept.update(extra)
     else:
         write_config(out, to_dict(config), command="federate",
-                     extra={"engine": engine, "init": setup.init,
-                            "split": str(setup.split.directory.resolve()) if setup.split else None,
+                     extra={"engine": engine, **inputs,
                             "architecture": setup.spec.architecture, "device": str(device),
                             "clients": num_clients, "schedule": schedule,
                             **(config_extra or {})})

@@ -9,6 +9,7 @@ checkpoint metadata and the client schedule. A Flower node rebuilds the same mod
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,19 @@ def model_spec(config: FederateConfig, architecture: str, num_classes: int, *,
                      freeze=freeze_policy(config), freeze_bn=config.freeze_bn,
                      groupnorm=groupnorm, dp_layers=full or groupnorm,
                      drop_rate=config.drop_rate)
+
+
+def resolve_input_size(config: FederateConfig, init: str) -> tuple[FederateConfig, str | None]:
+    """The config with its image size fixed: as given, else the init checkpoint's (stage 1's),
+    else 224; and a note when a given size differs from the checkpoint's."""
+    _, sidecar = checkpoint_paths(init)
+    trained = int(read_checkpoint(init)[1]["input_size"][-1]) if sidecar.is_file() else None
+    size = config.image_size or trained or 224
+    note = None
+    if config.image_size and trained and config.image_size != trained:
+        note = (f"image_size {config.image_size} differs from {trained}, the size {init} was "
+                "trained at")
+    return dataclasses.replace(config, image_size=size), note
 
 
 def sample_schedule(num_clients: int, config: FederateConfig) -> list[list[int]]:
@@ -93,6 +107,13 @@ class RunSetup:
                                engine=engine, fedbn=config.fedbn, dp=config.dp,
                                dp_safe=self.spec.groupnorm)
 
+    def inputs(self) -> dict:
+        """What the run reads, for `prepare_run_dir` to keep the output apart from."""
+        split = self.split
+        return {"inputs": {"split": split.directory if split else None,
+                           "init checkpoint": checkpoint_paths(self.init)[0]},
+                "roots": {"dataset folder": split.root if split else None}}
+
     def round_spec(self, round_number: int, planned: int) -> RoundSpec:
         return RoundSpec(round=round_number, planned_rounds=planned,
                          architecture=self.spec.architecture, classes=tuple(self.classes),
@@ -112,6 +133,8 @@ def prepare_setup(config: FederateConfig, *, init: str, split_dir: str | Path | 
     source (hub, none, a weights file) for `config.model`; without a split, the classes
     come from the checkpoint.
     """
+    if config.image_size < 1:
+        raise FedctError("image_size is not resolved: call resolve_input_size first")
     split = load_split(split_dir) if split_dir else None
     weights, sidecar = checkpoint_paths(init)
     init_meta = read_checkpoint(init)[1] if sidecar.is_file() else {}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from fedct import privacy
 from fedct.config import FederateConfig
 from fedct.federated.client import (
     ClientData,
@@ -23,7 +24,13 @@ from fedct.federated.client import (
 )
 from fedct.federated.protocol import ClientReply, Weights
 from fedct.federated.server import run_rounds, score_model
-from fedct.federated.setup import RunSetup, planned_rounds, prepare_setup, sample_schedule
+from fedct.federated.setup import (
+    RunSetup,
+    planned_rounds,
+    prepare_setup,
+    resolve_input_size,
+    sample_schedule,
+)
 from fedct.federated.view import RoundView
 from fedct.training import pick_device, seed_everything, set_threads
 
@@ -33,6 +40,9 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
                  stop_after: int | None = None) -> dict:
     """Run (or resume) federated rounds; `stop_after` ends early after that round (for tests)."""
     console = Console(quiet=True) if quiet else (console or Console())
+    config, note = resolve_input_size(config, init)
+    if note:
+        console.print(f"note: {note}", highlight=False)
     set_threads()
     seed_everything(config.seed)  # a fresh head or a model from scratch starts the same
     device = pick_device(config.device)
@@ -48,6 +58,10 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
     if config.channels_last:
         setup.model.to(memory_format=torch.channels_last)
     view = RoundView(console, rounds=config.rounds, dp=config.dp)
+    for data in clients:
+        warning = privacy.delta_warning(len(data.train), config)
+        if warning:
+            view.message(f"warning: client {data.client_id}: {warning}")
     kept = {"client_states": {d.client_id: new_client_state(config) for d in clients}}
 
     def train_round(round_number: int, global_weights: Weights) -> list[ClientReply]:

@@ -1,0 +1,142 @@
+"""Regression tests of the reliability pass: what fedct refuses, and what it no longer gets
+silently wrong. Each is a CLI call on generated data; errors are one line with exit code 2."""
+
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fedct.cli import app
+from fedct.config import FederateConfig, build_config
+from fedct.data.manifest import SplitOptions, run_split
+from fedct.errors import FedctError
+from fedct.federated.simulation import run_federate
+
+runner = CliRunner()
+TINY = ["--model", "test_efficientnet", "--image-size", "32", "--batch-size", "16",
+        "--rounds", "1", "--local-steps", "1"]
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+    text = " ".join(result.output.split())
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+@pytest.fixture(scope="module")
+def split_dir(synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refusal-split") / "split"
+    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=2, seed=0))
+    return out
+
+
+def test_dry_run_prints_every_resolved_option(split_dir, tmp_path):
+    result = cli("federate", split_dir, "--init", "none", "--out", tmp_path / "my run",
+                 "--engine", "flower", "--federation", "hospitals", "--dry-run", *TINY,
+                 "--dp", "--target-epsilon", "3", "--rounds", "4")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("cat > "))
+    end = lines.index("FEDCT_EOF")
+    written = yaml.safe_load("\n".join(lines[start + 1:end]))
+    config = build_config(FederateConfig, None, written)
+    assert (config.dp, config.target_epsilon, config.rounds, config.image_size) == (True, 3.0, 4, 32)
+    submit = lines[end + 1]
+    assert "--config 'my run-federate.yaml'" in submit and f"--out '{tmp_path / 'my run'}'" in submit
+    assert not (tmp_path / "my run").exists()
+
+
+def test_force_never_deletes_an_input(synth_dir, split_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    before = sorted(p.name for p in data.rglob("*.png"))
+    one_line_error(cli("split", data, "--out", data, "--force"), "is, holds or lies inside",
+                   "dataset")
+    one_line_error(cli("split", data / "dataset.csv", "--out", data, "--force"), "dataset")
+    one_line_error(cli("split", data, "--out", data / "CT_COVID" / "split"), "dataset")
+    assert sorted(p.name for p in data.rglob("*.png")) == before
+    one_line_error(cli("pretrain", split_dir, "--out", split_dir.parent, "--force",
+                       "--model", "test_efficientnet", "--pretrained", "none"), "split")
+    assert (split_dir / "manifest.csv").is_file()
+
+
+def test_certs_keep_an_existing_ca_and_keys_are_private_from_the_start(tmp_path):
+    pytest.importorskip("cryptography")
+    assert cli("certs", tmp_path / "c").exit_code == 0
+    ca = (tmp_path / "c" / "ca.crt").read_bytes()
+    one_line_error(cli("certs", tmp_path / "c"), "ca.crt: exists", "--force")
+    assert (tmp_path / "c" / "ca.crt").read_bytes() == ca
+    old_umask = os.umask(0)
+    try:
+        assert cli("certs", tmp_path / "c", "--force").exit_code == 0
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "c" / "ca.crt").read_bytes() != ca
+    for key in ("ca.key", "server.key"):
+        assert (tmp_path / "c" / key).stat().st_mode & 0o777 == 0o600
+    one_line_error(cli("certs", tmp_path / "d", "--days", "0"), "--days 0")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dp", "--delta", "0"], "delta 0.0: must be in (0, 1)"),
+    (["--dp", "--delta", "2"], "delta 2.0: must be in (0, 1)"),
+    (["--dp", "--max-grad-norm", "0"], "max_grad_norm 0.0: must be a number > 0"),
+    (["--dp", "--max-grad-norm", "-1"], "max_grad_norm -1.0"),
+    (["--local-steps", "-1"], "local_steps -1"),
+    (["--local-steps", "0", "--local-epochs", "0"], "local_epochs 0"),
+    (["--lr", "nan"], "lr nan"),
+])
+def test_settings_that_cannot_train_are_refused_before_anything_is_written(
+        split_dir, tmp_path, flags, message):
+    one_line_error(cli("federate", split_dir, "--init", "none", "--out", tmp_path / "run",
+                       *TINY, *flags), message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_small_client_gets_a_delta_warning(split_dir, tmp_path):
+    result = cli("federate", split_dir, "--init", "none", "--out", tmp_path / "run", *TINY,
+                 "--dp", "--delta", "0.05")
+    assert result.exit_code == 0, result.output
+    assert "warning: client 0: delta 0.05 is not below 1/" in result.output
+
+
+def test_resume_refuses_another_split(split_dir, synth_dir, tmp_path):
+    config = build_config(FederateConfig, None, {"model": "test_efficientnet", "image_size": 32,
+                                                 "batch_size": 16, "rounds": 2, "local_steps": 1})
+    run_federate(split_dir, tmp_path / "run", config, init="none", quiet=True, stop_after=1)
+    other = tmp_path / "other"
+    run_split(synth_dir / "dataset.csv", other, SplitOptions(scheme="iid", clients=2, seed=5))
+    with pytest.raises(FedctError, match="the run started with split .*, not .*other"):
+        run_federate(other, tmp_path / "run", config, init="none", quiet=True, resume=True)
+    one_line_error(cli("federate", split_dir, "--resume", tmp_path / "run", "--rounds", "5"),
+                   "rounds was 2 when the run started, not 5")
+
+
+def test_reports_are_strict_json_and_stage2_takes_stage1s_image_size(split_dir, tmp_path):
+    first = cli("federate", split_dir, "--init", "none", "--out", tmp_path / "a", *TINY,
+                "--image-size", "48")
+    assert first.exit_code == 0, first.output
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads((tmp_path / "a" / "report.json").read_text(), parse_constant=refuse)
+    assert report["final"]["local_val_acc"] is None  # NaN in memory, null on disk
+    json.loads((tmp_path / "a" / "final.json").read_text(), parse_constant=refuse)
+    second = cli("federate", split_dir, "--init", tmp_path / "a" / "final", "--out",
+                 tmp_path / "b", "--rounds", "1", "--local-steps", "1", "--batch-size", "16")
+    assert second.exit_code == 0, second.output
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["config"]["image_size"] == 48
+    third = cli("federate", split_dir, "--init", tmp_path / "a" / "final", "--out",
+                tmp_path / "c", *TINY)
+    assert third.exit_code == 0 and "image_size 32 differs from 48" in " ".join(third.output.split())
