@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fedct import __version__
+from fedct.config import CHOICES
+from fedct.data.partition import SCHEMES, SPLITS
 from fedct.errors import FedctError
 from fedct.tables import print_evaluation, print_split_table
 
@@ -90,7 +93,7 @@ def synth(
 def split(
     dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or CSV path,label[,group][,site][,split].")],
     out: Annotated[Path, typer.Option("--out", help="Split directory to write.")],
-    scheme: Annotated[str, typer.Option(help="Client partition: iid, dirichlet, shards, quantity, natural.")] = "iid",
+    scheme: Annotated[str, typer.Option(click_type=click.Choice(SCHEMES), help="Client partition: iid, dirichlet, shards, quantity, natural.")] = "iid",
     clients: Annotated[int | None, typer.Option(help="Number of clients (natural: one per value).")] = None,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (dirichlet: labels, quantity: sizes).")] = 0.5,
     classes_per_client: Annotated[int, typer.Option(help="shards: classes each client holds.")] = 1,
@@ -137,7 +140,7 @@ def run() -> None:  # pragma: no cover - console entry for `python -m fedct`
 @one_line_errors
 def certs(
     out: Annotated[Path, typer.Argument(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
-    host: Annotated[list[str] | None, typer.Option(help="Host name or IP the SuperLink is reached at (repeat). [default: 127.0.0.1, localhost]")] = None,
+    host: Annotated[list[str] | None, typer.Option(help="Host name or IP the SuperLink is reached at (repeat). \\[default: 127.0.0.1, localhost]")] = None,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
     force: Annotated[bool, typer.Option(help="Replace an existing CA (every node must then get the new ca.crt).")] = False,
 ) -> None:
@@ -172,17 +175,17 @@ def pretrain(
     split_dir: Annotated[Path, typer.Argument(help="Split directory from `fedct split`.")],
     out: Annotated[Path | None, typer.Option("--out", help="Run directory to write.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with any option below (flags override it).")] = None,
-    model: Annotated[str | None, typer.Option(help="timm architecture. [default: tf_efficientnet_lite0]")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="hub, none, or a weights file / fedct checkpoint. [default: hub]")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs. [default: 10]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size. [default: 32]")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine, warm-up). [default: 1e-3]")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input side in pixels. [default: 224]")] = None,
-    freeze: Annotated[str | None, typer.Option(help="full, head, or last-N blocks. [default: full]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed. [default: 0]")] = None,
+    model: Annotated[str | None, typer.Option(help="timm architecture. \\[default: tf_efficientnet_lite0]")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="hub, none, or a weights file / fedct checkpoint. \\[default: hub]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs. \\[default: 10]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size. \\[default: 32]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine, warm-up). \\[default: 1e-3]")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels. \\[default: 224]")] = None,
+    freeze: Annotated[str | None, typer.Option(help="full, head, or last-N blocks. \\[default: full]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed. \\[default: 0]")] = None,
     clients: Annotated[str | None, typer.Option(help="Pretrain on these clients' rows only, e.g. 0,2.")] = None,
     rows: Annotated[str | None, typer.Option(help="Pretrain on rows whose site, split or client equals this.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -227,10 +230,10 @@ def pretrain(
 def evaluate(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: RUN/best, RUN/final.safetensors, or a run directory.")],
     split_dir: Annotated[Path | None, typer.Option("--split", help="Split directory to score on.")] = None,
-    on: Annotated[str, typer.Option(help="Which split: val, test, train or local_val.")] = "val",
+    on: Annotated[str, typer.Option(click_type=click.Choice((*SPLITS, "local_val")), help="Which split: val, test, train or local_val.")] = "val",
     data: Annotated[Path | None, typer.Option(help="Score any ImageFolder or CSV instead of a split.")] = None,
     per_client: Annotated[bool, typer.Option(help="Add a row per client's data (cross-site matrix).")] = False,
-    out: Annotated[Path | None, typer.Option(help="Where metrics.json, roc.png, confusion.png go. [default: beside the first checkpoint]")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where metrics.json, roc.png, confusion.png go. \\[default: beside the first checkpoint]")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (patients resampled when groups exist).")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -264,29 +267,29 @@ def federate(
     out: Annotated[Path | None, typer.Option("--out", help="Run directory to write.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with any option below (flags override it).")] = None,
     model: Annotated[str | None, typer.Option(help="timm architecture when --init is not a checkpoint.")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Federated rounds. [default: 10]")] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round. [default: 1]")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds. \\[default: 10]")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round. \\[default: 1]")] = None,
     local_steps: Annotated[int | None, typer.Option(help="Local steps per round (replaces --local-epochs).")] = None,
-    fraction: Annotated[float | None, typer.Option(help="Share of clients sampled each round (seeded). [default: 1.0]")] = None,
+    fraction: Annotated[float | None, typer.Option(help="Share of clients sampled each round (seeded). \\[default: 1.0]")] = None,
     clients_per_round: Annotated[int | None, typer.Option(help="Clients sampled each round (replaces --fraction).")] = None,
-    strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox, fedavgm, fedadam, fedyogi. [default: fedavg]")] = None,
-    mu: Annotated[float | None, typer.Option(help="FedProx proximal weight. [default: 0.01]")] = None,
-    server_lr: Annotated[float | None, typer.Option(help="Server learning rate (FedAvgM/FedAdam/FedYogi). [default: 1.0]")] = None,
+    strategy: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["strategy"]), help="fedavg, fedprox, fedavgm, fedadam, fedyogi. \\[default: fedavg]")] = None,
+    mu: Annotated[float | None, typer.Option(help="FedProx proximal weight. \\[default: 0.01]")] = None,
+    server_lr: Annotated[float | None, typer.Option(help="Server learning rate (FedAvgM/FedAdam/FedYogi). \\[default: 1.0]")] = None,
     fedbn: Annotated[bool | None, typer.Option("--fedbn/--no-fedbn", help="Keep normalisation layers local per client (FedBN).")] = None,
-    freeze: Annotated[str | None, typer.Option(help="full, head, or last-N blocks. [default: full]")] = None,
-    lr: Annotated[float | None, typer.Option(help="Client learning rate. [default: 1e-3]")] = None,
-    lr_schedule: Annotated[str | None, typer.Option(help="constant, or cosine: client lr decays over the rounds. [default: constant]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Client batch size. [default: 32]")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input side in pixels. [default: 224]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (sampling, data order, noise). [default: 0]")] = None,
+    freeze: Annotated[str | None, typer.Option(help="full, head, or last-N blocks. \\[default: full]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Client learning rate. \\[default: 1e-3]")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["lr_schedule"]), help="constant, or cosine: client lr decays over the rounds. \\[default: constant]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Client batch size. \\[default: 32]")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels. \\[default: the --init checkpoint's, else 224]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (sampling, data order, noise). \\[default: 0]")] = None,
     dp: Annotated[bool | None, typer.Option("--dp/--no-dp", help="Differentially private client training (Opacus DP-SGD).")] = None,
-    target_epsilon: Annotated[float | None, typer.Option(help="Per-client epsilon for the whole run. [default: 8]")] = None,
-    delta: Annotated[float | None, typer.Option(help="DP delta. [default: 1e-5]")] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="Per-sample gradient clipping norm. [default: 1.0]")] = None,
+    target_epsilon: Annotated[float | None, typer.Option(help="Per-client epsilon for the whole run. \\[default: 8]")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP delta. \\[default: 1e-5]")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Per-sample gradient clipping norm. \\[default: 1.0]")] = None,
     noise_multiplier: Annotated[float | None, typer.Option(help="Fixed noise instead of calibrating to --target-epsilon.")] = None,
-    dp_train: Annotated[str | None, typer.Option(help="head (keeps pretrained BatchNorm) or full (GroupNorm). [default: head]")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
-    engine: Annotated[str, typer.Option(help="embedded (one process) or flower (Flower's Deployment Engine).")] = "embedded",
+    dp_train: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["dp_train"]), help="head (keeps pretrained BatchNorm) or full (GroupNorm). \\[default: head]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
+    engine: Annotated[str, typer.Option(click_type=click.Choice(("embedded", "flower")), help="embedded (one process) or flower (Flower's Deployment Engine).")] = "embedded",
     federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name in $FLWR_HOME/config.toml.")] = None,
     dry_run: Annotated[bool, typer.Option(help="flower: print the SuperLink, SuperNode and submit commands, run nothing.")] = False,
     certs: Annotated[Path | None, typer.Option(help="flower --dry-run: folder from `fedct certs` (TLS commands).")] = None,

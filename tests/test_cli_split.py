@@ -1,5 +1,6 @@
 import csv
 
+import pytest
 import yaml
 from conftest import COVID_CSV, require_shared
 from typer.testing import CliRunner
@@ -114,3 +115,23 @@ def test_real_covid_ct_keep_split_dirichlet(tmp_path):
     assert sum(r["split"] == "val" for r in rows) == 118
     assert {r["client"] for r in rows if r["split"] == "train"} == {"0", "1", "2", "3", "4"}
     assert "CT_COVID" in result.output
+
+
+def test_an_edit_that_restores_size_and_mtime_is_still_detected(tmp_path):
+    import os
+
+    from fedct.data.synthetic import write_synthetic
+    from fedct.errors import FedctError
+
+    data = write_synthetic(tmp_path / "d", n=40, size=32)
+    assert invoke("split", data, "--out", tmp_path / "s", "--clients", 2).exit_code == 0
+    load_split(tmp_path / "s")  # remembered as verified
+    image = data / "CT_COVID" / "p0000_s0.png"
+    before = image.stat()
+    payload = bytearray(image.read_bytes())
+    payload[-20] ^= 0xFF  # same size, other bytes
+    image.write_bytes(bytes(payload))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(FedctError, match="changed since it was split"):
+        load_split(tmp_path / "s")

@@ -24,11 +24,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDCT_CACHE", Path.home() / ".cache" / "fedct"))
 
 
+def file_stamp(stat: os.stat_result) -> str:
+    """What changes whenever a file's content may have: size, mtime, and the ctime and inode
+    that a user cannot set back (restoring the mtime with `touch -d` moves the ctime)."""
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
+
+
 def _cache_key(paths: list[Path], size: int) -> str:
-    digest = hashlib.sha256(f"v1:{size}".encode())
+    digest = hashlib.sha256(f"v2:{size}".encode())
     for path in paths:
-        stat = path.stat()
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path}\0{file_stamp(path.stat())}\n".encode())
     return digest.hexdigest()[:32]
 
 

@@ -279,11 +279,12 @@ def split_digest(split: Split) -> str:
 def verify_fingerprint(split: Split) -> None:
     """Re-hash the images against split.yaml's fingerprint, once per unchanged set of files.
 
-    A passed check is remembered in the cache under a key of the files' paths, sizes and
-    mtimes (the image cache's rule), so a Flower node answering every round, or a command
-    run again, does not re-read every image.
+    A passed check is remembered in the cache under a key of the files' paths and stamps
+    (size, mtime, ctime, inode: the image cache's rule; an edit that restores the mtime still
+    changes the ctime), so a Flower node answering every round, or a command run again, does
+    not re-read every image.
     """
-    from fedct.data.loading import cache_dir
+    from fedct.data.loading import cache_dir, file_stamp
 
     missing = [e.row.path for e in split.entries if not (split.root / e.row.path).is_file()]
     if missing:
@@ -296,7 +297,7 @@ def verify_fingerprint(split: Split) -> None:
     for entry in sorted(split.entries, key=lambda e: e.row.path):
         stat = (split.root / entry.row.path).stat()
         digest.update(f"{entry.row.path}\0{entry.row.label}\0{entry.row.group}\0{entry.row.site}"
-                      f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                      f"\0{file_stamp(stat)}\n".encode())
     marker = cache_dir() / f"verified-{digest.hexdigest()[:32]}"
     if marker.is_file():
         return
