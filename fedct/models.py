@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import difflib
 import functools
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from fedct.errors import FedctError
@@ -61,14 +63,17 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
             reset_head(model)
         load_weights(model, state, source=weights, allow_missing_head=True)
         return model
+    if Path(pretrained).is_file():
+        weights = Path(pretrained)  # a plain state dict (.pth, .bin, .safetensors) in timm's names
     if not weights.is_file():
         raise FedctError(f"--pretrained {pretrained}: no such file (use hub, none or a path)")
     try:
         return reset_head(timm.create_model(name, pretrained=True, **kwargs,
                                             pretrained_cfg_overlay={"file": str(weights)}))
-    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+    except (RuntimeError, KeyError, ValueError, OSError, SafetensorError,
+            pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
-        raise FedctError(f"{weights}: weights do not fit {name} ({first})") from None
+        raise FedctError(f"{weights}: not weights for {name} ({first})") from None
 
 
 def reset_head(model: nn.Module) -> nn.Module:

@@ -212,3 +212,13 @@ def test_real_covid_slice_with_imagenet_weights(tmp_path):
                  "--bootstrap", 100, "--json")
     assert scored.exit_code == 0, scored.output
     assert json.loads(scored.stdout)["results"][0]["positive"] == "CT_COVID"
+
+
+def test_pretrained_plain_state_dict_file_and_a_broken_file(tmp_path):
+    import timm
+
+    torch.save(timm.create_model("test_efficientnet").state_dict(), tmp_path / "weights.pth")
+    assert create_model("test_efficientnet", 2, pretrained=str(tmp_path / "weights.pth"))
+    (tmp_path / "broken.safetensors").write_bytes(b"no header here" * 8)
+    with pytest.raises(FedctError, match="broken.safetensors: not weights for test_efficientnet"):
+        create_model("test_efficientnet", 2, pretrained=str(tmp_path / "broken.safetensors"))
