@@ -233,7 +233,7 @@ def evaluate(
     on: Annotated[str, typer.Option(click_type=click.Choice((*SPLITS, "local_val")), help="Which split: val, test, train or local_val.")] = "val",
     data: Annotated[Path | None, typer.Option(help="Score any ImageFolder or CSV instead of a split.")] = None,
     per_client: Annotated[bool, typer.Option(help="Add a row per client's data (cross-site matrix).")] = False,
-    out: Annotated[Path | None, typer.Option(help="Where metrics.json, roc.png, confusion.png go. \\[default: beside the first checkpoint]")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where metrics.json, roc.png, confusion.png go. \\[default: a new eval-ON folder beside the first checkpoint]")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (patients resampled when groups exist).")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

@@ -70,6 +70,16 @@ def _scopes(split: Split, per_client: bool) -> dict[str, np.ndarray]:
     return scopes
 
 
+def fresh_folder(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ...: the first that does not exist, so no evaluation
+    replaces an earlier one in the default place."""
+    candidate, number = base, 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate
+
+
 def score(truth: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, n_boot: int,
           seed: int) -> dict:
     at_half = binary_metrics(truth, prob, 0.5)
@@ -87,6 +97,9 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
     if not checkpoints:
         raise FedctError("give at least one checkpoint")
     split = data_for(split_dir=split_dir, on=on, data=data)
+    scopes = _scopes(split, per_client)  # checked before any inference
+    out_dir = Path(out) if out else fresh_folder(
+        checkpoint_paths(checkpoints[0])[0].parent / f"eval-{Path(data).stem if data else on}")
     set_threads()
     dev = pick_device(device)
     results, curves, confusions = [], {}, {}
@@ -114,7 +127,7 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                                 tta=tta)
         prob = probs[:, classes.index(positive)]
         truth = labels == classes.index(positive)
-        for scope, idx in _scopes(split, per_client).items():
+        for scope, idx in scopes.items():
             entry = {"checkpoint": name, "path": str(checkpoint_paths(checkpoint)[0]),
                      "data": scope, "positive": positive, "stage": meta.get("stage"),
                      **score(truth[idx], prob[idx], groups[idx], n_boot=n_boot, seed=seed)}
@@ -124,7 +137,6 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         curves[name] = (truth, prob)
         negative = next((c for c in classes if c != positive), "negative")
         del model
-    out_dir = Path(out) if out else checkpoint_paths(checkpoints[0])[0].parent
     out_dir.mkdir(parents=True, exist_ok=True)
     where = f"--data {data}" if data else f"{split_dir} --on {on}"
     report = {"data": where, "images": len(split.entries), "bootstrap": n_boot, "seed": seed,

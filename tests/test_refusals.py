@@ -140,3 +140,15 @@ def test_reports_are_strict_json_and_stage2_takes_stage1s_image_size(split_dir, 
     third = cli("federate", split_dir, "--init", tmp_path / "a" / "final", "--out",
                 tmp_path / "c", *TINY)
     assert third.exit_code == 0 and "image_size 32 differs from 48" in " ".join(third.output.split())
+
+
+def test_evaluate_checks_before_inference_and_keeps_earlier_results(split_dir, tmp_path):
+    assert cli("federate", split_dir, "--init", "none", "--out", tmp_path / "a", *TINY).exit_code == 0
+    one_line_error(cli("evaluate", tmp_path / "a" / "final", "--split", split_dir, "--on", "val",
+                       "--per-client"), "--per-client: these rows belong to no client")
+    assert not list((tmp_path / "a").glob("eval-*"))
+    for _ in range(2):
+        result = cli("evaluate", tmp_path / "a" / "final", "--split", split_dir, "--on", "val",
+                     "--bootstrap", "20")
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "a").glob("eval-*")) == ["eval-val", "eval-val-2"]
