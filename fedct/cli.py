@@ -127,6 +127,8 @@ def split(
                            skip_bad=skip_bad, force=force)
     for problem in meta["dataset"]["skipped"]:
         err_console.print(f"skipped: {problem}", highlight=False)
+    for warning in meta.get("warnings", []):
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     print_split_table(console, meta)
     console.print(f"wrote {path}/manifest.csv, split.yaml, partition.png")
 

@@ -31,14 +31,15 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 def write_node_csv(split_dir: Path, client_id: int, path: Path) -> Path:
-    """A hospital's own CSV holding exactly one client's rows of the split (absolute paths)."""
+    """A hospital's own CSV holding exactly one client's rows of the split. It sits at the
+    root of the images (paths are relative to it), named after `path`; returns where it is."""
     from fedct.data.manifest import load_split
 
     split = load_split(split_dir)
-    with path.open("w", newline="") as handle:
+    target = split.root / f"node-{abs(hash(str(path)))}-{path.name}"
+    with target.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "group"])
         for entry in split.select(clients=[client_id]):
-            writer.writerow([(split.root / entry.row.path).as_posix(), entry.row.label,
-                             entry.row.group])
-    return path
+            writer.writerow([entry.row.path, entry.row.label, entry.row.group])
+    return target

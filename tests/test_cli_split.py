@@ -77,8 +77,11 @@ def test_existing_output_is_kept_without_force(synth_dir, tmp_path):
 
 
 def test_missing_image_in_csv_is_named(tmp_path, synth_dir):
+    import shutil
+
+    shutil.copy(synth_dir / "CT_COVID" / "p0000_s0.png", tmp_path / "present.png")
     csv_path = tmp_path / "d.csv"
-    csv_path.write_text(f"path,label\n{synth_dir}/CT_COVID/p0000_s0.png,a\nmissing.png,b\n")
+    csv_path.write_text("path,label\npresent.png,a\nmissing.png,b\n")
     result = invoke("split", csv_path, "--out", tmp_path / "o")
     assert result.exit_code == 2 and "missing.png" in result.output
 

@@ -152,3 +152,30 @@ def test_evaluate_checks_before_inference_and_keeps_earlier_results(split_dir, t
                      "--bootstrap", "20")
         assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "a").glob("eval-*")) == ["eval-val", "eval-val-2"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    (["a.png,CT_COVID,p1", "a.png,CT_NonCOVID,p2"], "data.csv:3: path 'a.png' is listed again"),
+    ([f"{i}.png,{c},p{i}" for i, c in enumerate(["CT_COVID", "CT_NonCOVID"] * 4)]
+     + ["c.png,CT_COVD,p9"], "data.csv:10: class 'CT_COVD' (1 rows) looks like a typo of 'CT_COVID'"),
+    (["../a.png,CT_COVID,p1"], "data.csv:2: path '../a.png' is outside the CSV's folder"),
+    (["/tmp/a.png,CT_COVID,p1"], "path '/tmp/a.png' is outside"),
+])
+def test_csv_rows_that_would_mislead_are_named(tmp_path, rows, message):
+    (tmp_path / "data.csv").write_text("path,class,group\n" + "\n".join(rows) + "\n")
+    one_line_error(cli("split", tmp_path / "data.csv", "--out", tmp_path / "s"), message)
+    assert not (tmp_path / "s").exists()
+
+
+def test_class_and_label_must_agree_and_fedct_outputs_are_no_class(tmp_path, synth_dir, split_dir):
+    (tmp_path / "data.csv").write_text("path,class,label\na.png,CT_COVID,1\nb.png,CT_NonCOVID,1\n")
+    one_line_error(cli("split", tmp_path / "data.csv", "--out", tmp_path / "s"),
+                   "data.csv:3: label '1' names class 'CT_NonCOVID' here but 'CT_COVID'")
+    data = tmp_path / "folder"
+    shutil.copytree(synth_dir / "CT_COVID", data / "CT_COVID")
+    shutil.copytree(synth_dir / "CT_NonCOVID", data / "CT_NonCOVID")
+    shutil.copytree(split_dir, data / "splits")
+    one_line_error(cli("split", data, "--out", tmp_path / "s"), "holds", "a fedct output")
+    shutil.rmtree(data / "splits")
+    result = cli("split", data, "--out", tmp_path / "s", "--clients", "2")
+    assert result.exit_code == 0 and "warning:" in result.output and "no patient column" in result.output

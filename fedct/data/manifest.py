@@ -178,6 +178,10 @@ def run_split(
                       "min_per_client": options.min_per_client, "local_val": options.local_val},
     }
     meta.update(summarize(entries, dataset.classes, clients))
+    if all(r.group == r.path for r in dataset.rows):
+        meta["warnings"] = [f"{dataset.source}: no patient column, so images are split one by one "
+                            "and slices of one patient can land in two splits or clients (give a "
+                            "group column or --group-pattern)"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -7,8 +7,10 @@ Images are decoded by content, never by extension: the COVID-CT folder has JPEG 
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from fedct.errors import FedctError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
+FEDCT_OUTPUTS = ("split.yaml", "manifest.csv", "report.json", "summary.csv", "metrics.json")
 LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) in Hounsfield units
 NEGATIVE_NAME = re.compile(r"(^|[^a-z])(non|normal|neg|healthy|control|benign)", re.IGNORECASE)
 
@@ -70,6 +73,10 @@ def read_dataset(
 def _read_image_folder(root: Path) -> Dataset:
     rows: list[Row] = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        made_by_fedct = [n for n in FEDCT_OUTPUTS if (class_dir / n).is_file()]
+        if made_by_fedct:
+            raise FedctError(f"{class_dir}: holds {made_by_fedct[0]}, a fedct output, not a class of "
+                             "images; move it out of the dataset folder")
         files = sorted(f for f in class_dir.rglob("*") if f.is_file() and _looks_like_image(f))
         rows.extend(Row(path=f.relative_to(root).as_posix(), label=class_dir.name) for f in files)
     if not rows:
@@ -95,12 +102,22 @@ def _read_csv(source: Path) -> Dataset:
         raw = [{k.strip(): (v or "").strip() for k, v in line.items() if k} for line in reader]
     rows: list[Row] = []
     numeric: dict[str, str] = {}
+    named: dict[str, str] = {}
+    seen: dict[str, int] = {}
     for line_no, item in enumerate(raw, start=2):
         name = item.get("class") or item.get("label", "")
         if not item["path"] or not name:
             raise FedctError(f"{source}:{line_no}: empty path or label")
+        _check_path(source, line_no, item["path"], seen)
         if "class" in item and item.get("label"):
-            numeric.setdefault(name, item["label"])
+            number = numeric.setdefault(name, item["label"])
+            other = named.setdefault(item["label"], name)
+            if number != item["label"]:
+                raise FedctError(f"{source}:{line_no}: class {name!r} has label {item['label']!r} "
+                                 f"here but {number!r} on an earlier row")
+            if other != name:
+                raise FedctError(f"{source}:{line_no}: label {item['label']!r} names class {name!r} "
+                                 f"here but {other!r} on an earlier row")
         rows.append(
             Row(
                 path=item["path"],
@@ -112,12 +129,40 @@ def _read_csv(source: Path) -> Dataset:
         )
     if not rows:
         raise FedctError(f"{source}: no rows")
+    _check_typos(source, rows)
     names = {r.label for r in rows}
     if numeric and len(numeric) == len(names) and all(_is_int(v) for v in numeric.values()):
         classes = sorted(names, key=lambda n: int(numeric[n]))
     else:
         classes = sorted(names)
     return Dataset(root=source.parent.resolve(), source=source.resolve(), rows=rows, classes=classes)
+
+
+def _check_path(source: Path, line_no: int, path: str, seen: dict[str, int]) -> None:
+    """A row's image lies inside the CSV's folder and is listed once."""
+    parts = Path(path).parts
+    if Path(path).is_absolute() or ".." in parts:
+        raise FedctError(f"{source}:{line_no}: path {path!r} is outside the CSV's folder (paths are "
+                         "relative to it; put the CSV at the root of the images)")
+    key = Path(path).as_posix()
+    if key in seen:
+        raise FedctError(f"{source}:{line_no}: path {path!r} is listed again (first on line "
+                         f"{seen[key]}): one image in two rows can land in train and val")
+    seen[key] = line_no
+
+
+def _check_typos(source: Path, rows: list[Row]) -> None:
+    """A class of a row or two whose name is close to a larger class is a typo, not a class."""
+    counts = Counter(r.label for r in rows)
+    for name, count in counts.items():
+        if count > max(2, len(rows) // 100):
+            continue
+        larger = [c for c, n in counts.items() if n > count and c != name]
+        close = difflib.get_close_matches(name, larger, n=1, cutoff=0.8)
+        if close:
+            line_no = next(i for i, r in enumerate(rows, start=2) if r.label == name)
+            raise FedctError(f"{source}:{line_no}: class {name!r} ({count} rows) looks like a typo "
+                             f"of {close[0]!r}")
 
 
 def _is_int(text: str) -> bool:
