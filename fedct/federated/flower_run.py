@@ -180,6 +180,7 @@ def role_commands(*, split_dir: Path | None, clients: int, federation: str,
                   f"--port {9094 + k} --node-config '{data} client-id={k}'"]
     lines += ["# coordinator: name the connection once in $FLWR_HOME/config.toml "
               "(default ~/.flwr/config.toml)",
+              "mkdir -p ${FLWR_HOME:-$HOME/.flwr} && "
               f"printf '\\n[superlink.{federation}]\\naddress = \"{superlink}\"\\n{conn}\\n' "
               ">> ${FLWR_HOME:-$HOME/.flwr}/config.toml"]
     return lines
