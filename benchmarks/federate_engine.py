@@ -1,8 +1,12 @@
 """The embedded engine's cost: overhead against a bare loop, DP slowdown, memory against clients.
 
-    python benchmarks/federate_engine.py
+    python benchmarks/federate_engine.py                 # all three tables
+    python benchmarks/federate_engine.py --only memory   # one of overhead, dp, memory
 
-Synthetic CT (400 slices, 96 px), timm resnet10t, batch 16. Prints three markdown tables.
+Synthetic CT (400 slices, 96 px), timm resnet10t, batch 16. Prints markdown tables. The
+memory table runs 5 and 50 clients per round (every client each round) in a fresh process
+each: the server adds each update to a running average as it arrives, so peak memory
+should not grow with the clients (target: 50 within 1.2x of 5).
 """
 
 from __future__ import annotations
@@ -104,7 +108,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child-memory", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("overhead", "dp", "memory"), default=None,
+                        help="run one table only")
     args = parser.parse_args()
+    wanted = {args.only} if args.only else {"overhead", "dp", "memory"}
     if args.child_memory:
         child_memory(args.child_memory, args.work)
         return 0
@@ -115,47 +122,61 @@ def main() -> int:
         split4 = prepare(work, 4)
         config = build_config(FederateConfig, None, SETTINGS)
         timed_federate(split4, work / "warm", rounds=1, local_steps=1)  # cache and warm-up
-        fedct_s, bare_s = [], []
-        for _ in range(2):
-            bare_s.append(bare_loop(split4, config))
-            fedct_s.append(timed_federate(split4, work / "fedct"))
-        print(f"\n### Engine overhead: {SETTINGS['model']}, 4 clients, {SETTINGS['rounds']} rounds x "
-              f"{SETTINGS['local_steps']} local steps, batch {SETTINGS['batch_size']}, "
-              f"{SETTINGS['image_size']} px, {torch.get_num_threads()} threads (best of 2)\n")
-        print("| loop | seconds |")
-        print("| --- | --- |")
-        print(f"| bare PyTorch FedAvg loop (+ val score per round) | {min(bare_s):.1f} |")
-        print(f"| fedct federate (+ checkpoints, summary, resume state) | {min(fedct_s):.1f} |")
-        print(f"| ratio fedct / bare | {min(fedct_s) / min(bare_s):.2f} |")
-
-        plain = timed_federate(split4, work / "plain")
-        rows = []
-        for mode in ("functorch", "hooks"):
-            for dp_train in ("full", "head"):
-                seconds = timed_federate(split4, work / f"dp-{mode}-{dp_train}", dp=True,
-                                         dp_train=dp_train, grad_sample_mode=mode,
-                                         target_epsilon=8.0)
-                rows.append((mode, dp_train, seconds))
-        print(f"\n### DP slowdown: same runs with --dp (epsilon 8), non-DP {plain:.1f} s\n")
-        print("| grad-sample mode | --dp-train | seconds | ratio to non-DP |")
-        print("| --- | --- | --- | --- |")
-        for mode, dp_train, seconds in rows:
-            print(f"| {mode} | {dp_train} | {seconds:.1f} | {seconds / plain:.2f} |")
-
-        memory = []
-        for clients in (2, 20):
-            prepare(work, clients)
-            done = subprocess.run([sys.executable, __file__, "--child-memory", str(clients),
-                                   "--work", str(work)], capture_output=True, text=True,
-                                  check=True, env={**os.environ})
-            memory.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print("\n### Peak memory against the number of clients (same 400 images, 2 rounds)\n")
-        print("| clients | peak RSS (MB) |")
-        print("| --- | --- |")
-        for item in memory:
-            print(f"| {item['clients']} | {item['max_rss_mb']:.0f} |")
-        print(f"| ratio 20 / 2 | {memory[1]['max_rss_mb'] / memory[0]['max_rss_mb']:.2f} |")
+        if "overhead" in wanted:
+            overhead(split4, config, work)
+        if "dp" in wanted:
+            dp_slowdown(split4, work)
+        if "memory" in wanted:
+            memory_against_clients(work)
     return 0
+
+
+def overhead(split4: Path, config, work: Path) -> None:
+    fedct_s, bare_s = [], []
+    for _ in range(2):
+        bare_s.append(bare_loop(split4, config))
+        fedct_s.append(timed_federate(split4, work / "fedct"))
+    print(f"\n### Engine overhead: {SETTINGS['model']}, 4 clients, {SETTINGS['rounds']} rounds x "
+          f"{SETTINGS['local_steps']} local steps, batch {SETTINGS['batch_size']}, "
+          f"{SETTINGS['image_size']} px, {torch.get_num_threads()} threads (best of 2)\n")
+    print("| loop | seconds |")
+    print("| --- | --- |")
+    print(f"| bare PyTorch FedAvg loop (+ val score per round) | {min(bare_s):.1f} |")
+    print(f"| fedct federate (+ checkpoints, summary, resume state) | {min(fedct_s):.1f} |")
+    print(f"| ratio fedct / bare | {min(fedct_s) / min(bare_s):.2f} |")
+
+
+def dp_slowdown(split4: Path, work: Path) -> None:
+    plain = timed_federate(split4, work / "plain")
+    rows = []
+    for mode in ("functorch", "hooks"):
+        for dp_train in ("full", "head"):
+            seconds = timed_federate(split4, work / f"dp-{mode}-{dp_train}", dp=True,
+                                     dp_train=dp_train, grad_sample_mode=mode,
+                                     target_epsilon=8.0)
+            rows.append((mode, dp_train, seconds))
+    print(f"\n### DP slowdown: same runs with --dp (epsilon 8), non-DP {plain:.1f} s\n")
+    print("| grad-sample mode | --dp-train | seconds | ratio to non-DP |")
+    print("| --- | --- | --- | --- |")
+    for mode, dp_train, seconds in rows:
+        print(f"| {mode} | {dp_train} | {seconds:.1f} | {seconds / plain:.2f} |")
+
+
+def memory_against_clients(work: Path) -> None:
+    memory = []
+    for clients in (5, 50):
+        prepare(work, clients)
+        done = subprocess.run([sys.executable, __file__, "--child-memory", str(clients),
+                               "--work", str(work)], capture_output=True, text=True,
+                              check=True, env={**os.environ})
+        memory.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print("\n### Peak memory against the clients per round (same 400 images, 2 rounds, "
+          "every client each round)\n")
+    print("| clients per round | peak RSS (MB) |")
+    print("| --- | --- |")
+    for item in memory:
+        print(f"| {item['clients']} | {item['max_rss_mb']:.0f} |")
+    print(f"| ratio 50 / 5 | {memory[1]['max_rss_mb'] / memory[0]['max_rss_mb']:.2f} |")
 
 
 if __name__ == "__main__":

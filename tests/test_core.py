@@ -165,3 +165,19 @@ def test_layout_rules():
         assert len(path.read_text().splitlines()) <= 400, path
     for path in (PACKAGE / "federated").glob("*.py"):
         assert "fedct.pretrain" not in _imports(path), path
+
+
+def test_running_average_is_the_examples_weighted_mean_and_keeps_no_update():
+    from fedct.federated.strategies import RunningAverage
+
+    reference = {"w": torch.zeros(3), "steps": torch.tensor(0)}
+    updates = [Update({"w": torch.full((3,), float(v)), "steps": torch.tensor(v)}, n)
+               for v, n in ((1, 1), (4, 2), (10, 7))]
+    running = RunningAverage(reference)
+    for update in updates:
+        running.add(update)
+        update.weights["w"].fill_(float("nan"))  # the sum holds no reference to an update
+    average = running.result()
+    assert torch.allclose(average["w"], torch.full((3,), (1 + 8 + 70) / 10))
+    assert average["steps"].item() == 10 and average["w"].dtype == torch.float32
+    assert RunningAverage(reference).result() is None

@@ -13,6 +13,7 @@ field plus the keys of `protocol.RunExtras`. Node config: see `fedct.federated.n
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -62,27 +63,29 @@ def discover_nodes(grid: Grid, expected: int, wait: float) -> dict[int, int]:
 
 def train_on_nodes(grid: Grid, node_of: dict[int, int], setup, schedule: list[list[int]],
                    planned: dict[int, int], timeout: float, round_number: int,
-                   global_weights: Weights) -> list[ClientReply]:
-    """One round's replies from the scheduled clients' nodes; a silent node counts as failed."""
+                   global_weights: Weights) -> Iterator[ClientReply]:
+    """One round's replies from the scheduled clients' nodes, in client order, each decoded
+    only when the server takes it; a silent node counts as failed."""
     chosen = schedule[round_number - 1]
-    replies = [ClientReply(k, None, status=Status.FAILED, detail="no node for it")
-               for k in chosen if k not in node_of]
     messages = [Message(protocol.encode_train(global_weights,
                                               setup.round_spec(round_number, planned[k])),
                         dst_node_id=node_of[k], message_type="train", group_id=str(round_number))
                 for k in chosen if k in node_of]
     client_of_node = {n: k for k, n in node_of.items()}
-    answered = set()
-    for message in grid.send_and_receive(messages, timeout=timeout):
-        k = client_of_node.get(message.metadata.src_node_id)
-        if k is None:
-            continue
-        answered.add(k)
-        replies.append(ClientReply(k, None, status=Status.FAILED, detail=str(message.error.reason))
-                       if message.has_error() else protocol.decode_reply(message.content))
-    replies += [ClientReply(k, None, status=Status.FAILED, detail=f"no reply within {timeout:.0f}s")
-                for k in chosen if k in node_of and k not in answered]
-    return replies
+    answers = {client_of_node[m.metadata.src_node_id]: m
+               for m in grid.send_and_receive(messages, timeout=timeout)
+               if m.metadata.src_node_id in client_of_node}
+    del messages
+    for k in chosen:
+        message = answers.pop(k, None)
+        if k not in node_of:
+            yield ClientReply(k, None, status=Status.FAILED, detail="no node for it")
+        elif message is None:
+            yield ClientReply(k, None, status=Status.FAILED, detail=f"no reply within {timeout:.0f}s")
+        elif message.has_error():
+            yield ClientReply(k, None, status=Status.FAILED, detail=str(message.error.reason))
+        else:
+            yield protocol.decode_reply(message.content)
 
 
 @server_app.main()

@@ -1,11 +1,12 @@
 """The server side of a federated run, shared by both engines.
 
 `run_rounds` opens (or resumes) the run directory and runs the rounds; the engines differ
-only in the `train_round` they pass, which gets each round's client replies (in-process, or
-over Flower). Each round the `RoundServer` accepts the replies (update checks, quorum),
-aggregates them, and records the round (summary.csv, privacy.csv, checkpoints, and last of
-all resume.pt, which holds everything a resume needs), so both engines write the same run
-directory.
+only in the `train_round` they pass, which yields each round's client replies (in-process,
+or over Flower). Each round the `RoundServer` accepts every reply as it comes (update
+checks; the update goes into a running average and is dropped, so memory does not grow
+with the clients), aggregates (quorum, strategy), and records the round (summary.csv,
+privacy.csv, checkpoints, and last of all resume.pt, which holds everything a resume
+needs), so both engines write the same run directory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,9 @@ from fedct.config import to_dict
 from fedct.data.loading import make_loader
 from fedct.data.manifest import split_digest
 from fedct.errors import FedctError
-from fedct.federated.protocol import ClientReply, Status, Update, Weights
+from fedct.federated.protocol import ClientReply, Status, Weights
 from fedct.federated.setup import RunSetup
-from fedct.federated.strategies import aggregate, check_update
+from fedct.federated.strategies import RunningAverage, apply_strategy, check_update
 from fedct.federated.view import RoundView
 from fedct.metrics import summary_metrics
 from fedct.runs import (
@@ -47,7 +48,9 @@ from fedct.training import mean_loss, predict
 PRIVACY_CSV = "privacy.csv"
 PRIVACY_FIELDS = ["round", "client", "epsilon", "steps", "noise_multiplier", "status"]
 
-TrainRound = Callable[[int, Weights], list[ClientReply]]
+# A round's replies, yielded as they come (in client order, for bit-identical sums on both
+# engines), so the server adds each update to a running average and drops it.
+TrainRound = Callable[[int, Weights], Iterable[ClientReply]]
 
 
 @dataclass
@@ -83,35 +86,35 @@ class RoundServer:
         self.view.message(f"resuming {self.out} after round {self.round}")
         return saved["weights"], saved["extra"]
 
-    def accept(self, round_number: int, global_weights: Weights,
-               replies: list[ClientReply]) -> tuple[list[ClientReply], list[Update]]:
-        """Check every update; returns the replies (failed checks marked rejected) and the
-        updates to aggregate (none when fewer than min_clients passed)."""
-        checked, accepted = [], []
-        for reply in replies:
-            if reply.status is Status.TRAINED:
-                problem = ("no update" if reply.update is None
-                           else check_update(reply.update, global_weights))
-                if problem:
-                    reply = dataclasses.replace(reply, status=Status.REJECTED, detail=problem)
-            if reply.status is Status.TRAINED:
-                accepted.append(reply.update)
-                if reply.epsilon is not None:
-                    self.epsilon[reply.client_id] = reply.epsilon
-            else:
-                self.view.message(f"round {round_number}: client {reply.client_id} "
-                                  f"{reply.status.value}: {reply.detail}")
-            checked.append(reply)
-        if len(accepted) < self.setup.config.min_clients:
-            self.view.message(f"round {round_number}: {len(accepted)} updates, fewer than "
-                              f"min_clients {self.setup.config.min_clients}; global model unchanged")
-            accepted = []
-        return checked, accepted
+    def accept(self, round_number: int, global_weights: Weights, reply: ClientReply,
+               running: RunningAverage) -> ClientReply:
+        """Check one reply as it arrives and add its update to the round's running average;
+        returns the reply without the weights (a failed check marks it rejected)."""
+        if reply.status is Status.TRAINED:
+            problem = ("no update" if reply.update is None
+                       else check_update(reply.update, global_weights))
+            if problem:
+                reply = dataclasses.replace(reply, status=Status.REJECTED, detail=problem)
+        if reply.status is not Status.TRAINED:
+            self.view.message(f"round {round_number}: client {reply.client_id} "
+                              f"{reply.status.value}: {reply.detail}")
+            return reply
+        running.add(reply.update)
+        if reply.epsilon is not None:
+            self.epsilon[reply.client_id] = reply.epsilon
+        return dataclasses.replace(reply, update=dataclasses.replace(reply.update, weights={}))
 
-    def aggregate(self, global_weights: Weights, accepted: list[Update]) -> Weights:
+    def aggregate(self, round_number: int, global_weights: Weights,
+                  running: RunningAverage) -> Weights:
+        """The strategy's step from the round's average (none below min_clients updates)."""
         config = self.setup.config
-        weights, self.server_state = aggregate(
-            global_weights, accepted, strategy=config.strategy, config=config,
+        average = running.result()
+        if running.count < config.min_clients:
+            self.view.message(f"round {round_number}: {running.count} updates, fewer than "
+                              f"min_clients {config.min_clients}; global model unchanged")
+            average = None
+        weights, self.server_state = apply_strategy(
+            global_weights, average, strategy=config.strategy, config=config,
             server_state=self.server_state, trainable=self.setup.trainable)
         return weights
 
@@ -126,11 +129,11 @@ class RoundServer:
         return score_model(setup.model, setup.pooled_val, device=self.device, config=setup.config,
                            positive_index=setup.positive_index)
 
-    def record(self, round_number: int, weights: Weights, replies: list[ClientReply],
-               accepted: list[Update], *, started: float, local_val_acc: float,
-               extra_state: dict) -> None:
+    def record(self, round_number: int, weights: Weights, replies: list[ClientReply], *,
+               updated: bool, started: float, local_val_acc: float, extra_state: dict) -> None:
         """Score, append the CSV rows, write checkpoints, and commit the round in resume.pt."""
         metrics = self.evaluate(weights)
+        accepted = [r.update for r in replies if r.status is Status.TRAINED] if updated else []
         examples = sum(u.examples for u in accepted)
         row = {"round": round_number, "clients": len(accepted),
                "train_loss": (sum(u.metrics["train_loss"] * u.examples for u in accepted) / examples
@@ -152,11 +155,12 @@ class RoundServer:
                                "tracker": self.tracker.state_dict(), "extra": extra_state})
 
     def finish_round(self, round_number: int, global_weights: Weights,
-                     replies: list[ClientReply], *, started: float,
+                     replies: list[ClientReply], running: RunningAverage, *, started: float,
                      local_val_acc: float = float("nan"), extra_state: dict | None = None) -> Weights:
-        replies, accepted = self.accept(round_number, global_weights, replies)
-        weights = self.aggregate(global_weights, accepted)
-        self.record(round_number, weights, replies, accepted, started=started,
+        """Aggregate and record a round whose replies went through `accept`."""
+        weights = self.aggregate(round_number, global_weights, running)
+        self.record(round_number, weights, replies,
+                    updated=running.count >= self.setup.config.min_clients, started=started,
                     local_val_acc=local_val_acc, extra_state=extra_state or {})
         return weights
 
@@ -228,9 +232,11 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
         for round_number in range(server.round + 1, config.rounds + 1):
             started = time.perf_counter()
             view.start_round(round_number, schedule[round_number - 1])
-            replies = sorted(train_round(round_number, weights), key=lambda r: r.client_id)
+            running = RunningAverage(weights)
+            replies = [server.accept(round_number, weights, reply, running)
+                       for reply in train_round(round_number, weights)]
             local = local_val(weights) if local_val else float("nan")
-            weights = server.finish_round(round_number, weights, replies, started=started,
+            weights = server.finish_round(round_number, weights, replies, running, started=started,
                                           local_val_acc=local, extra_state=dict(kept or {}))
             if stop_after is not None and round_number >= stop_after:
                 return {"stopped_after": round_number}

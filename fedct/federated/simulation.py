@@ -7,6 +7,7 @@ function the Flower ClientApp calls) for each sampled client.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,7 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
             view.message(f"warning: client {data.client_id}: {warning}")
     kept = {"client_states": {d.client_id: new_client_state(config) for d in clients}}
 
-    def train_round(round_number: int, global_weights: Weights) -> list[ClientReply]:
-        replies = []
+    def train_round(round_number: int, global_weights: Weights) -> Iterator[ClientReply]:
         states = kept["client_states"]
         for k in schedule[round_number - 1]:
             view.client_started(k)
@@ -74,8 +74,7 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
                 round_number=round_number, planned_rounds=planned[k], device=device,
                 num_classes=len(setup.classes))
             view.client_finished(reply)
-            replies.append(reply)
-        return replies
+            yield reply
 
     def local_val(global_weights: Weights) -> float:
         return local_accuracy(setup, clients, global_weights, kept["client_states"], device)

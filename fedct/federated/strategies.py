@@ -30,26 +30,62 @@ def check_update(update: Update, reference: Weights) -> str | None:
     return None
 
 
-def weighted_average(updates: list[Update], reference: Weights) -> Weights:
-    total = sum(u.examples for u in updates)
-    out = {}
-    for key, ref in reference.items():
-        if ref.is_floating_point():
-            acc = torch.zeros_like(ref, dtype=torch.float64)
-            for u in updates:
-                acc += u.weights[key].to(torch.float64) * (u.examples / total)
-            out[key] = acc.to(ref.dtype)
-        else:
-            out[key] = torch.stack([u.weights[key] for u in updates]).max(dim=0).values
-    return out
+class RunningAverage:
+    """The examples-weighted average of updates, summed as they arrive.
+
+    It holds one float64 copy of the model, whatever the number of clients, so a server
+    need not keep every update of a round until it aggregates. Integer buffers take the
+    maximum.
+    """
+
+    def __init__(self, reference: Weights):
+        self.reference = reference
+        self.sums: Weights = {}
+        self.examples = 0
+        self.count = 0
+
+    def add(self, update: Update) -> None:
+        for key, ref in self.reference.items():
+            value = update.weights[key]
+            if ref.is_floating_point():
+                weighted = value.to(torch.float64) * update.examples  # a new tensor
+                if key in self.sums:
+                    self.sums[key].add_(weighted)
+                else:
+                    self.sums[key] = weighted
+            else:
+                self.sums[key] = (torch.maximum(self.sums[key], value) if key in self.sums
+                                  else value.clone())
+        self.examples += update.examples
+        self.count += 1
+
+    def result(self) -> Weights | None:
+        if not self.count:
+            return None
+        return {key: (self.sums[key] / self.examples).to(ref.dtype) if ref.is_floating_point()
+                else self.sums[key].clone() for key, ref in self.reference.items()}
+
+
+def weighted_average(updates: list[Update], reference: Weights) -> Weights | None:
+    running = RunningAverage(reference)
+    for update in updates:
+        running.add(update)
+    return running.result()
 
 
 def aggregate(global_weights: Weights, updates: list[Update], *, strategy: str, config,
               server_state: dict, trainable: set[str] | None = None) -> tuple[Weights, dict]:
     """New global weights and server state from accepted updates (pure: inputs untouched)."""
-    if not updates:
+    return apply_strategy(global_weights, weighted_average(updates, global_weights),
+                          strategy=strategy, config=config, server_state=server_state,
+                          trainable=trainable)
+
+
+def apply_strategy(global_weights: Weights, average: Weights | None, *, strategy: str, config,
+                   server_state: dict, trainable: set[str] | None = None) -> tuple[Weights, dict]:
+    """New global weights and server state from the clients' average (None: no update)."""
+    if average is None:
         return dict(global_weights), dict(server_state)
-    average = weighted_average(updates, global_weights)
     if strategy in ("fedavg", "fedprox"):
         return average, dict(server_state)
     keys = [k for k in global_weights if global_weights[k].is_floating_point()
