@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 import functools
 import pickle
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -39,14 +41,20 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
     if pretrained == "none":
         return reset_head(timm.create_model(name, pretrained=False, **kwargs))
     if pretrained == "hub":
-        try:
-            return reset_head(timm.create_model(name, pretrained=True, **kwargs))
-        except Exception as exc:  # network errors surface as many types (OSError, HF errors)
-            raise FedctError(
-                f"could not fetch pretrained weights for {name} from the hub "
-                f"({exc.__class__.__name__}); pass --pretrained FILE with local weights, "
-                "or --pretrained none"
-            ) from None
+        if _hub_reachable():
+            try:
+                return reset_head(timm.create_model(name, pretrained=True, **kwargs))
+            except Exception as exc:  # network errors surface as many types (OSError, HF errors)
+                raise FedctError(
+                    f"could not fetch pretrained weights for {name} from the hub "
+                    f"({exc.__class__.__name__}); pass --pretrained FILE with local weights, "
+                    "or --pretrained none"
+                ) from None
+        pretrained = _hub_cached_file(name)  # offline: the cached file, without retries
+        if pretrained is None:
+            raise FedctError(f"pretrained weights for {name}: the hub is out of reach and they are "
+                             "not in its local cache; pass --pretrained FILE with local weights, "
+                             "or --pretrained none")
     from fedct.runs import checkpoint_paths, read_checkpoint
 
     weights, sidecar = checkpoint_paths(pretrained)
@@ -74,6 +82,34 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
             pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise FedctError(f"{weights}: not weights for {name} ({first})") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the hub's host, instead of huggingface_hub's minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_cached_file(name: str) -> str | None:
+    """The architecture's hub weights in the local Hugging Face cache, if they are there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+    if not repo:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
 
 
 def reset_head(model: nn.Module) -> nn.Module:

@@ -222,3 +222,19 @@ def test_pretrained_plain_state_dict_file_and_a_broken_file(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"no header here" * 8)
     with pytest.raises(FedctError, match="broken.safetensors: not weights for test_efficientnet"):
         create_model("test_efficientnet", 2, pretrained=str(tmp_path / "broken.safetensors"))
+
+
+def test_offline_hub_answers_at_once_from_the_cache_or_with_one_line(monkeypatch, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from fedct import models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models, "_hub_cached_file", lambda name: None)
+    with pytest.raises(FedctError, match="out of reach and they are not in its local cache"):
+        create_model("test_efficientnet", 2, pretrained="hub")
+    cached = tmp_path / "model.safetensors"
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(cached))
+    monkeypatch.setattr(models, "_hub_cached_file", lambda name: str(cached))
+    assert create_model("test_efficientnet", 2, pretrained="hub")
