@@ -70,6 +70,16 @@ def select_training_rows(split: Split, config: PretrainConfig):
     return rows
 
 
+def lopsided_warning(row: dict) -> str | None:
+    """A note when a model calls most of one class wrong at 0.5, however good its AUC."""
+    for name, other in (("sensitivity", "positives"), ("specificity", "negatives")):
+        value = row.get(f"val_{name}")
+        if value is not None and value == value and value < 0.5:
+            return (f"val {name} {value:.2f}: at threshold 0.5 it misses most {other}; look at "
+                    "`fedct evaluate` (Youden threshold) before using it")
+    return None
+
+
 def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                  resume: bool = False, force: bool = False, quiet: bool = False,
                  console: Console | None = None) -> dict:
@@ -148,12 +158,11 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
         progress.advance(task)
 
     with progress:
-        task = progress.add_task("train", info="",
-                                 total=steps_per_epoch * (config.epochs - state["epoch"]))
+        task = progress.add_task("train", info="", total=steps_per_epoch)
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
             seed_everything(config.seed * 1000 + epoch)  # a resumed epoch sees the same randomness
             train_loader.generator.manual_seed(config.seed * 1000 + epoch)
-            progress.update(task, description=f"epoch {epoch}/{config.epochs}")
+            progress.reset(task, total=steps_per_epoch, description=f"epoch {epoch}/{config.epochs}")
             tick = time.perf_counter()
             result = train_epoch(model, train_loader, optimizer, loss_fn, device=device,
                                  scheduler=scheduler, grad_clip=config.grad_clip, amp=config.amp,
@@ -173,7 +182,10 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
                    "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(seconds, 2)}
             append_summary(out, row)
             history.append(row)
-            progress.update(task, info=f"val acc {metrics['acc']:.3f} auc {metrics['auc']:.3f}")
+            progress.console.print(
+                f"epoch {epoch}/{config.epochs}: train loss {result['loss']:.3f}, val acc "
+                f"{metrics['acc']:.3f}, AUC {metrics['auc']:.3f}, sens {metrics['sensitivity']:.3f}, "
+                f"spec {metrics['specificity']:.3f} ({seconds:.1f}s)", highlight=False)
             meta = checkpoint_meta(architecture=config.model, classes=split.classes,
                                    positive=positive, data_cfg=dcfg, stage="pretrain",
                                    epoch=epoch, metrics=row)
@@ -188,6 +200,9 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
                               f"for {config.patience} epochs")
                 break
     _, best_meta = read_checkpoint(out / "best")
+    lopsided = lopsided_warning(best_meta["metrics"])
+    if lopsided:
+        console.print(f"warning: best epoch {tracker.best_step}: {lopsided}", highlight=False)
     report = {
         "stage": "pretrain", "run": str(out), "best_epoch": tracker.best_step,
         "monitor": config.monitor, "best": best_meta["metrics"],

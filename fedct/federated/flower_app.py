@@ -113,5 +113,6 @@ def main(grid: Grid, context: Context) -> None:
                           planned_rounds(schedule, num_clients), extras.round_timeout)
     run_rounds(setup, Path(extras.out), num_clients=num_clients, schedule=schedule,
                train_round=train_round, engine="flower", device=device,
-               view=RoundView(console, rounds=config.rounds, dp=config.dp, live=False),
+               view=RoundView(console, rounds=config.rounds, dp=config.dp, live=False,
+                              client_lines=True),
                resume=extras.resume)

@@ -233,8 +233,10 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
             started = time.perf_counter()
             view.start_round(round_number, schedule[round_number - 1])
             running = RunningAverage(weights)
-            replies = [server.accept(round_number, weights, reply, running)
-                       for reply in train_round(round_number, weights)]
+            replies = []
+            for reply in train_round(round_number, weights):
+                replies.append(server.accept(round_number, weights, reply, running))
+                view.client_finished(replies[-1])
             local = local_val(weights) if local_val else float("nan")
             weights = server.finish_round(round_number, weights, replies, running, started=started,
                                           local_val_acc=local, extra_state=dict(kept or {}))

@@ -73,7 +73,6 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
                 setup.model, global_weights, clients[k], config, states[k],
                 round_number=round_number, planned_rounds=planned[k], device=device,
                 num_classes=len(setup.classes))
-            view.client_finished(reply)
             yield reply
 
     def local_val(global_weights: Weights) -> float:

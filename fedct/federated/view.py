@@ -24,8 +24,10 @@ def _number(value, digits: int = 3) -> str:
 class RoundView:
     """Feed it round and client events; it renders them live or prints a line per round."""
 
-    def __init__(self, console: Console, *, rounds: int, dp: bool, live: bool | None = None):
+    def __init__(self, console: Console, *, rounds: int, dp: bool, live: bool | None = None,
+                 client_lines: bool = False):
         self.console = console
+        self.client_lines = client_lines  # without a live table: a line as each client answers
         self.rounds = rounds
         self.dp = dp
         self.live_enabled = console.is_terminal and not console.quiet if live is None else live
@@ -51,6 +53,9 @@ class RoundView:
     def start_round(self, round_number: int, clients: list[int]) -> None:
         self.current = round_number
         self.clients = {k: {"status": "waiting"} for k in clients}
+        if self.client_lines and self._live is None:
+            self.console.print(f"round {round_number}/{self.rounds}: training on clients "
+                               f"{', '.join(map(str, clients))}", highlight=False)
         self._refresh()
 
     def client_started(self, client_id: int) -> None:
@@ -66,6 +71,13 @@ class RoundView:
                      examples=update.examples if update is not None else None,
                      loss=update.metrics.get("train_loss") if update is not None else None,
                      seconds=time.perf_counter() - started if started else None)
+        if self.client_lines and self._live is None:
+            self.console.print(
+                f"  client {reply.client_id}: {reply.status}"
+                + (f", {entry['examples']} examples, {entry['steps']} steps, loss "
+                   f"{_number(entry['loss'])}" if update is not None else f" ({reply.detail})")
+                + (f", epsilon {reply.epsilon:.2f}" if reply.epsilon is not None else ""),
+                highlight=False)
         self._refresh()
 
     def message(self, text: str) -> None:
