@@ -10,6 +10,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedct import __version__
@@ -39,7 +40,13 @@ def one_line_errors(func):
         try:
             return func(*args, **kwargs)
         except FedctError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a read-only folder, a full disk: what fedct could not write
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] {escape(where + str(exc.strerror or exc))}",
+                              highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import json
 import os
+import pickle
 import platform
 import shutil
 import subprocess
@@ -282,4 +283,13 @@ def save_resume(out: Path, state: dict) -> None:
 
 
 def load_resume(out: Path) -> dict:
-    return torch.load(Path(out) / RESUME, map_location="cpu", weights_only=True)
+    """The resume state, read with weights_only: a file that would run code is refused."""
+    path = Path(out) / RESUME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise FedctError(f"{path}: not a fedct resume state, refused ({first})") from None
+    if not isinstance(state, dict):
+        raise FedctError(f"{path}: not a fedct resume state, refused")
+    return state

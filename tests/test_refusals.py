@@ -179,3 +179,32 @@ def test_class_and_label_must_agree_and_fedct_outputs_are_no_class(tmp_path, syn
     shutil.rmtree(data / "splits")
     result = cli("split", data, "--out", tmp_path / "s", "--clients", "2")
     assert result.exit_code == 0 and "warning:" in result.output and "no patient column" in result.output
+
+
+def test_a_tampered_resume_state_is_refused_without_running_it(split_dir, tmp_path):
+    import pickle
+
+    assert cli("federate", split_dir, "--init", "none", "--out", tmp_path / "a", *TINY,
+               "--rounds", "2").exit_code == 0
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    (tmp_path / "a" / "resume.pt").write_bytes(pickle.dumps({"weights": Payload()}))
+    result = cli("federate", split_dir, "--resume", tmp_path / "a")
+    one_line_error(result, "resume.pt: not a fedct resume state, refused")
+    assert "this ran" not in result.output
+
+
+def test_a_full_disk_is_one_line(split_dir, tmp_path, monkeypatch):
+    import errno
+
+    from fedct import runs
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs, "atomic_write", full)
+    one_line_error(cli("federate", split_dir, "--init", "none", "--out", tmp_path / "run", *TINY),
+                   "config.yaml: No space left on device")
