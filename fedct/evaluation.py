@@ -29,7 +29,8 @@ SPLITS = ("train", "val", "test", LOCAL_VAL)
 def load_model(checkpoint: str | Path):
     """The model a checkpoint describes, its weights loaded strictly, and its sidecar."""
     state, meta = read_checkpoint(checkpoint)
-    model = create_model(meta["architecture"], len(meta["classes"]), pretrained="none")
+    model = create_model(meta["architecture"], len(meta["classes"]), pretrained="none",
+                         image_size=int(meta["input_size"][-1]))
     if meta.get("dp_safe"):
         make_dp_safe(model)
     load_weights(model, state, source=checkpoint_paths(checkpoint)[0])

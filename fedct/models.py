@@ -30,8 +30,20 @@ def check_architecture(name: str) -> None:
         raise FedctError(f"--model {name!r}: not a timm architecture{hint}")
 
 
+def _timm_model(name: str, *, pretrained: bool, image_size: int | None, **kwargs) -> nn.Module:
+    """timm.create_model, built for `image_size` where the architecture takes one (ViTs: their
+    position embeddings are resampled); other architectures take any size as they are."""
+    if image_size:
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=image_size, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
 def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
-                 drop_rate: float = 0.0) -> nn.Module:
+                 drop_rate: float = 0.0, image_size: int | None = None) -> nn.Module:
     """A timm model with a fresh `num_classes` head, started from `hub`, `none` or a file.
 
     A fedct checkpoint keeps its head when it was trained for the same number of classes.
@@ -39,11 +51,12 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
     check_architecture(name)
     kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
     if pretrained == "none":
-        return reset_head(timm.create_model(name, pretrained=False, **kwargs))
+        return reset_head(_timm_model(name, pretrained=False, image_size=image_size, **kwargs))
     if pretrained == "hub":
         if _hub_reachable():
             try:
-                return reset_head(timm.create_model(name, pretrained=True, **kwargs))
+                return reset_head(_timm_model(name, pretrained=True, image_size=image_size,
+                                              **kwargs))
             except Exception as exc:  # network errors surface as many types (OSError, HF errors)
                 raise FedctError(
                     f"could not fetch pretrained weights for {name} from the hub "
@@ -62,7 +75,7 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
         state, meta = read_checkpoint(pretrained)
         if meta.get("architecture") != name:
             raise FedctError(f"{weights}: checkpoint is a {meta.get('architecture')}, not {name}")
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _timm_model(name, pretrained=False, image_size=image_size, **kwargs)
         if meta.get("dp_safe"):
             make_dp_safe(model)
         head = {k for k in state if k.startswith(_head_prefix(model))}
@@ -76,8 +89,8 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
     if not weights.is_file():
         raise FedctError(f"--pretrained {pretrained}: no such file (use hub, none or a path)")
     try:
-        return reset_head(timm.create_model(name, pretrained=True, **kwargs,
-                                            pretrained_cfg_overlay={"file": str(weights)}))
+        return reset_head(_timm_model(name, pretrained=True, image_size=image_size, **kwargs,
+                                      pretrained_cfg_overlay={"file": str(weights)}))
     except (RuntimeError, KeyError, ValueError, OSError, SafetensorError,
             pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
@@ -288,12 +301,13 @@ class ModelSpec:
     groupnorm: bool = False  # BatchNorm replaced by GroupNorm (DP full); checkpoints say so
     dp_layers: bool = False  # activations not in place, clones before in-place residual adds
     drop_rate: float = 0.0
+    image_size: int | None = None  # for architectures built for one input size (ViTs)
 
 
 def build_model(spec: ModelSpec, *, pretrained: str = "none") -> nn.Module:
     """The model of `spec`, started from `pretrained` (hub, none, a file or a checkpoint)."""
     model = create_model(spec.architecture, spec.num_classes, pretrained=pretrained,
-                         drop_rate=spec.drop_rate)
+                         drop_rate=spec.drop_rate, image_size=spec.image_size)
     if spec.groupnorm or spec.dp_layers:
         make_dp_safe(model, keep_batchnorm=not spec.groupnorm)
     apply_freeze(model, spec.freeze, freeze_bn=spec.freeze_bn)

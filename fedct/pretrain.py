@@ -95,7 +95,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
     device = pick_device(config.device)
     positive = split.classes[positive_index(split.classes, split.positive)]
     model = create_model(config.model, len(split.classes), pretrained=config.pretrained,
-                         drop_rate=config.drop_rate)
+                         drop_rate=config.drop_rate, image_size=config.image_size)
     out = prepare_run_dir(out, resume=resume, force=force,
                           inputs={"split": split_dir,
                                   "pretrained weights": checkpoint_paths(config.pretrained)[0]},

@@ -112,6 +112,12 @@ def private_training(model: nn.Module, optimizer, loader, *, noise: float, accou
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus's per-module hook warnings, every step
             yield physical_loader, dp_optimizer, result
+    except RuntimeError as exc:
+        if "vmap" in str(exc) and "random" in str(exc):
+            raise FedctError(f"{type(model).__name__}: dropout inside layers whose per-example "
+                             "gradients Opacus takes with vmap (a ViT's blocks); set drop_rate: 0 "
+                             "for --dp-train full") from None
+        raise
     finally:
         result["accountant"] = engine.accountant.state_dict()
         unwrap(wrapped, model)

@@ -208,3 +208,17 @@ def test_a_full_disk_is_one_line(split_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "atomic_write", full)
     one_line_error(cli("federate", split_dir, "--init", "none", "--out", tmp_path / "run", *TINY),
                    "config.yaml: No space left on device")
+
+
+@pytest.mark.slow
+def test_a_vit_runs_at_another_size_and_dp_full_names_what_it_needs(split_dir, tmp_path):
+    vit = ["--model", "vit_tiny_patch16_224", "--image-size", "32", "--batch-size", "8",
+           "--rounds", "1", "--local-steps", "1"]
+    assert cli("federate", split_dir, "--init", "none", "--out", tmp_path / "a", *vit).exit_code == 0
+    assert cli("evaluate", tmp_path / "a" / "final", "--split", split_dir, "--bootstrap",
+               "10").exit_code == 0
+    one_line_error(cli("federate", split_dir, "--init", "none", "--out", tmp_path / "b", *vit,
+                       "--dp", "--dp-train", "full"), "set drop_rate: 0")
+    (tmp_path / "dp.yaml").write_text("drop_rate: 0.0\n")
+    assert cli("federate", split_dir, "--init", "none", "--out", tmp_path / "c", *vit, "--dp",
+               "--dp-train", "full", "--config", tmp_path / "dp.yaml").exit_code == 0

@@ -44,7 +44,7 @@ def model_spec(config: FederateConfig, architecture: str, num_classes: int, *,
     return ModelSpec(architecture=architecture, num_classes=num_classes,
                      freeze=freeze_policy(config), freeze_bn=config.freeze_bn,
                      groupnorm=groupnorm, dp_layers=full or groupnorm,
-                     drop_rate=config.drop_rate)
+                     drop_rate=config.drop_rate, image_size=config.image_size or None)
 
 
 def resolve_input_size(config: FederateConfig, init: str) -> tuple[FederateConfig, str | None]:
