@@ -111,3 +111,33 @@ def test_group_pattern_and_missing_columns(tmp_path, synth_dir):
     (tmp_path / "x.csv").write_text("file,label\na.png,x\n")
     with pytest.raises(FedctError, match="missing column 'path'"):
         read_dataset(tmp_path / "x.csv")
+
+
+def test_group_pattern_alternatives_give_the_first_group_that_matched(tmp_path):
+    pattern = r"^(\d{4}\.\d{2}\.\d{2}\.\d+)-p|^(\d+)%|^(.+)\."
+    names = {"2020.03.07.20031393-p7-50%2.png": "2020.03.07.20031393", "76%1.jpg": "76",
+             "102.png": "102"}
+    (tmp_path / "d.csv").write_text("path,label\n" + "".join(f"{n},x\n" for n in names))
+    rows = read_dataset(tmp_path / "d.csv", group_pattern=pattern).rows
+    assert {r.path: r.group for r in rows} == names
+
+
+@pytest.mark.slow
+def test_covid_ct_papers_stay_in_one_client_with_the_readme_pattern(tmp_path):
+    from collections import defaultdict
+
+    from conftest import COVID_CSV, require_shared
+
+    from fedct.data.manifest import SplitOptions, run_split
+
+    require_shared(COVID_CSV)
+    _, meta = run_split(COVID_CSV, tmp_path / "s", SplitOptions(keep_split=True, scheme="dirichlet",
+                                                               alpha=0.5, clients=5, seed=1),
+                        group_pattern=r"^(\d{4}\.\d{2}\.\d{2}\.\d+)-p|^(\d+)%|^(.+)\.")
+    assert "warnings" not in meta
+    clients = defaultdict(set)
+    for line in (tmp_path / "s" / "manifest.csv").read_text().splitlines()[1:]:
+        path, label, group, site, split, client = line.split(",")
+        if split == "train" and label == "CT_COVID":
+            clients[group].add(client)
+    assert len(clients) >= 30 and all(len(c) == 1 for c in clients.values())

@@ -170,7 +170,8 @@ def _is_int(text: str) -> bool:
 
 
 def _groups_from_pattern(rows: list[Row], pattern: str) -> list[Row]:
-    """Derive a patient id from each file name (first capture group, else the whole match)."""
+    """Derive a patient id from each file name: the first capture group that matched (so
+    alternatives `(a)|(b)` can describe several naming schemes), else the whole match."""
     try:
         regex = re.compile(pattern)
     except re.error as exc:
@@ -180,7 +181,8 @@ def _groups_from_pattern(rows: list[Row], pattern: str) -> list[Row]:
         match = regex.search(Path(row.path).name)
         if match is None:
             raise FedctError(f"--group-pattern {pattern!r} does not match {row.path}")
-        out.append(replace(row, group=match.group(1) if regex.groups else match.group(0)))
+        matched = [g for g in match.groups() if g is not None]
+        out.append(replace(row, group=matched[0] if matched else match.group(0)))
     return out
 
 
