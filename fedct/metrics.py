@@ -5,21 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import mannwhitneyu
+from sklearn.metrics import roc_curve
 
 METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
            "balanced_accuracy", "auc")
 
 
 def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum formula (ties count half); NaN with one class."""
+    """Area under the ROC curve: the Mann-Whitney U of the positives' scores over the
+    negatives' (scipy; ties count half), divided by their pairs. Equal to scikit-learn's
+    roc_auc_score and fast enough for 1000 bootstrap resamples; NaN with one class."""
     is_positive = np.asarray(is_positive, dtype=bool)
+    score = np.asarray(score, dtype=float)
     n_pos = int(is_positive.sum())
     n_neg = len(is_positive) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    u = mannwhitneyu(score[is_positive], score[~is_positive], use_continuity=False,
+                     method="asymptotic").statistic
+    return float(u / (n_pos * n_neg))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -51,18 +56,14 @@ def binary_metrics(is_positive: np.ndarray, score: np.ndarray, threshold: float 
 
 
 def youden_threshold(is_positive: np.ndarray, score: np.ndarray) -> float:
-    """The threshold that maximises sensitivity + specificity - 1 on these data."""
+    """The threshold that maximises sensitivity + specificity - 1 on these data (scikit-learn's
+    ROC points; the first of equals, so the highest such threshold)."""
     truth = np.asarray(is_positive, dtype=bool)
     if truth.all() or not truth.any():
         return 0.5
-    candidates = np.unique(score)
-    best, best_j = 0.5, -np.inf
-    for t in candidates:
-        called = score >= t
-        j = np.mean(called[truth]) + np.mean(~called[~truth]) - 1
-        if j > best_j:
-            best, best_j = float(t), j
-    return best
+    fpr, tpr, thresholds = roc_curve(truth, score, drop_intermediate=False)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))
 
 
 def bootstrap(is_positive: np.ndarray, score: np.ndarray, *, threshold: float,
@@ -129,7 +130,6 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     for name, (truth, score) in curves.items():
@@ -157,10 +157,11 @@ def plot_confusion(matrices: dict[str, dict], path: Path, positive: str, negativ
                              squeeze=False)
     for ax, (name, c) in zip(axes[0], matrices.items(), strict=True):
         grid = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
-        ax.imshow(grid, cmap="Blues")
+        image = ax.imshow(grid, cmap="Blues")
         for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, str(v), ha="center", va="center",
-                    color="white" if v > grid.max() / 2 else "black")
+            red, green, blue, _ = image.cmap(image.norm(v))  # the cell's own colour decides
+            light = 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.5
+            ax.text(j, i, str(v), ha="center", va="center", color="black" if light else "white")
         ax.set_xticks([0, 1], [negative, positive], fontsize=7)
         ax.set_yticks([0, 1], [negative, positive], fontsize=7)
         ax.set_xlabel("predicted")

@@ -122,3 +122,16 @@ def test_positive_class_and_monitor_rules():
     assert positive_index(["a", "b", "c"], None) == 2
     assert monitor_value({"loss": 0.3}, "val_loss") == -0.3
     assert monitor_value({"auc": float("nan")}, "val_auc") == float("-inf")
+
+
+def test_auc_and_youden_agree_with_scikit_learn():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(3)
+    truth = rng.random(200) > 0.6
+    score = np.round(rng.random(200) * 0.5 + truth * 0.3, 2)  # ties included
+    assert roc_auc(truth, score) == pytest.approx(roc_auc_score(truth, score), abs=1e-12)
+    fpr, tpr, thresholds = roc_curve(truth, score)
+    best = youden_threshold(truth, score)
+    called = score >= best
+    assert np.mean(called[truth]) - np.mean(called[~truth]) == pytest.approx(max(tpr - fpr))
