@@ -222,3 +222,23 @@ def test_a_vit_runs_at_another_size_and_dp_full_names_what_it_needs(split_dir, t
     (tmp_path / "dp.yaml").write_text("drop_rate: 0.0\n")
     assert cli("federate", split_dir, "--init", "none", "--out", tmp_path / "c", *vit, "--dp",
                "--dp-train", "full", "--config", tmp_path / "dp.yaml").exit_code == 0
+
+
+def test_help_shows_defaults_choices_and_argument_help():
+    import re
+
+    def shown(*args):
+        result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "220"})
+        assert result.exit_code == 0, result.output
+        return " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+
+    federate = shown("federate")
+    assert "[default: 10]" in federate and "[default: the --init checkpoint's, else 224]" in federate
+    assert "[fedavg|fedprox|fedavgm|fedadam|fedyogi]" in federate and "[head|full]" in federate
+    assert "Split directory from `fedct split`." in federate
+    assert "[iid|dirichlet|shards|quantity|natural]" in shown("split")
+    assert "[train|val|test|local_val]" in shown("evaluate")
+    demo = shown("demo")
+    assert "demo.yaml" not in demo and "examples/demo-pretrain.yaml" in demo
+    wrong = cli("federate", "x", "--init", "none", "--out", "y", "--strategy", "fedsgd")
+    assert wrong.exit_code == 2 and "fedsgd" in wrong.output and "Traceback" not in wrong.output
