@@ -136,6 +136,7 @@ def run_and_compare(tmp_path, split_dir, embedded, certs=None, settings=SETTINGS
         federation.stop()
     assert proc.returncode == 0, output
     assert "2 nodes answered" in output
+    assert "round 1/2: training on clients 0, 1" in output and "client 1: trained" in output
     flower, meta = read_checkpoint(tmp_path / "run" / "final")
     assert meta["engine"] == "flower"
     assert flower.keys() == embedded.keys()

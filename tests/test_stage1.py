@@ -238,3 +238,25 @@ def test_offline_hub_answers_at_once_from_the_cache_or_with_one_line(monkeypatch
     save_file(timm.create_model("test_efficientnet").state_dict(), str(cached))
     monkeypatch.setattr(models, "_hub_cached_file", lambda name: str(cached))
     assert create_model("test_efficientnet", 2, pretrained="hub")
+
+
+def test_pretrain_shows_a_line_per_epoch_and_warns_about_a_lopsided_best(split_dir, tmp_path):
+    from fedct.pretrain import lopsided_warning
+
+    result = cli("pretrain", split_dir, "--out", tmp_path / "run", *tiny_flags(epochs=2))
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/2: train loss" in result.output and "epoch 2/2: train loss" in result.output
+    assert "sensitivity 0.17" in lopsided_warning({"val_sensitivity": 0.17, "val_specificity": 0.9})
+    assert lopsided_warning({"val_sensitivity": 0.7, "val_specificity": float("nan")}) is None
+
+
+def test_noise_calibration_prints_no_opacus_warning():
+    import warnings
+
+    from fedct.config import FederateConfig
+    from fedct.privacy import calibrate_noise
+
+    config = build_config(FederateConfig, None, {"dp": True, "target_epsilon": 50.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert calibrate_noise(n_examples=40, total_steps=4, config=config) > 0
