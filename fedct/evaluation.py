@@ -29,8 +29,9 @@ SPLITS = ("train", "val", "test", LOCAL_VAL)
 def load_model(checkpoint: str | Path):
     """The model a checkpoint describes, its weights loaded strictly, and its sidecar."""
     state, meta = read_checkpoint(checkpoint)
+    size = meta.get("input_size")
     model = create_model(meta["architecture"], len(meta["classes"]), pretrained="none",
-                         image_size=int(meta["input_size"][-1]))
+                         image_size=int(size[-1]) if size else None)
     if meta.get("dp_safe"):
         make_dp_safe(model)
     load_weights(model, state, source=checkpoint_paths(checkpoint)[0])
@@ -114,6 +115,10 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         if unknown:
             raise FedctError(f"{checkpoint_paths(checkpoint)[0]}: trained for classes "
                              f"{classes}, but the data has {unknown[0]!r}")
+        for key in ("input_size", "mean", "std"):
+            if key not in meta:
+                raise FedctError(f"{checkpoint_paths(checkpoint)[1]}: missing key '{key}' (the "
+                                 "input size and normalisation to score with)")
         positive = classes[positive_index(classes, meta.get("positive") or split.positive)]
         size = int(meta["input_size"][-1])
         key = (size, tuple(classes))

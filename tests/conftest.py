@@ -30,6 +30,16 @@ def synth_dir(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("synth") / "data", n=160, seed=0, size=64)
 
 
+@pytest.fixture(scope="session")
+def split_dir(synth_dir, tmp_path_factory) -> Path:
+    """The synthetic data over 2 IID clients; a module may define its own split_dir instead."""
+    from fedct.data.manifest import SplitOptions, run_split
+
+    out = tmp_path_factory.mktemp("split") / "split"
+    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=2, seed=0))
+    return out
+
+
 def write_node_csv(split_dir: Path, client_id: int, path: Path) -> Path:
     """A hospital's own CSV holding exactly one client's rows of the split. It sits at the
     root of the images (paths are relative to it), named after `path`; returns where it is."""

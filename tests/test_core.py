@@ -11,7 +11,6 @@ import torch
 from conftest import write_node_csv
 
 from fedct.config import FederateConfig, build_config
-from fedct.data.manifest import SplitOptions, run_split
 from fedct.federated import protocol
 from fedct.federated.protocol import ClientReply, Hello, RoundSpec, RunExtras, Status, Update
 from fedct.runs import CheckpointTracker, read_checkpoint
@@ -58,13 +57,6 @@ def test_run_config_round_trip_keeps_every_option():
     assert all("_" not in key for key in values)
     assert protocol.split_run_config(values) == (config, extras)
     assert RunExtras().node_wait == protocol.NODE_WAIT_SECONDS
-
-
-@pytest.fixture(scope="module")
-def split_dir(synth_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("core-split") / "split"
-    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=2, seed=0))
-    return out
 
 
 def test_a_node_with_its_own_data_trains_as_the_split_node_does(split_dir, tmp_path):

@@ -32,13 +32,6 @@ def one_line_error(result, *fragments):
         assert fragment in text, text
 
 
-@pytest.fixture(scope="module")
-def split_dir(synth_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("refusal-split") / "split"
-    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=2, seed=0))
-    return out
-
-
 def test_dry_run_prints_every_resolved_option(split_dir, tmp_path):
     result = cli("federate", split_dir, "--init", "none", "--out", tmp_path / "my run",
                  "--engine", "flower", "--federation", "hospitals", "--dry-run", *TINY,

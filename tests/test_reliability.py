@@ -13,7 +13,6 @@ import torch
 
 from fedct import runs
 from fedct.config import FederateConfig, PretrainConfig, build_config
-from fedct.data.manifest import SplitOptions, run_split
 from fedct.federated import server as server_module
 from fedct.federated.simulation import run_federate
 from fedct.pretrain import run_pretrain
@@ -65,13 +64,6 @@ def rows(path) -> list[dict]:
         return []
     with path.open() as handle:
         return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(handle)]
-
-
-@pytest.fixture(scope="module")
-def split_dir(synth_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fault-split") / "split"
-    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=2, seed=0))
-    return out
 
 
 FEDERATE = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,

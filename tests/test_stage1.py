@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from fedct.cli import app
 from fedct.config import PretrainConfig, build_config
-from fedct.data.manifest import SplitOptions, run_split
 from fedct.errors import FedctError
 from fedct.models import apply_freeze, create_model, make_dp_safe
 from fedct.runs import read_checkpoint, save_checkpoint
@@ -18,13 +17,6 @@ from fedct.runs import read_checkpoint, save_checkpoint
 runner = CliRunner()
 TINY = {"model": "test_efficientnet", "pretrained": "none", "image_size": 64, "batch_size": 16,
         "epochs": 3, "lr": 3e-3}
-
-
-@pytest.fixture(scope="module")
-def split_dir(synth_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("split") / "split"
-    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=2, seed=0))
-    return out
 
 
 def cli(*args):

@@ -124,7 +124,7 @@ def _to_values(obj) -> dict:
     values = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if value is None or isinstance(value, (Update, dict)):
+        if value is None or isinstance(value, Update):  # an update travels as arrays
             continue
         if isinstance(value, Enum):
             value = value.value

@@ -51,7 +51,8 @@ def resolve_input_size(config: FederateConfig, init: str) -> tuple[FederateConfi
     """The config with its image size fixed: as given, else the init checkpoint's (stage 1's),
     else 224; and a note when a given size differs from the checkpoint's."""
     _, sidecar = checkpoint_paths(init)
-    trained = int(read_checkpoint(init)[1]["input_size"][-1]) if sidecar.is_file() else None
+    recorded = read_checkpoint(init)[1].get("input_size") if sidecar.is_file() else None
+    trained = int(recorded[-1]) if recorded else None
     size = config.image_size or trained or 224
     note = None
     if config.image_size and trained and config.image_size != trained:
