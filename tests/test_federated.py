@@ -99,8 +99,14 @@ def test_end_to_end_writes_the_run_directory(split_dir, tmp_path):
     _, meta = read_checkpoint(out / "final")
     assert meta["stage"] == "federate" and meta["round"] == 2
     scored = runner.invoke(app, ["evaluate", str(out / "final"), "--split", str(split_dir),
-                                 "--on", "local_val", "--per-client", "--bootstrap", "0"])
+                                 "--on", "local_val", "--per-client", "--bootstrap", "0",
+                                 "--json"])
     assert scored.exit_code == 0, scored.output
+    # the local val column scores the aggregated model of the round, not a client's own
+    per_client = [r["threshold_0.5"]["accuracy"] for r in json.loads(scored.stdout)["results"]
+                  if r["data"].startswith("client")]
+    assert len(per_client) == 3
+    assert float(rows[1]["local_val_acc"]) == pytest.approx(np.mean(per_client), abs=1e-5)
 
 
 def test_live_view_on_a_terminal_and_lines_in_logs(split_dir, tmp_path):

@@ -156,12 +156,15 @@ class RoundServer:
 
     def finish_round(self, round_number: int, global_weights: Weights,
                      replies: list[ClientReply], running: RunningAverage, *, started: float,
-                     local_val_acc: float = float("nan"), extra_state: dict | None = None) -> Weights:
-        """Aggregate and record a round whose replies went through `accept`."""
+                     local_val: Callable[[Weights], float] | None = None,
+                     extra_state: dict | None = None) -> Weights:
+        """Aggregate and record a round whose replies went through `accept`; `local_val`
+        scores the aggregated model on the clients' own validation rows."""
         weights = self.aggregate(round_number, global_weights, running)
         self.record(round_number, weights, replies,
                     updated=running.count >= self.setup.config.min_clients, started=started,
-                    local_val_acc=local_val_acc, extra_state=extra_state or {})
+                    local_val_acc=local_val(weights) if local_val else float("nan"),
+                    extra_state=extra_state or {})
         return weights
 
     def finish(self, global_weights: Weights) -> dict:
@@ -237,9 +240,8 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
             for reply in train_round(round_number, weights):
                 replies.append(server.accept(round_number, weights, reply, running))
                 view.client_finished(replies[-1])
-            local = local_val(weights) if local_val else float("nan")
             weights = server.finish_round(round_number, weights, replies, running, started=started,
-                                          local_val_acc=local, extra_state=dict(kept or {}))
+                                          local_val=local_val, extra_state=dict(kept or {}))
             if stop_after is not None and round_number >= stop_after:
                 return {"stopped_after": round_number}
     return server.finish(weights)

@@ -86,16 +86,14 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
 
 def local_accuracy(setup: RunSetup, clients: list[ClientData], global_weights: Weights,
                    client_states: dict, device: torch.device) -> float:
-    """Mean accuracy on the clients' local validation sets (FedBN: each with its own norms)."""
+    """Mean accuracy of the aggregated model on the clients' local validation sets (FedBN:
+    each client's own norms in it)."""
     config = setup.config
     scores = []
     for data in clients:
         if data.val is None or len(data.val) == 0:
             continue
-        if config.fedbn:
-            load_global(setup.model, global_weights, client_states[data.client_id], fedbn=True)
+        load_global(setup.model, global_weights, client_states[data.client_id], fedbn=config.fedbn)
         scores.append(score_model(setup.model, data.val, device=device, config=config,
                                   positive_index=setup.positive_index)["acc"])
-    if config.fedbn:
-        setup.model.load_state_dict(global_weights)
     return float(np.mean(scores)) if scores else float("nan")
