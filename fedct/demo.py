@@ -1,4 +1,4 @@
-"""`fedct demo`: the whole two-stage pipeline on synthetic CT, offline, in about a minute.
+"""`fedct demo`: the whole two-stage pipeline on synthetic CT, offline, in under two minutes.
 
 synth -> Dirichlet split over 4 clients -> stage 1 on client 0's share (standing in for
 data that may be pooled) -> stage 2 federated over all 4 -> evaluate both on test.
