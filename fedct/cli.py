@@ -17,6 +17,7 @@ from fedct import __version__
 from fedct.config import CHOICES
 from fedct.data.partition import SCHEMES, SPLITS
 from fedct.errors import FedctError
+from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS
 from fedct.tables import print_evaluation, print_split_table
 
 app = typer.Typer(
@@ -302,7 +303,7 @@ def federate(
     federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name in $FLWR_HOME/config.toml.")] = None,
     dry_run: Annotated[bool, typer.Option(help="flower: print the SuperLink, SuperNode and submit commands, run nothing.")] = False,
     certs: Annotated[Path | None, typer.Option(help="flower --dry-run: folder from `fedct certs` (TLS commands).")] = None,
-    round_timeout: Annotated[float, typer.Option(help="flower: seconds to wait for a round's replies.")] = 3600.0,
+    round_timeout: Annotated[float, typer.Option(help="flower: seconds to wait for a round's replies.")] = ROUND_TIMEOUT_SECONDS,
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -336,8 +337,6 @@ def federate(
         init, out = saved["init"], resume
     if out is None or init is None:
         raise FedctError("--init CKPT and --out RUN_DIR are required (or --resume RUN_DIR)")
-    if engine not in ("embedded", "flower"):
-        raise FedctError(f"--engine {engine!r}: choose embedded or flower")
     if engine == "flower" and dry_run:
         for line in flower_run.dry_run_lines(split_dir, out, cfg, init=init,
                                              federation=federation, certs=certs):

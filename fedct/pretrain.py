@@ -33,7 +33,7 @@ from fedct.runs import (
     checkpoint_paths,
     load_resume,
     prepare_run_dir,
-    read_checkpoint,
+    read_sidecar,
     save_resume,
     truncate_csv,
     write_config,
@@ -199,7 +199,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
                 console.print(f"early stop after epoch {epoch}: {config.monitor} has not improved "
                               f"for {config.patience} epochs")
                 break
-    _, best_meta = read_checkpoint(out / "best")
+    best_meta = read_sidecar(out / "best")
     lopsided = lopsided_warning(best_meta["metrics"])
     if lopsided:
         console.print(f"warning: best epoch {tracker.best_step}: {lopsided}", highlight=False)

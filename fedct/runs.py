@@ -87,20 +87,30 @@ def save_checkpoint(stem: Path, state: dict[str, torch.Tensor], meta: dict) -> P
     return weights
 
 
-def read_checkpoint(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_sidecar(name: str | Path) -> dict:
+    """A checkpoint's sidecar alone: what it is, without loading its weights."""
     weights, sidecar = checkpoint_paths(name)
     if not weights.is_file():
         raise FedctError(f"{weights}: checkpoint not found")
     if not sidecar.is_file():
         raise FedctError(f"{sidecar}: checkpoint sidecar not found (a fedct checkpoint has both)")
     try:
-        state = load_file(str(weights))
         meta = json.loads(sidecar.read_text())
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-        raise FedctError(f"{weights}: unreadable checkpoint ({exc.__class__.__name__})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FedctError(f"{sidecar}: unreadable checkpoint sidecar ({exc.__class__.__name__})") from None
     for key in ("architecture", "classes"):
         if key not in meta:
             raise FedctError(f"{sidecar}: missing key '{key}'")
+    return meta
+
+
+def read_checkpoint(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    meta = read_sidecar(name)
+    weights, _ = checkpoint_paths(name)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise FedctError(f"{weights}: unreadable checkpoint ({exc.__class__.__name__})") from None
     return state, meta
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from fedct import __version__
 from fedct.errors import FedctError
 from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS, RunExtras, run_config_values
-from fedct.runs import REPORT, checkpoint_paths, prepare_run_dir
+from fedct.runs import REPORT, prepare_run_dir
 
 FLWR_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -73,6 +73,16 @@ clientapp = "fedct.federated.flower_app:client_app"
     return app_dir
 
 
+def _federation_split(split_dir: Path, federation: str | None):
+    """The split a Flower run is about, once a federation is named."""
+    from fedct.data.manifest import load_split
+
+    if federation is None:
+        raise FedctError("--engine flower needs --federation NAME (a connection in "
+                         "$FLWR_HOME/config.toml)")
+    return load_split(split_dir)
+
+
 def run_on_flower(split_dir: Path, out: Path, config, *, init: str, federation: str | None,
                   round_timeout: float = ROUND_TIMEOUT_SECONDS, resume: bool = False,
                   force: bool = False) -> dict:
@@ -81,21 +91,14 @@ def run_on_flower(split_dir: Path, out: Path, config, *, init: str, federation: 
     The coordinator's ServerApp writes the run directory `out` (this machine's, in a local
     federation) exactly as the embedded engine does.
     """
-    from fedct.data.manifest import load_split
+    from fedct.federated.setup import resolve_input_size, run_inputs
 
-    if federation is None:
-        raise FedctError("--engine flower needs --federation NAME (a connection in "
-                         "$FLWR_HOME/config.toml)")
-    from fedct.federated.setup import resolve_input_size
-
-    split = load_split(split_dir)
-    inputs = {"split": split_dir, "init checkpoint": checkpoint_paths(init)[0]}
+    split = _federation_split(split_dir, federation)
     config, note = resolve_input_size(config, init)
     if note:
         print(f"note: {note}", file=sys.stderr)
     if not resume:
-        prepare_run_dir(out, resume=False, force=force, inputs=inputs,
-                        roots={"dataset folder": split.root})
+        prepare_run_dir(out, resume=False, force=force, **run_inputs(split, init))
     values = run_config(config, init=init, out=out, split_dir=split_dir,
                         num_clients=split.num_clients, round_timeout=round_timeout, resume=resume)
     with tempfile.TemporaryDirectory(prefix="fedct-flower-app-") as app_dir:
@@ -115,12 +118,10 @@ def dry_run_lines(split_dir: Path, out: Path, config, *, init: str, federation: 
     import yaml
 
     from fedct.config import to_dict
-    from fedct.data.manifest import load_split
+    from fedct.federated.setup import resolve_input_size
 
-    if federation is None:
-        raise FedctError("--engine flower needs --federation NAME (a connection in "
-                         "$FLWR_HOME/config.toml)")
-    split = load_split(split_dir)
+    split = _federation_split(split_dir, federation)
+    config, _ = resolve_input_size(config, init)
     lines = role_commands(split_dir=split_dir, clients=split.num_clients, federation=federation,
                           certs=certs)
     config_file = f"{Path(out).name or 'run'}-federate.yaml"

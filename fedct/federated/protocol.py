@@ -16,10 +16,12 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only for the annotation: the CLI reads the defaults below cheaply
+    import torch
 
-Weights = dict[str, torch.Tensor]
+Weights = dict[str, "torch.Tensor"]
 
 NODE_WAIT_SECONDS = 120.0  # how long the Flower server waits for nodes to show up
 ROUND_TIMEOUT_SECONDS = 3600.0  # how long it waits for a round's replies

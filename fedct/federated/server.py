@@ -36,7 +36,7 @@ from fedct.runs import (
     check_resume_inputs,
     load_resume,
     prepare_run_dir,
-    read_checkpoint,
+    read_sidecar,
     save_checkpoint,
     save_resume,
     truncate_csv,
@@ -169,9 +169,9 @@ class RoundServer:
 
     def finish(self, global_weights: Weights) -> dict:
         config = self.setup.config
-        _, last_meta = read_checkpoint(self.out / "last")
+        last_meta = read_sidecar(self.out / "last")
         save_checkpoint(self.out / "final", global_weights, last_meta)
-        _, best_meta = read_checkpoint(self.out / "best")
+        best_meta = read_sidecar(self.out / "best")
         report = {"stage": "federate", "run": str(self.out), "rounds": config.rounds,
                   "strategy": config.strategy, "best_round": self.tracker.best_step,
                   "monitor": config.monitor, "best": best_meta["metrics"],

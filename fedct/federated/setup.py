@@ -23,7 +23,7 @@ from fedct.errors import FedctError
 from fedct.federated.protocol import RoundSpec
 from fedct.metrics import positive_index
 from fedct.models import ModelSpec, build_model, data_config
-from fedct.runs import checkpoint_meta, checkpoint_paths, read_checkpoint
+from fedct.runs import checkpoint_meta, checkpoint_paths, read_sidecar
 
 
 def freeze_policy(config: FederateConfig) -> str:
@@ -51,7 +51,7 @@ def resolve_input_size(config: FederateConfig, init: str) -> tuple[FederateConfi
     """The config with its image size fixed: as given, else the init checkpoint's (stage 1's),
     else 224; and a note when a given size differs from the checkpoint's."""
     _, sidecar = checkpoint_paths(init)
-    recorded = read_checkpoint(init)[1].get("input_size") if sidecar.is_file() else None
+    recorded = read_sidecar(init).get("input_size") if sidecar.is_file() else None
     trained = int(recorded[-1]) if recorded else None
     size = config.image_size or trained or 224
     note = None
@@ -59,6 +59,14 @@ def resolve_input_size(config: FederateConfig, init: str) -> tuple[FederateConfi
         note = (f"image_size {config.image_size} differs from {trained}, the size {init} was "
                 "trained at")
     return dataclasses.replace(config, image_size=size), note
+
+
+def run_inputs(split: Split | None, init: str) -> dict:
+    """What a federated run reads, as `prepare_run_dir`'s keyword arguments: its output must
+    stay apart from them."""
+    return {"inputs": {"split": split.directory if split else None,
+                       "init checkpoint": checkpoint_paths(init)[0]},
+            "roots": {"dataset folder": split.root if split else None}}
 
 
 def sample_schedule(num_clients: int, config: FederateConfig) -> list[list[int]]:
@@ -109,11 +117,7 @@ class RunSetup:
                                dp_safe=self.spec.groupnorm)
 
     def inputs(self) -> dict:
-        """What the run reads, for `prepare_run_dir` to keep the output apart from."""
-        split = self.split
-        return {"inputs": {"split": split.directory if split else None,
-                           "init checkpoint": checkpoint_paths(self.init)[0]},
-                "roots": {"dataset folder": split.root if split else None}}
+        return run_inputs(self.split, self.init)
 
     def round_spec(self, round_number: int, planned: int) -> RoundSpec:
         return RoundSpec(round=round_number, planned_rounds=planned,
@@ -138,7 +142,7 @@ def prepare_setup(config: FederateConfig, *, init: str, split_dir: str | Path | 
         raise FedctError("image_size is not resolved: call resolve_input_size first")
     split = load_split(split_dir) if split_dir else None
     weights, sidecar = checkpoint_paths(init)
-    init_meta = read_checkpoint(init)[1] if sidecar.is_file() else {}
+    init_meta = read_sidecar(init) if sidecar.is_file() else {}
     if split is not None and init_meta and list(init_meta["classes"]) != list(split.classes):
         raise FedctError(f"{weights}: trained for classes {init_meta['classes']}, the split has "
                          f"{split.classes}")
