@@ -14,7 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedct import __version__
-from fedct.config import CHOICES
+from fedct.config import CHOICES, FED_MONITORS
+from fedct.config import THRESHOLD_RULES as RULES
 from fedct.data.partition import SCHEMES, SPLITS
 from fedct.errors import FedctError
 from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS
@@ -193,6 +194,7 @@ def pretrain(
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels. \\[default: 224]")] = None,
     freeze: Annotated[str | None, typer.Option(help="full, head, or last-N blocks. \\[default: full]")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed. \\[default: 0]")] = None,
+    threshold: Annotated[str | None, typer.Option(help=f"Operating point chosen on val: {RULES}. \\[default: 0.5]")] = None,
     clients: Annotated[str | None, typer.Option(help="Pretrain on these clients' rows only, e.g. 0,2.")] = None,
     rows: Annotated[str | None, typer.Option(help="Pretrain on rows whose site, split or client equals this.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
@@ -214,7 +216,8 @@ def pretrain(
 
     overrides = {"model": model, "pretrained": pretrained, "epochs": epochs,
                  "batch_size": batch_size, "lr": lr, "image_size": image_size, "freeze": freeze,
-                 "seed": seed, "clients": clients, "rows": rows, "device": device}
+                 "seed": seed, "threshold": threshold, "clients": clients, "rows": rows,
+                 "device": device}
     cfg, _ = resolve_config(PretrainConfig, path=config, overrides=overrides, resume_dir=resume)
     out = resume or out
     if out is None:
@@ -292,6 +295,10 @@ def federate(
     batch_size: Annotated[int | None, typer.Option(help="Client batch size. \\[default: 32]")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels. \\[default: the --init checkpoint's, else 224]")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (sampling, data order, noise). \\[default: 0]")] = None,
+    val: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["val"]), help="Validate on the coordinator's val rows (pooled), the clients' own (federated), or both. \\[default: both]")] = None,
+    eval_fraction: Annotated[float | None, typer.Option(help="Share of clients that score the global model each round (seeded). \\[default: 1.0]")] = None,
+    monitor: Annotated[str | None, typer.Option(click_type=click.Choice(FED_MONITORS), help="Best round by this; auto: val_auc with pooled val, else fed_auc. \\[default: auto]")] = None,
+    threshold: Annotated[str | None, typer.Option(help=f"Operating point chosen on val: {RULES}. \\[default: 0.5]")] = None,
     dp: Annotated[bool | None, typer.Option("--dp/--no-dp", help="Differentially private client training (Opacus DP-SGD).")] = None,
     target_epsilon: Annotated[float | None, typer.Option(help="Per-client epsilon for the whole run. \\[default: 8]")] = None,
     delta: Annotated[float | None, typer.Option(help="DP delta. \\[default: 1e-5]")] = None,
@@ -329,7 +336,8 @@ def federate(
                  "clients_per_round": clients_per_round, "strategy": strategy, "mu": mu,
                  "server_lr": server_lr, "fedbn": fedbn, "freeze": freeze, "lr": lr,
                  "lr_schedule": lr_schedule, "batch_size": batch_size, "image_size": image_size,
-                 "seed": seed, "dp": dp,
+                 "seed": seed, "dp": dp, "val": val, "eval_fraction": eval_fraction,
+                 "monitor": monitor, "threshold": threshold,
                  "target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm,
                  "noise_multiplier": noise_multiplier, "dp_train": dp_train, "device": device}
     cfg, saved = resolve_config(FederateConfig, path=config, overrides=overrides, resume_dir=resume)
@@ -352,10 +360,13 @@ def federate(
     if json_out:
         _print_json(report)
     elif not quiet:
-        final = report["final"]
-        console.print(f"final (round {report['rounds']}): val acc {_number(final['val_acc'])}, "
-                      f"AUC {_number(final['val_auc'])}; best round {report['best_round']} by "
-                      f"{report['monitor']}"
+        final, point = report["final"], report["operating_point"]
+        p = report["monitor"].split("_", 1)[0]
+        console.print(f"final (round {report['rounds']}): {'federated ' if p == 'fed' else ''}"
+                      f"val acc {_number(final[f'{p}_acc'])}, AUC {_number(final[f'{p}_auc'])}; "
+                      f"best round {report['best_round']} by {report['monitor']}, threshold "
+                      f"{point['threshold']:.3f} ({point['rule']} on {point['source']} val: sens "
+                      f"{_number(point['sensitivity'])}, spec {_number(point['specificity'])})"
                       + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""))
         console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")
 

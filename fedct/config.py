@@ -40,6 +40,7 @@ class TrainConfig:
     drop_rate: float = 0.2
     augment: bool = True
     tta: bool = False  # validate on the mean of each image and its mirror
+    threshold: str = "0.5"  # the operating point, chosen on val: 0.5 | youden | sens:X | spec:X
     aug_scale_min: float = 0.6
     aug_rotation: float = 10.0
     aug_flip: bool = True
@@ -87,7 +88,9 @@ class FederateConfig(TrainConfig):
     beta2: float = 0.99
     tau: float = 1e-3
     fedbn: bool = False
-    monitor: str = "val_auc"
+    monitor: str = "auto"  # auto: val_auc with a pooled val set, else fed_auc
+    val: str = "both"  # pooled (coordinator's val rows) | federated (clients' own) | both
+    eval_fraction: float = 1.0  # share of clients that score the global model each round
     keep_last: int = 2
     dp: bool = False
     target_epsilon: float = 8.0
@@ -100,11 +103,13 @@ class FederateConfig(TrainConfig):
     accountant: str = "rdp"
 
 
+THRESHOLD_RULES = "0.5 (or any number in (0, 1)), youden, sens:X or spec:X"
 MONITORS = ("val_auc", "val_acc", "val_loss", "val_balanced_acc")
+FED_MONITORS = ("auto", *MONITORS, "fed_auc", "fed_acc", "fed_loss", "fed_balanced_acc")
 CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "balance": ("none", "loss", "sampler"),
-    "monitor": MONITORS,
+    "val": ("pooled", "federated", "both"),
     "lr_schedule": ("constant", "cosine"),
     "strategy": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"),
     "dp_train": ("head", "full"),
@@ -203,10 +208,15 @@ def resolve_config(cls, *, path: str | Path | None, overrides: dict,
 
 
 def validate(config) -> None:
-    for key, allowed in CHOICES.items():
+    from fedct.operating_point import parse_rule
+
+    choices = {**CHOICES, "monitor": FED_MONITORS if isinstance(config, FederateConfig)
+               else MONITORS}
+    for key, allowed in choices.items():
         value = getattr(config, key, None)
         if value is not None and value not in allowed:
             raise FedctError(f"{key} {value!r}: choose from {', '.join(allowed)}")
+    parse_rule(config.threshold)
     freeze = config.freeze
     if freeze not in ("full", "head") and not (
         freeze.startswith("last-") and freeze[5:].isdigit() and int(freeze[5:]) > 0
@@ -227,6 +237,13 @@ def validate(config) -> None:
             raise FedctError(f"min_lr {config.min_lr}: must be in [0, lr {config.lr}]")
         if not 0 < config.fraction <= 1:
             raise FedctError(f"fraction {config.fraction}: must be in (0, 1]")
+        if not 0 < config.eval_fraction <= 1:
+            raise FedctError(f"eval_fraction {config.eval_fraction}: must be in (0, 1]")
+        if config.val == "pooled" and config.monitor.startswith("fed_"):
+            raise FedctError(f"monitor {config.monitor}: needs federated val (val: federated "
+                             "or both)")
+        if config.val == "federated" and config.monitor.startswith("val_"):
+            raise FedctError(f"monitor {config.monitor}: needs pooled val (val: pooled or both)")
         if config.local_steps < 0:
             raise FedctError(f"local_steps {config.local_steps}: must be >= 0 (0: use local_epochs)")
         if config.local_steps == 0 and config.local_epochs < 1:

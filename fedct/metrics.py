@@ -102,9 +102,10 @@ def positive_index(classes: list[str], positive: str | None) -> int:
 
 
 def monitor_value(metrics: dict, monitor: str) -> float:
-    """A monitored value where higher is better (the loss is negated); NaN counts as -inf."""
-    key = monitor.removeprefix("val_")
-    value = -metrics["loss"] if key == "loss" else metrics[key]
+    """A monitored value where higher is better (a loss is negated); NaN counts as -inf.
+    `metrics` has the monitor's own key (val_auc, fed_auc) or the bare one (auc)."""
+    value = metrics[monitor] if monitor in metrics else metrics[monitor.split("_", 1)[1]]
+    value = -value if monitor.endswith("loss") else value
     return float("-inf") if np.isnan(value) else float(value)
 
 

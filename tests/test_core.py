@@ -12,14 +12,22 @@ from conftest import write_node_csv
 
 from fedct.config import FederateConfig, build_config
 from fedct.federated import protocol
-from fedct.federated.protocol import ClientReply, Hello, RoundSpec, RunExtras, Status, Update
+from fedct.federated.protocol import (
+    ClientReply,
+    Evaluation,
+    Hello,
+    RoundSpec,
+    RunExtras,
+    Status,
+    Update,
+)
 from fedct.runs import CheckpointTracker, read_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedct"
 TINY = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
         "rounds": 2, "local_steps": 2}
 SPEC = RoundSpec(round=3, planned_rounds=5, architecture="test_efficientnet",
-                 classes=("CT_COVID", "CT_NonCOVID"), mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.1),
+                 classes=("CT_COVID", "CT_NonCOVID"), positive="CT_COVID", mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.1),
                  groupnorm=True)
 
 
@@ -48,6 +56,11 @@ def test_every_message_field_survives_flower_records():
     assert protocol.decode_reply(protocol.encode_reply(sat_out)) == sat_out
     plain = ClientReply(0, None, status=Status.FAILED)  # None fields stay None
     assert protocol.decode_reply(protocol.encode_reply(plain)) == plain
+    scored = Evaluation(3, examples=5, loss_sum=2.5, correct=4, positives=(0, 2, 1),
+                        negatives=(1, 1, 0))
+    assert protocol.decode_evaluation(protocol.encode_evaluation(scored)) == scored
+    empty = Evaluation(1)  # a node without validation rows: empty histograms stay empty
+    assert protocol.decode_evaluation(protocol.encode_evaluation(empty)) == empty
 
 
 def test_run_config_round_trip_keeps_every_option():

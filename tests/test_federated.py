@@ -95,18 +95,28 @@ def test_end_to_end_writes_the_run_directory(split_dir, tmp_path):
         rows = list(csv.DictReader(handle))
     assert list(rows[0])[:4] == ["round", "clients", "train_loss", "val_loss"]
     assert [r["round"] for r in rows] == ["1", "2"] and rows[0]["clients"] == "3"
-    assert float(rows[0]["local_val_acc"]) >= 0
+    assert int(rows[0]["fed_clients"]) == 3 and int(rows[0]["fed_examples"]) > 0
     _, meta = read_checkpoint(out / "final")
     assert meta["stage"] == "federate" and meta["round"] == 2
+    assert meta["operating_point"]["threshold"] == 0.5
     scored = runner.invoke(app, ["evaluate", str(out / "final"), "--split", str(split_dir),
                                  "--on", "local_val", "--per-client", "--bootstrap", "0",
                                  "--json"])
     assert scored.exit_code == 0, scored.output
-    # the local val column scores the aggregated model of the round, not a client's own
-    per_client = [r["threshold_0.5"]["accuracy"] for r in json.loads(scored.stdout)["results"]
-                  if r["data"].startswith("client")]
-    assert len(per_client) == 3
-    assert float(rows[1]["local_val_acc"]) == pytest.approx(np.mean(per_client), abs=1e-5)
+    results = {r["data"]: r["threshold_0.5"] for r in json.loads(scored.stdout)["results"]}
+    # federated val scores the aggregated model of the round, not a client's own: pooled over
+    # the clients it equals fedct evaluate on all their local val rows, and per client too
+    pooled = results.pop("all")
+    assert float(rows[1]["fed_acc"]) == pytest.approx(pooled["accuracy"], abs=1e-6)
+    assert float(rows[1]["fed_sensitivity"]) == pytest.approx(pooled["sensitivity"], abs=1e-6)
+    assert float(rows[1]["fed_specificity"]) == pytest.approx(pooled["specificity"], abs=1e-6)
+    assert abs(float(rows[1]["fed_auc"]) - pooled["auc"]) <= float(rows[1]["fed_auc_bin_error"])
+    with (out / "clients.csv").open() as handle:
+        clients = [r for r in csv.DictReader(handle) if r["round"] == "2"]
+    assert len(clients) == len(results) == 3
+    for row in clients:
+        own = results[f"client {row['client']}"]
+        assert float(row["acc"]) == pytest.approx(own["accuracy"], abs=1e-6)
 
 
 def test_live_view_on_a_terminal_and_lines_in_logs(split_dir, tmp_path):

@@ -124,7 +124,7 @@ def test_reports_are_strict_json_and_stage2_takes_stage1s_image_size(split_dir, 
         raise ValueError(f"not JSON: {constant}")
 
     report = json.loads((tmp_path / "a" / "report.json").read_text(), parse_constant=refuse)
-    assert report["final"]["local_val_acc"] is None  # NaN in memory, null on disk
+    assert report["final"]["fed_acc"] is None  # no client val rows: NaN in memory, null on disk
     json.loads((tmp_path / "a" / "final.json").read_text(), parse_constant=refuse)
     second = cli("federate", split_dir, "--init", tmp_path / "a" / "final", "--out",
                  tmp_path / "b", "--rounds", "1", "--local-steps", "1", "--batch-size", "16")

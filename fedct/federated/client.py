@@ -5,14 +5,23 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedct import privacy
 from fedct.data.loading import ImageTensorDataset, SplitImages, make_loader
 from fedct.data.manifest import LOCAL_VAL, Entry
-from fedct.federated.protocol import ClientReply, Status, Update, Weights
-from fedct.training import cosine_between, make_loss, make_optimizer, seed_everything, train_epoch
+from fedct.federated.protocol import ClientReply, Evaluation, Status, Update, Weights
+from fedct.operating_point import ScoreHistogram
+from fedct.training import (
+    cosine_between,
+    make_loss,
+    make_optimizer,
+    predict,
+    seed_everything,
+    train_epoch,
+)
 
 
 @dataclass
@@ -164,3 +173,22 @@ def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData
                                   num_classes=num_classes, noise=noise)
     return ClientReply(data.client_id, update, epsilon=state.get("epsilon"), steps=state["steps"],
                        noise=noise), state
+
+
+def client_evaluate(model: nn.Module, global_weights: Weights, data: ClientData, config,
+                    state: dict, *, device: torch.device, positive_index: int) -> Evaluation:
+    """Score the global model (with this client's own norms under FedBN) on the client's
+    validation rows; only aggregates leave the client."""
+    if data.val is None or len(data.val) == 0:
+        return Evaluation(data.client_id)
+    load_global(model, global_weights, state, fedbn=config.fedbn)
+    probs, labels = predict(model, make_loader(data.val, batch_size=64, train=False, seed=0),
+                            device=device, channels_last=config.channels_last, amp=config.amp,
+                            tta=config.tta)
+    picked = probs[np.arange(len(labels)), labels]
+    histogram = ScoreHistogram.of(labels == positive_index, probs[:, positive_index])
+    return Evaluation(data.client_id, examples=len(labels),
+                      loss_sum=float(-np.log(np.clip(picked, 1e-12, 1.0)).sum()),
+                      correct=int((probs.argmax(axis=1) == labels).sum()),
+                      positives=tuple(int(v) for v in histogram.positives),
+                      negatives=tuple(int(v) for v in histogram.negatives))

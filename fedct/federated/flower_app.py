@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedct.federated import protocol
-from fedct.federated.protocol import ClientReply, Hello, Status, Weights
+from fedct.federated.protocol import ClientReply, Evaluation, Hello, Status, Weights
 
 client_app = ClientApp()
 server_app = ServerApp()
@@ -47,6 +47,18 @@ def train(msg: Message, context: Context) -> Message:
     weights, spec = protocol.decode_train(msg.content)
     reply = node_round(dict(context.node_config), context.run_id, config, weights, spec)
     return Message(protocol.encode_reply(reply), reply_to=msg)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from fedct.federated.node import node_evaluate
+    from fedct.training import set_threads
+
+    set_threads()
+    config, _ = protocol.split_run_config(dict(context.run_config))
+    weights, spec = protocol.decode_train(msg.content)
+    evaluation = node_evaluate(dict(context.node_config), context.run_id, config, weights, spec)
+    return Message(protocol.encode_evaluation(evaluation), reply_to=msg)
 
 
 def discover_nodes(grid: Grid, expected: int, wait: float) -> dict[int, int]:
@@ -88,12 +100,41 @@ def train_on_nodes(grid: Grid, node_of: dict[int, int], setup, schedule: list[li
             yield protocol.decode_reply(message.content)
 
 
+def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], setup, plan: list[list[int]],
+                      timeout: float, round_number: int,
+                      global_weights: Weights) -> Iterator[Evaluation]:
+    """The planned clients' evaluations of the aggregated weights, in client order."""
+    chosen = [k for k in plan[round_number - 1] if k in node_of]
+    spec = setup.round_spec(round_number, 0)
+    messages = [Message(protocol.encode_train(global_weights, spec), dst_node_id=node_of[k],
+                        message_type="evaluate", group_id=f"eval-{round_number}")
+                for k in chosen]
+    client_of_node = {n: k for k, n in node_of.items()}
+    answers = {client_of_node[m.metadata.src_node_id]: m
+               for m in grid.send_and_receive(messages, timeout=timeout)
+               if m.metadata.src_node_id in client_of_node}
+    for k in plan[round_number - 1]:
+        message = answers.get(k)
+        if message is None:
+            yield Evaluation(k, status=Status.FAILED,
+                             detail="no node for it" if k not in node_of else "no reply")
+        elif message.has_error():
+            yield Evaluation(k, status=Status.FAILED, detail=str(message.error.reason))
+        else:
+            yield protocol.decode_evaluation(message.content)
+
+
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     from rich.console import Console
 
     from fedct.federated.server import run_rounds
-    from fedct.federated.setup import planned_rounds, prepare_setup, sample_schedule
+    from fedct.federated.setup import (
+        eval_schedule,
+        planned_rounds,
+        prepare_setup,
+        sample_schedule,
+    )
     from fedct.federated.view import RoundView
     from fedct.training import pick_device, seed_everything, set_threads
 
@@ -101,8 +142,8 @@ def main(grid: Grid, context: Context) -> None:
     console = Console(force_terminal=False, width=120)
     set_threads()
     seed_everything(config.seed)
-    setup = prepare_setup(config, init=extras.init, split_dir=extras.split_dir or None,
-                          need_val=False)
+    setup = prepare_setup(config, init=extras.init, split_dir=extras.split_dir or None)
+    config = setup.config  # with the monitor resolved
     device = pick_device(config.device)
     setup.model.to(device)
     node_of = discover_nodes(grid, extras.num_clients or config.min_clients, extras.node_wait)
@@ -111,8 +152,12 @@ def main(grid: Grid, context: Context) -> None:
     schedule = sample_schedule(num_clients, config)
     train_round = partial(train_on_nodes, grid, node_of, setup, schedule,
                           planned_rounds(schedule, num_clients), extras.round_timeout)
+    plan = eval_schedule(num_clients, config)
     run_rounds(setup, Path(extras.out), num_clients=num_clients, schedule=schedule,
                train_round=train_round, engine="flower", device=device,
                view=RoundView(console, rounds=config.rounds, dp=config.dp, live=False,
-                              client_lines=True),
-               resume=extras.resume)
+                              client_lines=True, federated=config.monitor.startswith("fed_")),
+               resume=extras.resume,
+               evaluate_round=partial(evaluate_on_nodes, grid, node_of, setup, plan,
+                                      extras.round_timeout),
+               eval_plan=plan)

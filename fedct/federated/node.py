@@ -5,13 +5,16 @@ node learns its data from its node config, never from the server:
 
 - `client-id=K` (required): which client of the federation the node is;
 - `data=PATH`: a hospital's own ImageFolder or CSV; all its rows are training rows;
-- or `split=SPLIT_DIR`: a local test, where the node reads only client K's rows;
+  `val=PATH` (optional) its validation rows, which score the global model each round;
+- or `split=SPLIT_DIR`: a local test, where the node reads only client K's rows (its
+  local_val rows are its validation rows);
 - `state-dir=DIR` (optional): where the privacy accountant and FedBN layers are kept
   between rounds (default `$FEDCT_CACHE/nodes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,11 +23,17 @@ import torch
 from fedct import privacy
 from fedct.config import FederateConfig
 from fedct.data.loading import SplitImages, cache_dir, make_transform
-from fedct.data.manifest import Entry, Split, load_split
+from fedct.data.manifest import LOCAL_VAL, Entry, Split, load_split
 from fedct.data.sources import read_dataset
 from fedct.errors import FedctError
-from fedct.federated.client import ClientData, client_data, new_client_state, run_client_round
-from fedct.federated.protocol import ClientReply, RoundSpec, Weights
+from fedct.federated.client import (
+    ClientData,
+    client_data,
+    client_evaluate,
+    new_client_state,
+    run_client_round,
+)
+from fedct.federated.protocol import ClientReply, Evaluation, RoundSpec, Weights
 from fedct.federated.setup import model_spec
 from fedct.models import build_model
 from fedct.runs import atomic_write
@@ -45,14 +54,13 @@ def node_data(node_config: dict, config: FederateConfig, spec: RoundSpec) -> Cli
         split = load_split(str(node_config["split"]))
         split = split.subset(split.select(clients=[client_id]))
     elif "data" in node_config:
-        source = Path(str(node_config["data"]))
-        dataset = read_dataset(source)
-        unknown = sorted({r.label for r in dataset.rows} - set(classes))
-        if unknown:
-            raise FedctError(f"{source}: class {unknown[0]!r} is not one the server trains "
-                             f"({', '.join(classes)})")
-        split = Split(directory=source, root=dataset.root, classes=classes, positive=None,
-                      entries=[Entry(row=r, split="train", client=client_id) for r in dataset.rows])
+        entries = [Entry(row=r, split="train", client=client_id)
+                   for r in _own_rows(Path(str(node_config["data"])), classes)]
+        if "val" in node_config:
+            entries += [Entry(row=r, split=LOCAL_VAL, client=client_id)
+                        for r in _own_rows(Path(str(node_config["val"])), classes)]
+        split = Split(directory=Path(str(node_config["data"])), root=Path("/"), classes=classes,
+                      positive=None, entries=entries)
     else:
         raise FedctError("node config: give data=PATH (the node's own images) or split=SPLIT_DIR")
     data_cfg = {"input_size": [3, config.image_size, config.image_size], "mean": list(spec.mean),
@@ -63,9 +71,30 @@ def node_data(node_config: dict, config: FederateConfig, spec: RoundSpec) -> Cli
                        eval_transform=make_transform(data_cfg=data_cfg, train=False, config=config))
 
 
+def _own_rows(source: Path, classes: list[str]) -> list:
+    """A node's own dataset's rows, with absolute paths, labelled by the server's classes."""
+    dataset = read_dataset(source)
+    unknown = sorted({r.label for r in dataset.rows} - set(classes))
+    if unknown:
+        raise FedctError(f"{source}: class {unknown[0]!r} is not one the server trains "
+                         f"({', '.join(classes)})")
+    return [dataclasses.replace(r, path=str((Path(dataset.root) / r.path).resolve()))
+            for r in dataset.rows]
+
+
 def state_path(node_config: dict, run_id: int, client_id: int) -> Path:
     base = Path(str(node_config.get("state-dir", cache_dir() / "nodes")))
     return base / f"run-{run_id}-client-{client_id}.pt"
+
+
+def _node_model(config: FederateConfig, spec: RoundSpec):
+    model = build_model(model_spec(config, spec.architecture, len(spec.classes),
+                                   groupnorm=spec.groupnorm))
+    device = pick_device(config.device)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, device
 
 
 def node_round(node_config: dict, run_id: int, config: FederateConfig, global_weights: Weights,
@@ -75,12 +104,7 @@ def node_round(node_config: dict, run_id: int, config: FederateConfig, global_we
     warning = privacy.delta_warning(len(data.train), config)
     if warning and spec.round == 1:
         print(f"warning: client {data.client_id}: {warning}", file=sys.stderr)
-    model = build_model(model_spec(config, spec.architecture, len(spec.classes),
-                                   groupnorm=spec.groupnorm))
-    device = pick_device(config.device)
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, device = _node_model(config, spec)
     path = state_path(node_config, run_id, data.client_id)
     state = torch.load(path, weights_only=True) if path.is_file() else new_client_state(config)
     reply, state = run_client_round(model, global_weights, data, config, state,
@@ -88,3 +112,17 @@ def node_round(node_config: dict, run_id: int, config: FederateConfig, global_we
                                     device=device, num_classes=len(spec.classes))
     atomic_write(path, lambda p: torch.save(state, p))
     return reply
+
+
+def node_evaluate(node_config: dict, run_id: int, config: FederateConfig,
+                  global_weights: Weights, spec: RoundSpec) -> Evaluation:
+    """Score the server's aggregated model on this node's validation rows (its own FedBN
+    layers in it); only aggregates are returned."""
+    data = node_data(node_config, config, spec)
+    if data.val is None:
+        return Evaluation(data.client_id)
+    model, device = _node_model(config, spec)
+    path = state_path(node_config, run_id, data.client_id)
+    state = torch.load(path, weights_only=True) if path.is_file() else new_client_state(config)
+    return client_evaluate(model, global_weights, data, config, state, device=device,
+                           positive_index=list(spec.classes).index(spec.positive))

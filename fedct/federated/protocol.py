@@ -7,7 +7,9 @@ engine runs without it.
 
 On the wire a round is three messages: `Hello` (a node says which client it is), the
 global weights with a `RoundSpec` (server -> node), and a `ClientReply` with the node's
-`Update` when it trained (node -> server).
+`Update` when it trained (node -> server). Federated evaluation sends the aggregated weights
+with a `RoundSpec` again and gets an `Evaluation` back: aggregates of the node's own
+validation rows, never a row's score.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Status(StrEnum):
     SAT_OUT = "sat out"  # its privacy budget would pass the target
     FAILED = "failed"  # it did not answer, or answered with an error
     REJECTED = "rejected"  # its update failed the server's checks
+    EVALUATED = "evaluated"  # it scored the global model on its validation rows
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class RoundSpec:
     planned_rounds: int  # rounds this client is scheduled for: what its privacy budget must last
     architecture: str
     classes: tuple[str, ...]
+    positive: str  # the class whose score the evaluation histograms count
     mean: tuple[float, ...]
     std: tuple[float, ...]
     groupnorm: bool  # the server's BatchNorm layers are GroupNorm (DP full)
@@ -75,6 +79,22 @@ class ClientReply:
     epsilon: float | None = None
     steps: int = 0
     noise: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A client's scores of the global model on its own validation rows, as aggregates only:
+    the loss sum, argmax-correct count, and histograms of the positive-class score per label
+    (bins of `fedct.operating_point`)."""
+
+    client_id: int
+    examples: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    positives: tuple[int, ...] = ()
+    negatives: tuple[int, ...] = ()
+    status: Status = Status.EVALUATED
     detail: str = ""
 
 
@@ -122,11 +142,11 @@ def run_config_values(config, extras: RunExtras) -> dict:
 
 def _to_values(obj) -> dict:
     """A flat dataclass as record values: kebab-case keys, enums as their value, tuples as
-    lists, None left out."""
+    lists, None and empty tuples left out (their defaults come back)."""
     values = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if value is None or isinstance(value, Update):  # an update travels as arrays
+        if value is None or value == () or isinstance(value, Update):  # updates travel as arrays
             continue
         if isinstance(value, Enum):
             value = value.value
@@ -169,7 +189,7 @@ def decode_hello(content) -> Hello:
 
 
 def encode_train(weights: Weights, spec: RoundSpec):
-    """Server -> node: the global weights and the round's spec."""
+    """Server -> node: the global weights and the round's spec (to train, or to evaluate)."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     return RecordDict({"arrays": ArrayRecord.from_torch_state_dict(weights),
@@ -201,3 +221,13 @@ def decode_reply(content) -> ClientReply:
         update = Update(weights=content["arrays"].to_torch_state_dict(), examples=examples,
                         metrics={k: float(v) for k, v in values.items()})
     return _from_values(ClientReply, dict(content["reply"]), update=update)
+
+
+def encode_evaluation(evaluation: Evaluation):
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({"evaluation": ConfigRecord(_to_values(evaluation))})
+
+
+def decode_evaluation(content) -> Evaluation:
+    return _from_values(Evaluation, dict(content["evaluation"]))

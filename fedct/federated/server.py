@@ -1,17 +1,19 @@
 """The server side of a federated run, shared by both engines.
 
 `run_rounds` opens (or resumes) the run directory and runs the rounds; the engines differ
-only in the `train_round` they pass, which yields each round's client replies (in-process,
-or over Flower). Each round the `RoundServer` accepts every reply as it comes (update
-checks; the update goes into a running average and is dropped, so memory does not grow
-with the clients), aggregates (quorum, strategy), and records the round (summary.csv,
-privacy.csv, checkpoints, and last of all resume.pt, which holds everything a resume
-needs), so both engines write the same run directory.
+only in the `train_round` and `evaluate_round` they pass, which yield each round's client
+replies and the clients' evaluations of the aggregated model (in-process, or over Flower).
+Each round the `RoundServer` accepts every reply as it comes (update checks; the update goes
+into a running average and is dropped, so memory does not grow with the clients),
+aggregates (quorum, strategy), scores the new global model (pooled val rows when the
+coordinator has them, the clients' pooled evaluations), chooses the operating point, and
+records the round (summary.csv, clients.csv, privacy.csv, checkpoints, and last of all
+resume.pt, which holds everything a resume needs), so both engines write the same run
+directory.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
@@ -24,11 +26,20 @@ from fedct.config import to_dict
 from fedct.data.loading import make_loader
 from fedct.data.manifest import split_digest
 from fedct.errors import FedctError
-from fedct.federated.protocol import ClientReply, Status, Weights
+from fedct.federated.protocol import ClientReply, Evaluation, Status, Weights
 from fedct.federated.setup import RunSetup
 from fedct.federated.strategies import RunningAverage, apply_strategy, check_update
+from fedct.federated.validation import (
+    CLIENT_FIELDS,
+    CLIENTS_CSV,
+    EvaluateRound,
+    append_rows,
+    client_rows,
+    pool,
+)
 from fedct.federated.view import RoundView
 from fedct.metrics import summary_metrics
+from fedct.operating_point import ScoreHistogram, operating_point
 from fedct.runs import (
     SUMMARY,
     CheckpointTracker,
@@ -46,6 +57,8 @@ from fedct.runs import (
 from fedct.training import mean_loss, predict
 
 PRIVACY_CSV = "privacy.csv"
+METRICS = ("loss", "acc", "auc", "sensitivity", "specificity", "balanced_acc")
+NO_SCORES = {k: float("nan") for k in METRICS}
 PRIVACY_FIELDS = ["round", "client", "epsilon", "steps", "noise_multiplier", "status"]
 
 # A round's replies, yielded as they come (in client order, for bit-identical sums on both
@@ -83,6 +96,7 @@ class RoundServer:
         self.tracker.load_state_dict(saved["tracker"])
         truncate_csv(self.out / SUMMARY, "round", self.round)
         truncate_csv(self.out / PRIVACY_CSV, "round", self.round)
+        truncate_csv(self.out / CLIENTS_CSV, "round", self.round)
         self.view.message(f"resuming {self.out} after round {self.round}")
         return saved["weights"], saved["extra"]
 
@@ -118,36 +132,48 @@ class RoundServer:
             server_state=self.server_state, trainable=self.setup.trainable)
         return weights
 
-    def evaluate(self, weights: Weights) -> dict:
+    def evaluate(self, weights: Weights) -> tuple[dict, ScoreHistogram]:
         """The global model on the coordinator's pooled val rows (NaN where it has none)."""
         setup = self.setup
         if setup.pooled_val is None:
-            nan = float("nan")
-            return {"acc": nan, "auc": nan, "sensitivity": nan, "specificity": nan,
-                    "balanced_acc": nan, "loss": nan}
+            return dict(NO_SCORES), ScoreHistogram.empty()
         setup.model.load_state_dict(weights)
         return score_model(setup.model, setup.pooled_val, device=self.device, config=setup.config,
                            positive_index=setup.positive_index)
 
-    def record(self, round_number: int, weights: Weights, replies: list[ClientReply], *,
-               updated: bool, started: float, local_val_acc: float, extra_state: dict) -> None:
-        """Score, append the CSV rows, write checkpoints, and commit the round in resume.pt."""
-        metrics = self.evaluate(weights)
+    def record(self, round_number: int, weights: Weights, replies: list[ClientReply],
+               evaluations: list[Evaluation], *, updated: bool, started: float,
+               extra_state: dict) -> None:
+        """Score, choose the operating point, append the CSV rows, write checkpoints, and
+        commit the round in resume.pt."""
+        config = self.setup.config
+        pooled, pooled_histogram = self.evaluate(weights)
+        federated, evaluations = pool(evaluations)
+        fed = federated.metrics()
+        on_federated = config.monitor.startswith("fed_")
+        point = operating_point(config.threshold,
+                                federated.histogram if on_federated else pooled_histogram,
+                                "federated" if on_federated else "pooled")
         accepted = [r.update for r in replies if r.status is Status.TRAINED] if updated else []
         examples = sum(u.examples for u in accepted)
         row = {"round": round_number, "clients": len(accepted),
                "train_loss": (sum(u.metrics["train_loss"] * u.examples for u in accepted) / examples
                               if examples else float("nan")),
-               "val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_auc": metrics["auc"],
-               "val_sensitivity": metrics["sensitivity"],
-               "val_specificity": metrics["specificity"],
-               "local_val_acc": local_val_acc, "max_epsilon": self.max_epsilon(),
+               **{f"val_{k}": pooled[k] for k in METRICS},
+               "fed_clients": federated.clients, "fed_examples": federated.examples,
+               **{f"fed_{k}": fed[k] for k in METRICS},
+               "fed_auc_bin_error": federated.histogram.tie_bound(),
+               "threshold": point["threshold"], "thr_acc": point["acc"],
+               "thr_sensitivity": point["sensitivity"], "thr_specificity": point["specificity"],
+               "max_epsilon": self.max_epsilon(),
                "seconds": round(time.perf_counter() - started, 2)}
         append_summary(self.out, row)
-        if self.setup.config.dp:
+        append_rows(self.out / CLIENTS_CSV, CLIENT_FIELDS, client_rows(round_number, evaluations))
+        if config.dp:
             self._append_privacy(round_number, replies)
-        self.tracker.save(round_number, weights, {**self.meta, "round": round_number,
-                                                  "metrics": row}, metrics)
+        self.tracker.save(round_number, weights,
+                          {**self.meta, "round": round_number, "metrics": row,
+                           "operating_point": point}, row)
         self.view.round_finished(row, best_round=self.tracker.best_step)
         self.round = round_number
         save_resume(self.out, {"weights": weights, "round": round_number,
@@ -156,14 +182,14 @@ class RoundServer:
 
     def finish_round(self, round_number: int, global_weights: Weights,
                      replies: list[ClientReply], running: RunningAverage, *, started: float,
-                     local_val: Callable[[Weights], float] | None = None,
+                     evaluate_round: EvaluateRound | None = None,
                      extra_state: dict | None = None) -> Weights:
-        """Aggregate and record a round whose replies went through `accept`; `local_val`
-        scores the aggregated model on the clients' own validation rows."""
+        """Aggregate and record a round whose replies went through `accept`; `evaluate_round`
+        has the clients score the aggregated model on their own validation rows."""
         weights = self.aggregate(round_number, global_weights, running)
-        self.record(round_number, weights, replies,
+        evaluations = list(evaluate_round(round_number, weights)) if evaluate_round else []
+        self.record(round_number, weights, replies, evaluations,
                     updated=running.count >= self.setup.config.min_clients, started=started,
-                    local_val_acc=local_val(weights) if local_val else float("nan"),
                     extra_state=extra_state or {})
         return weights
 
@@ -175,6 +201,7 @@ class RoundServer:
         report = {"stage": "federate", "run": str(self.out), "rounds": config.rounds,
                   "strategy": config.strategy, "best_round": self.tracker.best_step,
                   "monitor": config.monitor, "best": best_meta["metrics"],
+                  "operating_point": best_meta["operating_point"],
                   "final": last_meta["metrics"], "dp": config.dp,
                   "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())}
                   if config.dp else None,
@@ -190,21 +217,13 @@ class RoundServer:
                  "epsilon": round(self.epsilon.get(r.client_id, 0.0), 4), "steps": r.steps,
                  "noise_multiplier": round(r.noise or 0.0, 4), "status": r.status.value}
                 for r in replies if r.status in (Status.TRAINED, Status.SAT_OUT)]
-        if not rows:
-            return
-        path = self.out / PRIVACY_CSV
-        exists = path.is_file()
-        with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=PRIVACY_FIELDS)
-            if not exists:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_rows(self.out / PRIVACY_CSV, PRIVACY_FIELDS, rows)
 
 
 def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[list[int]],
                train_round: TrainRound, engine: str, device: torch.device, view: RoundView, resume: bool = False,
                force: bool = False, kept: dict | None = None,
-               local_val: Callable[[Weights], float] | None = None,
+               evaluate_round: EvaluateRound | None = None, eval_plan: list[list[int]] | None = None,
                config_extra: dict | None = None, stop_after: int | None = None) -> dict:
     """Run (or resume) a federated run's rounds; returns the final report.
 
@@ -230,6 +249,7 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
                      extra={"engine": engine, **inputs,
                             "architecture": setup.spec.architecture, "device": str(device),
                             "clients": num_clients, "schedule": schedule,
+                            "eval_schedule": eval_plan,
                             **(config_extra or {})})
     with view:
         for round_number in range(server.round + 1, config.rounds + 1):
@@ -241,18 +261,20 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
                 replies.append(server.accept(round_number, weights, reply, running))
                 view.client_finished(replies[-1])
             weights = server.finish_round(round_number, weights, replies, running, started=started,
-                                          local_val=local_val, extra_state=dict(kept or {}))
+                                          evaluate_round=evaluate_round,
+                                          extra_state=dict(kept or {}))
             if stop_after is not None and round_number >= stop_after:
                 return {"stopped_after": round_number}
     return server.finish(weights)
 
 
 def score_model(model: torch.nn.Module, dataset, *, device: torch.device, config,
-                positive_index: int) -> dict:
-    """The per-round numbers (accuracy, AUC, sensitivity, specificity, loss) on one dataset."""
+                positive_index: int) -> tuple[dict, ScoreHistogram]:
+    """The per-round numbers (loss, accuracy, AUC, sensitivity, specificity, balanced
+    accuracy) on one dataset, and its score histogram for the operating point."""
     probs, truth = predict(model, make_loader(dataset, batch_size=64, train=False, seed=0),
                            device=device, channels_last=config.channels_last, amp=config.amp,
                            tta=config.tta)
     metrics = summary_metrics(probs, truth, positive_index)
     metrics["loss"] = mean_loss(probs, truth)
-    return metrics
+    return metrics, ScoreHistogram.of(truth == positive_index, probs[:, positive_index])

@@ -81,6 +81,29 @@ def sample_schedule(num_clients: int, config: FederateConfig) -> list[list[int]]
             for _ in range(config.rounds)]
 
 
+def eval_schedule(num_clients: int, config: FederateConfig) -> list[list[int]]:
+    """Which clients score the global model after each round (`eval_fraction` of them), drawn
+    up front from the run seed like the training schedule; none when val is pooled only."""
+    if config.val == "pooled":
+        return [[] for _ in range(config.rounds)]
+    per_round = max(1, round(config.eval_fraction * num_clients))
+    rng = np.random.default_rng([config.seed, 7927])
+    return [sorted(int(k) for k in rng.choice(num_clients, per_round, replace=False))
+            for _ in range(config.rounds)]
+
+
+def resolve_monitor(config: FederateConfig, *, pooled: bool) -> FederateConfig:
+    """`monitor: auto` made concrete: pooled AUC when the coordinator has val rows and uses
+    them, else the federated AUC; a pooled monitor without pooled rows is an error."""
+    monitor = config.monitor
+    if monitor == "auto":
+        monitor = "val_auc" if pooled and config.val != "federated" else "fed_auc"
+    if monitor.startswith("val_") and not pooled:
+        raise FedctError(f"monitor {monitor}: the coordinator has no val rows (give a split "
+                         "with val rows, or monitor fed_auc on the clients' own val rows)")
+    return dataclasses.replace(config, monitor=monitor)
+
+
 def planned_rounds(schedule: list[list[int]], num_clients: int) -> dict[int, int]:
     """How many rounds each client is sampled for: what its privacy budget must last."""
     return {k: sum(k in chosen for chosen in schedule) for k in range(num_clients)}
@@ -122,6 +145,7 @@ class RunSetup:
     def round_spec(self, round_number: int, planned: int) -> RoundSpec:
         return RoundSpec(round=round_number, planned_rounds=planned,
                          architecture=self.spec.architecture, classes=tuple(self.classes),
+                         positive=self.positive,
                          mean=tuple(float(v) for v in self.data_cfg["mean"]),
                          std=tuple(float(v) for v in self.data_cfg["std"]),
                          groupnorm=self.spec.groupnorm)
@@ -130,8 +154,8 @@ class RunSetup:
         return make_transform(data_cfg=self.data_cfg, train=train, config=self.config)
 
 
-def prepare_setup(config: FederateConfig, *, init: str, split_dir: str | Path | None = None,
-                  need_val: bool = True) -> RunSetup:
+def prepare_setup(config: FederateConfig, *, init: str,
+                  split_dir: str | Path | None = None) -> RunSetup:
     """The run's setup from a starting point and, when the coordinator has one, a split.
 
     `init` is a fedct checkpoint (architecture and classes from its sidecar) or a pretrained
@@ -160,13 +184,15 @@ def prepare_setup(config: FederateConfig, *, init: str, split_dir: str | Path | 
     if split is not None:
         if split.num_clients < 1:
             raise FedctError(f"{split.directory}: the split has no clients")
-        val_rows = split.select(split="val")
-        if not val_rows and need_val:
-            raise FedctError(f"{split.directory}: no val rows for the global model")
         images = SplitImages(split, config.image_size)
+        val_rows = split.select(split="val") if config.val != "federated" else []
         if val_rows:
             pooled_val = images.dataset(val_rows, make_transform(data_cfg=data_cfg, train=False,
                                                                  config=config))
+    if config.val == "pooled" and pooled_val is None:
+        raise FedctError(f"val pooled: the coordinator has no val rows ("
+                         f"{split.directory if split else 'no split'}); use val federated or both")
+    config = resolve_monitor(config, pooled=pooled_val is not None)
     return RunSetup(config=config, init=str(init), spec=spec, model=model, data_cfg=data_cfg,
                     classes=classes, positive=positive, split=split, images=images,
                     pooled_val=pooled_val)

@@ -2,7 +2,8 @@
 
 It builds the run's setup (`prepare_setup`, as the Flower ServerApp does), gives each client
 its rows of the split, and passes `run_rounds` a round that calls `run_client_round` (the
-function the Flower ClientApp calls) for each sampled client.
+function the Flower ClientApp calls) for each sampled client, and an evaluation that calls
+`client_evaluate` (the ClientApp's too) for each client asked.
 """
 
 from __future__ import annotations
@@ -10,23 +11,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from fedct import privacy
 from fedct.config import FederateConfig
+from fedct.errors import FedctError
 from fedct.federated.client import (
-    ClientData,
     client_data,
-    load_global,
+    client_evaluate,
     new_client_state,
     run_client_round,
 )
-from fedct.federated.protocol import ClientReply, Weights
-from fedct.federated.server import run_rounds, score_model
+from fedct.federated.protocol import ClientReply, Evaluation, Weights
+from fedct.federated.server import run_rounds
 from fedct.federated.setup import (
-    RunSetup,
+    eval_schedule,
     planned_rounds,
     prepare_setup,
     resolve_input_size,
@@ -53,12 +53,18 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
                            train_transform=setup.transform(train=True),
                            eval_transform=setup.transform(train=False))
                for k in range(split.num_clients)]
+    config = setup.config  # with the monitor resolved
+    if config.val == "federated" and not any(d.val is not None for d in clients):
+        raise FedctError(f"val federated: no client of {split.directory} has local validation "
+                         "rows (make the split with --local-val)")
     schedule = sample_schedule(len(clients), config)
+    evaluators = eval_schedule(len(clients), config)
     planned = planned_rounds(schedule, len(clients))
     setup.model.to(device)
     if config.channels_last:
         setup.model.to(memory_format=torch.channels_last)
-    view = RoundView(console, rounds=config.rounds, dp=config.dp)
+    view = RoundView(console, rounds=config.rounds, dp=config.dp,
+                     federated=config.monitor.startswith("fed_"))
     for data in clients:
         warning = privacy.delta_warning(len(data.train), config)
         if warning:
@@ -75,25 +81,13 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
                 num_classes=len(setup.classes))
             yield reply
 
-    def local_val(global_weights: Weights) -> float:
-        return local_accuracy(setup, clients, global_weights, kept["client_states"], device)
+    def evaluate_round(round_number: int, global_weights: Weights) -> Iterator[Evaluation]:
+        for k in evaluators[round_number - 1]:
+            yield client_evaluate(setup.model, global_weights, clients[k], config,
+                                  kept["client_states"][k], device=device,
+                                  positive_index=setup.positive_index)
 
     return run_rounds(setup, Path(out), num_clients=len(clients), schedule=schedule,
                       train_round=train_round, engine="embedded", device=device, view=view,
-                      resume=resume, force=force, kept=kept, local_val=local_val,
-                      stop_after=stop_after)
-
-
-def local_accuracy(setup: RunSetup, clients: list[ClientData], global_weights: Weights,
-                   client_states: dict, device: torch.device) -> float:
-    """Mean accuracy of the aggregated model on the clients' local validation sets (FedBN:
-    each client's own norms in it)."""
-    config = setup.config
-    scores = []
-    for data in clients:
-        if data.val is None or len(data.val) == 0:
-            continue
-        load_global(setup.model, global_weights, client_states[data.client_id], fedbn=config.fedbn)
-        scores.append(score_model(setup.model, data.val, device=device, config=config,
-                                  positive_index=setup.positive_index)["acc"])
-    return float(np.mean(scores)) if scores else float("nan")
+                      resume=resume, force=force, kept=kept, evaluate_round=evaluate_round,
+                      eval_plan=evaluators, stop_after=stop_after)

@@ -25,8 +25,10 @@ class RoundView:
     """Feed it round and client events; it renders them live or prints a line per round."""
 
     def __init__(self, console: Console, *, rounds: int, dp: bool, live: bool | None = None,
-                 client_lines: bool = False):
+                 client_lines: bool = False, federated: bool = False):
         self.console = console
+        # which val the run selects on: its columns are shown (fed_* or the pooled val_*)
+        self.prefix = "fed" if federated else "val"
         self.client_lines = client_lines  # without a live table: a line as each client answers
         self.rounds = rounds
         self.dp = dp
@@ -90,10 +92,13 @@ class RoundView:
         if self._live is not None:
             self._refresh()
             return
+        p = self.prefix
         self.console.print(
             f"round {row['round']}/{self.rounds}: {row['clients']} clients, "
-            f"train loss {row['train_loss']:.3f}, val acc {row['val_acc']:.3f}, "
-            f"AUC {row['val_auc']:.3f}"
+            f"train loss {row['train_loss']:.3f}, "
+            f"{'federated ' if p == 'fed' else ''}val acc {row[f'{p}_acc']:.3f}, "
+            f"AUC {row[f'{p}_auc']:.3f}, threshold {row['threshold']:.3f}: sens "
+            f"{row['thr_sensitivity']:.3f}, spec {row['thr_specificity']:.3f}"
             + (f", max epsilon {row['max_epsilon']:.2f}" if self.dp else "")
             + f" ({row['seconds']:.1f}s)", highlight=False)
 
@@ -103,16 +108,19 @@ class RoundView:
 
     def _render(self) -> Group:
         rounds = Table(title=f"rounds ({len(self.rows)}/{self.rounds} done)", title_justify="left")
-        for name in ("round", "clients", "train loss", "val acc", "AUC", "sens", "spec"):
+        val = "fed val" if self.prefix == "fed" else "val"
+        for name in ("round", "clients", "train loss", f"{val} acc", "AUC", "threshold",
+                     "sens", "spec"):
             rounds.add_column(name, justify="right")
         if self.dp:
             rounds.add_column("max eps", justify="right")
         rounds.add_column("s", justify="right")
         for row in self.rows[-SHOWN_ROUNDS:]:
             cells = [f"{row['round']}{' *' if row['round'] == self.best_round else ''}",
-                     str(row["clients"]), _number(row["train_loss"]), _number(row["val_acc"]),
-                     _number(row["val_auc"]), _number(row["val_sensitivity"]),
-                     _number(row["val_specificity"])]
+                     str(row["clients"]), _number(row["train_loss"]),
+                     _number(row[f"{self.prefix}_acc"]), _number(row[f"{self.prefix}_auc"]),
+                     _number(row["threshold"]), _number(row["thr_sensitivity"]),
+                     _number(row["thr_specificity"])]
             if self.dp:
                 cells.append(_number(row["max_epsilon"], 2))
             cells.append(_number(row["seconds"], 1))
