@@ -251,12 +251,15 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     tta: Annotated[bool, typer.Option(help="Average each image's and its mirror's probabilities.")] = False,
+    threshold: Annotated[float | None, typer.Option(help="Score at this threshold instead of the one each checkpoint chose on its validation data.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Score checkpoints: accuracy, sensitivity, specificity, PPV, NPV, F1, AUC with 95% CIs.
 
-    Results at threshold 0.5 and at the Youden-optimal threshold (chosen on the same data,
-    so optimistic); the positive class is named.
+    Results at the threshold each checkpoint's run chose on validation data (--threshold in
+    pretrain/federate; 0.5 by default), also at 0.5 and at the Youden-optimal threshold of
+    these data (optimistic: chosen on the data it scores); calibration (ECE, reliability
+    plot). The positive class is named.
 
     Example: fedct evaluate runs/stage2/final runs/stage1/best --split splits/covid --on val
     """
@@ -264,18 +267,18 @@ def evaluate(
 
     report = run_evaluate(checkpoints, split_dir=split_dir, on=on, data=data,
                           per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
-                          device=device, tta=tta)
+                          device=device, tta=tta, threshold=threshold)
     if json_out:
         _print_json(report)
         return
     print_evaluation(console, report)
-    console.print(f"wrote {report['out']}/metrics.json, roc.png, confusion.png")
+    console.print(f"wrote {report['out']}/metrics.json, roc.png, confusion.png, reliability.png")
 
 
 @app.command()
 @one_line_errors
 def federate(
-    split_dir: Annotated[Path, typer.Argument(help="Split directory from `fedct split`.")],
+    split_dir: Annotated[Path | None, typer.Argument(help="Split directory from `fedct split` (optional on a Flower coordinator that holds no data).")] = None,
     init: Annotated[str | None, typer.Option(help="Stage 1 checkpoint (RUN/best), or hub / none / a weights file with --model.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory to write.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with any option below (flags override it).")] = None,
@@ -310,6 +313,7 @@ def federate(
     federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name in $FLWR_HOME/config.toml.")] = None,
     dry_run: Annotated[bool, typer.Option(help="flower: print the SuperLink, SuperNode and submit commands, run nothing.")] = False,
     certs: Annotated[Path | None, typer.Option(help="flower --dry-run: folder from `fedct certs` (TLS commands).")] = None,
+    clients: Annotated[int | None, typer.Option(help="flower without a split: how many clients (default: the nodes that answer).")] = None,
     round_timeout: Annotated[float, typer.Option(help="flower: seconds to wait for a round's replies.")] = ROUND_TIMEOUT_SECONDS,
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
@@ -346,14 +350,17 @@ def federate(
     if out is None or init is None:
         raise FedctError("--init CKPT and --out RUN_DIR are required (or --resume RUN_DIR)")
     if engine == "flower" and dry_run:
-        for line in flower_run.dry_run_lines(split_dir, out, cfg, init=init,
+        for line in flower_run.dry_run_lines(split_dir, out, cfg, init=init, clients=clients,
                                              federation=federation, certs=certs):
             console.print(line, highlight=False, soft_wrap=True, markup=False)
         return
     if engine == "flower":
         report = flower_run.run_on_flower(split_dir, out, cfg, init=init, federation=federation,
                                           round_timeout=round_timeout, resume=resume is not None,
-                                          force=force)
+                                          force=force, clients=clients)
+    elif split_dir is None:
+        raise FedctError("SPLIT_DIR is required with the embedded engine (only a Flower "
+                         "coordinator runs without one)")
     else:
         report = run_federate(split_dir, out, cfg, init=init, resume=resume is not None,
                               force=force, quiet=quiet or json_out, console=console)
@@ -365,7 +372,7 @@ def federate(
         console.print(f"final (round {report['rounds']}): {'federated ' if p == 'fed' else ''}"
                       f"val acc {_number(final[f'{p}_acc'])}, AUC {_number(final[f'{p}_auc'])}; "
                       f"best round {report['best_round']} by {report['monitor']}, threshold "
-                      f"{point['threshold']:.3f} ({point['rule']} on {point['source']} val: sens "
+                      f"{point['threshold']:.3f} ({point['rule']} on {point['source']}: sens "
                       f"{_number(point['sensitivity'])}, spec {_number(point['specificity'])})"
                       + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""))
         console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")

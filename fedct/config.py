@@ -40,7 +40,7 @@ class TrainConfig:
     drop_rate: float = 0.2
     augment: bool = True
     tta: bool = False  # validate on the mean of each image and its mirror
-    threshold: str = "0.5"  # the operating point, chosen on val: 0.5 | youden | sens:X | spec:X
+    threshold: str = "0.5"  # the operating point, chosen on val: 0.5 | youden | eer | sens:X | spec:X
     aug_scale_min: float = 0.6
     aug_rotation: float = 10.0
     aug_flip: bool = True
@@ -103,7 +103,7 @@ class FederateConfig(TrainConfig):
     accountant: str = "rdp"
 
 
-THRESHOLD_RULES = "0.5 (or any number in (0, 1)), youden, sens:X or spec:X"
+THRESHOLD_RULES = "0.5 (or any number in (0, 1)), youden, eer, sens:X or spec:X"
 MONITORS = ("val_auc", "val_acc", "val_loss", "val_balanced_acc")
 FED_MONITORS = ("auto", *MONITORS, "fed_auc", "fed_acc", "fed_loss", "fed_balanced_acc")
 CHOICES = {

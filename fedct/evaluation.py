@@ -15,11 +15,13 @@ from fedct.metrics import (
     binary_metrics,
     bootstrap,
     plot_confusion,
+    plot_reliability,
     plot_roc,
     positive_index,
     youden_threshold,
 )
 from fedct.models import create_model, load_weights, make_dp_safe
+from fedct.operating_point import expected_calibration_error
 from fedct.runs import checkpoint_paths, json_safe, read_checkpoint
 from fedct.training import pick_device, predict, set_threads
 
@@ -82,20 +84,40 @@ def fresh_folder(base: Path) -> Path:
     return candidate
 
 
-def score(truth: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, n_boot: int,
-          seed: int) -> dict:
-    at_half = binary_metrics(truth, prob, 0.5)
-    ci = bootstrap(truth, prob, threshold=0.5, groups=groups, n=n_boot, seed=seed) if n_boot else {}
+def chosen_threshold(meta: dict, override: float | None) -> tuple[float, str]:
+    """The threshold to score at, and where it came from: --threshold, else the one the
+    training run chose on its validation data (stored in the sidecar), else 0.5."""
+    if override is not None:
+        if not 0 < override < 1:
+            raise FedctError(f"--threshold {override}: must lie in (0, 1)")
+        return float(override), "--threshold"
+    point = meta.get("operating_point")
+    if point:
+        return float(point["threshold"]), f"{point['rule']} on {point['source']}"
+    return 0.5, "default (the checkpoint records none)"
+
+
+def score(truth: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, threshold: float,
+          source: str, n_boot: int, seed: int) -> dict:
+    def at(t: float) -> dict:
+        ci = bootstrap(truth, prob, threshold=t, groups=groups, n=n_boot, seed=seed) \
+            if n_boot else {}
+        return {"threshold": t, **binary_metrics(truth, prob, t), "ci95": ci}
+
+    at_half = at(0.5)
     youden = youden_threshold(truth, prob)
+    ece, bins = expected_calibration_error(truth, prob)
     return {"n": int(len(truth)), "positives": int(truth.sum()),
-            "threshold_0.5": {**at_half, "ci95": ci},
-            "youden": {"threshold": youden, **binary_metrics(truth, prob, youden)}}
+            "chosen": {**(at_half if threshold == 0.5 else at(threshold)), "source": source},
+            "threshold_0.5": at_half,
+            "youden": {"threshold": youden, **binary_metrics(truth, prob, youden)},
+            "calibration": {"ece": ece, "bins": bins}}
 
 
 def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "val", data=None,
                  per_client: bool = False, out: str | Path | None = None, n_boot: int = 1000,
                  seed: int = 0, batch_size: int = 64, device: str = "auto",
-                 tta: bool = False) -> dict:
+                 tta: bool = False, threshold: float | None = None) -> dict:
     if not checkpoints:
         raise FedctError("give at least one checkpoint")
     split = data_for(split_dir=split_dir, on=on, data=data)
@@ -104,7 +126,7 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         checkpoint_paths(checkpoints[0])[0].parent / f"eval-{Path(data).stem if data else on}")
     set_threads()
     dev = pick_device(device)
-    results, curves, confusions = [], {}, {}
+    results, curves, confusions, reliability = [], {}, {}, {}
     cache: dict[tuple, SplitImages] = {}
     groups = np.array([e.row.group for e in split.entries])
     for checkpoint in checkpoints:
@@ -133,13 +155,16 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                                 tta=tta)
         prob = probs[:, classes.index(positive)]
         truth = labels == classes.index(positive)
+        cut, source = chosen_threshold(meta, threshold)
         for scope, idx in scopes.items():
             entry = {"checkpoint": name, "path": str(checkpoint_paths(checkpoint)[0]),
                      "data": scope, "positive": positive, "stage": meta.get("stage"),
-                     **score(truth[idx], prob[idx], groups[idx], n_boot=n_boot, seed=seed)}
+                     **score(truth[idx], prob[idx], groups[idx], threshold=cut, source=source,
+                             n_boot=n_boot, seed=seed)}
             results.append(entry)
             if scope == "all":
-                confusions[name] = entry["threshold_0.5"]["confusion"]
+                confusions[f"{name} @ {cut:.2f}"] = entry["chosen"]["confusion"]
+                reliability[name] = entry["calibration"]
         curves[name] = (truth, prob)
         negative = next((c for c in classes if c != positive), "negative")
         del model
@@ -151,5 +176,6 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
     plot_roc(curves, out_dir / "roc.png", f"ROC on {where}")
     plot_confusion(confusions, out_dir / "confusion.png", positive, negative)
+    plot_reliability(reliability, out_dir / "reliability.png", positive)
     report["out"] = str(out_dir)
     return report

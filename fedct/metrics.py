@@ -171,3 +171,25 @@ def plot_confusion(matrices: dict[str, dict], path: Path, positive: str, negativ
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_reliability(calibration: dict[str, dict], path: Path, positive: str) -> None:
+    """Observed positive rate against mean score per score bin, one line per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    for name, c in calibration.items():
+        bins = c["bins"]
+        ax.plot([b["mean_score"] for b in bins], [b["observed"] for b in bins], marker="o",
+                markersize=3, label=f"{name} (ECE {c['ece']:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel(f"mean predicted probability of {positive}")
+    ax.set_ylabel(f"observed share of {positive}")
+    ax.set_title("reliability (10 equal-width bins)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

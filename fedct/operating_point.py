@@ -101,10 +101,11 @@ class ScoreHistogram:
 
 
 def parse_rule(text: str) -> tuple[str, float]:
-    """('fixed', t), ('youden', 0), ('sens', X) or ('spec', X) from a threshold option."""
+    """('fixed', t), ('youden', 0), ('eer', 0), ('sens', X) or ('spec', X) from a threshold
+    option."""
     text = str(text).strip().lower()
-    if text == "youden":
-        return "youden", 0.0
+    if text in ("youden", "eer"):
+        return text, 0.0
     kind, _, value = text.partition(":")
     try:
         number = float(value if kind in ("sens", "spec") else text)
@@ -117,8 +118,10 @@ def parse_rule(text: str) -> tuple[str, float]:
 
 def choose_threshold(rule: str, histogram: ScoreHistogram) -> float:
     """The threshold `rule` picks on validation rows: a fixed one as given; Youden's J at its
-    maximum (the middle of equal maxima); `sens:X` the highest with sensitivity >= X (the
-    most specific); `spec:X` the lowest with specificity >= X. 0.5 when val has one class."""
+    maximum (the middle of equal maxima); `eer` where sensitivity and specificity are
+    closest (the equal error rate; of equals, the best J); `sens:X` the highest with
+    sensitivity >= X (the most specific); `spec:X` the lowest with specificity >= X. 0.5
+    when val has one class."""
     kind, value = parse_rule(rule)
     if kind == "fixed":
         return value
@@ -129,6 +132,10 @@ def choose_threshold(rule: str, histogram: ScoreHistogram) -> float:
         j_stat = sens + spec
         best = np.flatnonzero(j_stat >= j_stat.max() - 1e-12)
         index = int(best[len(best) // 2])
+    elif kind == "eer":
+        gap = np.abs(sens - spec)
+        closest = np.flatnonzero(gap <= gap.min() + 1e-12)
+        index = int(closest[np.argmax((sens + spec)[closest])])
     elif kind == "sens":
         ok = np.flatnonzero(sens >= value - 1e-12)
         index = int(ok.max())

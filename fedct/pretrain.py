@@ -24,6 +24,7 @@ from fedct.data.manifest import Split, load_split, split_digest
 from fedct.errors import FedctError
 from fedct.metrics import positive_index, summary_metrics
 from fedct.models import apply_freeze, create_model, data_config
+from fedct.operating_point import ScoreHistogram, operating_point
 from fedct.runs import (
     SUMMARY,
     CheckpointTracker,
@@ -173,12 +174,18 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
             train_examples += result["examples"]
             probs, truth = predict(scored, val_loader, device=device, tta=config.tta,
                                    channels_last=config.channels_last, amp=config.amp)
-            metrics = summary_metrics(probs, truth, positive_index(split.classes, positive))
+            index = positive_index(split.classes, positive)
+            metrics = summary_metrics(probs, truth, index)
             metrics["loss"] = mean_loss(probs, truth)
+            point = operating_point(config.threshold,
+                                    ScoreHistogram.of(truth == index, probs[:, index]), "val")
             row = {"epoch": epoch, "train_loss": result["loss"], "val_loss": metrics["loss"],
                    "val_acc": metrics["acc"], "val_auc": metrics["auc"],
                    "val_sensitivity": metrics["sensitivity"],
                    "val_specificity": metrics["specificity"],
+                   "threshold": point["threshold"], "thr_acc": point["acc"],
+                   "thr_sensitivity": point["sensitivity"],
+                   "thr_specificity": point["specificity"],
                    "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(seconds, 2)}
             append_summary(out, row)
             history.append(row)
@@ -188,7 +195,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
                 f"spec {metrics['specificity']:.3f} ({seconds:.1f}s)", highlight=False)
             meta = checkpoint_meta(architecture=config.model, classes=split.classes,
                                    positive=positive, data_cfg=dcfg, stage="pretrain",
-                                   epoch=epoch, metrics=row)
+                                   epoch=epoch, metrics=row, operating_point=point)
             improved = tracker.save(epoch, scored.state_dict(), meta, metrics)
             state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
             state["epoch"] = epoch
@@ -206,6 +213,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
     report = {
         "stage": "pretrain", "run": str(out), "best_epoch": tracker.best_step,
         "monitor": config.monitor, "best": best_meta["metrics"],
+        "operating_point": best_meta["operating_point"],
         "last": history[-1] if history else None,
         "train_images": len(train_rows), "val_images": len(val_rows),
         "decode_seconds": round(decode_seconds, 2),

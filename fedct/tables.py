@@ -40,19 +40,30 @@ def _cell(metrics: dict, name: str) -> str:
 
 
 def print_evaluation(console: Console, report: dict) -> None:
+    """One row per checkpoint and data scope, at the threshold each checkpoint chose on its
+    validation data; 0.5, Youden's (on these data, so optimistic) and the ECE beside it."""
     positive = report["results"][0]["positive"]
-    table = Table(title=f"{report['data']}: positive class {positive}, threshold 0.5, "
-                        f"95% CI by {'patient' if report['grouped_bootstrap'] else 'image'} bootstrap")
+    table = Table(title=f"{report['data']}: positive class {positive}, at each checkpoint's "
+                        f"chosen threshold, 95% CI by "
+                        f"{'patient' if report['grouped_bootstrap'] else 'image'} bootstrap")
     columns = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auc")
     table.add_column("checkpoint", no_wrap=True)
     table.add_column("data", no_wrap=True)
     table.add_column("n", justify="right")
+    table.add_column("threshold", justify="right")
     for c in columns:
         table.add_column(c.replace("precision", "PPV").replace("npv", "NPV"), justify="right")
+    table.add_column("at 0.5: acc sens/spec", justify="right")
     table.add_column("Youden t: sens/spec", justify="right")
+    table.add_column("ECE", justify="right")
+    sources = set()
     for r in report["results"]:
-        m = r["threshold_0.5"]
-        y = r["youden"]
-        table.add_row(r["checkpoint"], r["data"], str(r["n"]), *(_cell(m, c) for c in columns),
-                      f"{y['threshold']:.2f}: {y['sensitivity']:.2f}/{y['specificity']:.2f}")
+        m, half, y = r["chosen"], r["threshold_0.5"], r["youden"]
+        sources.add(f"{r['checkpoint']}: {m['source']}")
+        table.add_row(r["checkpoint"], r["data"], str(r["n"]), f"{m['threshold']:.3f}",
+                      *(_cell(m, c) for c in columns),
+                      f"{half['accuracy']:.3f} {half['sensitivity']:.2f}/{half['specificity']:.2f}",
+                      f"{y['threshold']:.2f}: {y['sensitivity']:.2f}/{y['specificity']:.2f}",
+                      f"{r['calibration']['ece']:.3f}")
     console.print(table)
+    console.print("thresholds: " + "; ".join(sorted(sources)), highlight=False)

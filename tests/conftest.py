@@ -40,9 +40,10 @@ def split_dir(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
-def write_node_csv(split_dir: Path, client_id: int, path: Path) -> Path:
-    """A hospital's own CSV holding exactly one client's rows of the split. It sits at the
-    root of the images (paths are relative to it), named after `path`; returns where it is."""
+def write_node_csv(split_dir: Path, client_id: int, path: Path, rows: str = "train") -> Path:
+    """A hospital's own CSV holding exactly one client's `rows` (train or local_val) of the
+    split. It sits at the root of the images (paths are relative to it), named after `path`;
+    returns where it is."""
     from fedct.data.manifest import load_split
 
     split = load_split(split_dir)
@@ -50,6 +51,6 @@ def write_node_csv(split_dir: Path, client_id: int, path: Path) -> Path:
     with target.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "group"])
-        for entry in split.select(clients=[client_id]):
+        for entry in split.select(clients=[client_id], split=rows):
             writer.writerow([entry.row.path, entry.row.label, entry.row.group])
     return target

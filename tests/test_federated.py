@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from fedct.cli import app
@@ -260,6 +261,29 @@ def test_errors(split_dir, tmp_path):
     assert result.exit_code == 2 and "clients_per_round 9" in result.output
     result = runner.invoke(app, ["federate", str(split_dir), "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "--init" in result.output
+    result = runner.invoke(app, ["federate", "--init", "none", "--out", str(tmp_path / "z")])
+    assert result.exit_code == 2 and "SPLIT_DIR is required with the embedded engine" in \
+        result.output
+
+
+def test_validation_pooled_federated_or_both(split_dir, tmp_path):
+    """Pooled only: no client is asked. Federated only: the server scores nothing itself, a
+    seeded third of the clients score each round, and threshold and best round follow them."""
+    pooled = run(split_dir, tmp_path / "pooled", val="pooled")
+    assert pooled["monitor"] == "val_auc" and pooled["final"]["fed_clients"] == 0
+    assert not (tmp_path / "pooled" / "clients.csv").exists()
+    federated = run(split_dir, tmp_path / "fed", val="federated", eval_fraction=0.34,
+                    threshold="eer", rounds=3)
+    assert federated["monitor"] == "fed_auc" and federated["final"]["val_auc"] is None
+    assert federated["operating_point"]["source"] == "federated val"
+    with (tmp_path / "fed" / "clients.csv").open() as handle:
+        asked = [(r["round"], r["client"]) for r in csv.DictReader(handle)]
+    saved = yaml.safe_load((tmp_path / "fed" / "config.yaml").read_text())
+    assert saved["config"]["monitor"] == "fed_auc"  # auto, resolved and written
+    assert asked == [(str(i + 1), str(k)) for i, ks in enumerate(saved["eval_schedule"])
+                     for k in ks] and len(asked) == 3
+    _, best = read_checkpoint(tmp_path / "fed" / "best")
+    assert best["operating_point"] == federated["operating_point"]
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])

@@ -2,9 +2,11 @@
 
 The processes are started and stopped by the tests (by PID, each in its own session so its
 flower-superexec children go with it). The final weights must equal the embedded engine's
-bit for bit for the same seed and config, with DP and FedBN too: one code path, two engines.
+bit for bit for the same seed and config, with DP and FedBN too, and so must the federated
+validation (summary.csv, clients.csv): one code path, two engines.
 """
 
+import csv
 import json
 import os
 import signal
@@ -58,8 +60,9 @@ class Federation:
         node_tls = ["--root-certificates", str(certs / "ca.crt")] if certs else ["--insecure"]
         for k in range(clients):
             # a hospital's node reads its own CSV; a local test's node reads its rows of the split
-            data = (f'data="{write_node_csv(split_dir, k, tmp / f"site{k}.csv")}"' if own_data
-                    else f'split="{split_dir}"')
+            data = (f'data="{write_node_csv(split_dir, k, tmp / f"site{k}.csv")}" '
+                    f'val="{write_node_csv(split_dir, k, tmp / f"val{k}.csv", "local_val")}"'
+                    if own_data else f'split="{split_dir}"')
             self.start(f"node{k}", [
                 str(BIN / "flower-supernode"), *node_tls, "--superlink", f"127.0.0.1:{self.port}",
                 "--port", str(free_port()), "--node-config",
@@ -97,10 +100,11 @@ class Federation:
         for name in list(self.procs):
             self.kill(name)
 
-    def submit(self, split_dir: Path, out: Path, *extra: str,
-               settings: dict = SETTINGS) -> subprocess.Popen:
-        argv = [str(BIN / "fedct"), "federate", str(split_dir), "--init", "none", "--out", str(out),
-                "--engine", "flower", "--federation", "loopback"]
+    def submit(self, split_dir: Path | None, out: Path, *extra: str, settings: dict = SETTINGS,
+               init: str = "none") -> subprocess.Popen:
+        argv = [str(BIN / "fedct"), "federate", *([str(split_dir)] if split_dir else []),
+                "--init", init, "--out", str(out), "--engine", "flower", "--federation",
+                "loopback"]
         for key, value in settings.items():
             argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
         return subprocess.Popen([*argv, *extra], env=self.env, stdout=subprocess.PIPE,
@@ -111,14 +115,14 @@ class Federation:
 def split_dir(synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("flower-split") / "split"
     run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="dirichlet", alpha=1.0,
-                                                          clients=2, seed=0))
+                                                          clients=2, seed=0, local_val=0.25))
     return out
 
 
-def run_embedded(split_dir: Path, out: Path, settings: dict) -> dict:
+def run_embedded(split_dir: Path, out: Path, settings: dict, init: str = "none") -> Path:
     config = build_config(FederateConfig, None, {k.replace("-", "_"): v for k, v in settings.items()})
-    run_federate(split_dir, out, config, init="none", quiet=True)
-    return read_checkpoint(out / "final")[0]
+    run_federate(split_dir, out, config, init=init, quiet=True)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +130,17 @@ def embedded(split_dir, tmp_path_factory):
     return run_embedded(split_dir, tmp_path_factory.mktemp("embedded") / "run", SETTINGS)
 
 
-def run_and_compare(tmp_path, split_dir, embedded, certs=None, settings=SETTINGS,
-                    own_data=False):
+def without_seconds(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+def run_and_compare(tmp_path, split_dir, embedded: Path, certs=None, settings=SETTINGS,
+                    own_data=False, coordinator_split=True, init="none"):
     federation = Federation(tmp_path, split_dir, clients=2, certs=certs, own_data=own_data)
     try:
-        proc = federation.submit(split_dir, tmp_path / "run", settings=settings)
+        proc = federation.submit(split_dir if coordinator_split else None, tmp_path / "run",
+                                 settings=settings, init=init)
         output, _ = proc.communicate(timeout=600)
     finally:
         federation.stop()
@@ -138,14 +148,21 @@ def run_and_compare(tmp_path, split_dir, embedded, certs=None, settings=SETTINGS
     assert "2 nodes answered" in output
     assert "round 1/2: training on clients 0, 1" in output and "client 1: trained" in output
     flower, meta = read_checkpoint(tmp_path / "run" / "final")
+    expected, _ = read_checkpoint(embedded / "final")
     assert meta["engine"] == "flower"
-    assert flower.keys() == embedded.keys()
-    for key in embedded:
-        assert torch.equal(embedded[key], flower[key]), key  # a difference of exactly 0.0
-    summary = (tmp_path / "run" / "summary.csv").read_text().splitlines()
-    assert len(summary) == 3 and summary[1].startswith("1,2,")
+    assert flower.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(expected[key], flower[key]), key  # a difference of exactly 0.0
+    # the same federated validation, pooled and per client, and the same operating point
+    summary = without_seconds(tmp_path / "run" / "summary.csv")
+    assert summary == without_seconds(embedded / "summary.csv")
+    assert len(summary) == 2 and int(summary[0]["fed_examples"]) > 0
+    clients = (tmp_path / "run" / "clients.csv").read_text()
+    assert clients == (embedded / "clients.csv").read_text() and clients.count("\n") == 5
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["rounds"] == 2
+    assert report["operating_point"] == json.loads((embedded / "report.json").read_text())[
+        "operating_point"]
     return report
 
 
@@ -166,11 +183,21 @@ def test_flower_with_dp_fedbn_and_hospital_data_equals_embedded(tmp_path, split_
         assert state["rounds"] == 2 and state["norms"] and state["accountant"]["history"]
 
 
-def test_flower_over_tls_equals_embedded(tmp_path, split_dir, embedded):
+def test_a_coordinator_without_data_over_tls_equals_embedded(tmp_path, split_dir, embedded):
+    """No split and no image on the coordinator: the classes come from the starting
+    checkpoint, the clients validate, and the best round is chosen on federated val."""
     from fedct.federated.certs import make_certificates
 
     make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
-    run_and_compare(tmp_path, split_dir, embedded, certs=tmp_path / "certs")
+    settings = {**SETTINGS, "threshold": "youden", "seed": 4}
+    init = str(embedded / "final")
+    expected = run_embedded(split_dir, tmp_path / "embedded", {**settings, "val": "federated"},
+                            init=init)
+    report = run_and_compare(tmp_path, split_dir, expected, certs=tmp_path / "certs",
+                             settings=settings, coordinator_split=False, init=init)
+    assert report["monitor"] == "fed_auc" and report["operating_point"]["source"] == "federated val"
+    assert report["final"]["val_auc"] is None and report["final"]["fed_auc"] > 0
+    assert (tmp_path / "run" / "best.safetensors").is_file()
 
 
 def test_a_killed_supernode_does_not_stop_the_run(tmp_path, split_dir):

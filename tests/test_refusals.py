@@ -88,6 +88,11 @@ def test_certs_keep_an_existing_ca_and_keys_are_private_from_the_start(tmp_path)
     (["--local-steps", "-1"], "local_steps -1"),
     (["--local-steps", "0", "--local-epochs", "0"], "local_epochs 0"),
     (["--lr", "nan"], "lr nan"),
+    (["--val", "federated"], "val federated: no client of"),
+    (["--val", "pooled", "--monitor", "fed_auc"], "monitor fed_auc: needs federated val"),
+    (["--threshold", "sens:2"], "threshold 'sens:2': the number must lie in (0, 1)"),
+    (["--threshold", "median"], "threshold 'median': choose 0.5"),
+    (["--eval-fraction", "0"], "eval_fraction 0.0: must be in (0, 1]"),
 ])
 def test_settings_that_cannot_train_are_refused_before_anything_is_written(
         split_dir, tmp_path, flags, message):
@@ -228,7 +233,7 @@ def test_help_shows_defaults_choices_and_argument_help():
     federate = shown("federate")
     assert "[default: 10]" in federate and "[default: the --init checkpoint's, else 224]" in federate
     assert "[fedavg|fedprox|fedavgm|fedadam|fedyogi]" in federate and "[head|full]" in federate
-    assert "Split directory from `fedct split`." in federate
+    assert "Split directory from `fedct split` (optional on a Flower coordinator" in federate
     assert "[iid|dirichlet|shards|quantity|natural]" in shown("split")
     assert "[train|val|test|local_val]" in shown("evaluate")
     demo = shown("demo")

@@ -42,7 +42,7 @@ class WriteLog:
             real = getattr(owner, attribute)
 
             def append(*args, _real=real, _name=name, **kwargs):
-                self._count(_name)
+                self._count(_name or args[0].name)  # None: the file is the first argument
                 return _real(*args, **kwargs)
 
             monkeypatch.setattr(owner, attribute, append)
@@ -69,7 +69,18 @@ def rows(path) -> list[dict]:
 FEDERATE = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
             "rounds": 2, "local_steps": 2, "dp": True, "target_epsilon": 4.0}
 FEDERATE_APPENDS = {(server_module, "append_summary"): "summary.csv",
-                    (server_module.RoundServer, "_append_privacy"): "privacy.csv"}
+                    (server_module, "append_rows"): None}  # privacy.csv, clients.csv
+
+
+@pytest.fixture(scope="module")
+def split_dir(synth_dir, tmp_path_factory):
+    """Two IID clients, each with local validation rows (for clients.csv)."""
+    from fedct.data.manifest import SplitOptions, run_split
+
+    out = tmp_path_factory.mktemp("rsplit") / "split"
+    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=2, seed=0,
+                                                          local_val=0.2))
+    return out
 
 
 def test_federated_run_killed_at_every_write_of_a_round_resumes_exactly(split_dir, tmp_path,
@@ -81,7 +92,7 @@ def test_federated_run_killed_at_every_write_of_a_round_resumes_exactly(split_di
     whole = tmp_path / "whole"
     expected, _ = read_checkpoint(whole / "final")
     writes = second_step_writes(log.names)
-    assert {"summary.csv", "privacy.csv", "last.safetensors", RESUME} <= {
+    assert {"summary.csv", "privacy.csv", "clients.csv", "last.safetensors", RESUME} <= {
         log.names[k - 1] for k in writes}
     for die_at in writes:
         out = tmp_path / f"killed-{die_at}"
@@ -95,6 +106,7 @@ def test_federated_run_killed_at_every_write_of_a_round_resumes_exactly(split_di
         assert all(torch.equal(final[k], expected[k]) for k in expected), what
         assert rows(out / "summary.csv") == rows(whole / "summary.csv"), what
         assert rows(out / "privacy.csv") == rows(whole / "privacy.csv"), what
+        assert rows(out / "clients.csv") == rows(whole / "clients.csv"), what
         states = load_resume(out)["extra"]["client_states"]
         reference = load_resume(whole)["extra"]["client_states"]
         assert [states[k]["accountant"] for k in (0, 1)] == \

@@ -32,10 +32,13 @@ def tiny_flags(**extra):
 
 def test_pretrain_and_evaluate_end_to_end(split_dir, tmp_path):
     run = tmp_path / "run"
-    result = cli("pretrain", split_dir, "--out", run, *tiny_flags(), "--json")
+    result = cli("pretrain", split_dir, "--out", run, *tiny_flags(), "--threshold", "youden",
+                 "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["best_epoch"] in (1, 2, 3)
+    chosen = report["operating_point"]
+    assert chosen["rule"] == "youden" and chosen["source"] == "val" and 0 < chosen["threshold"] < 1
     files = {p.name for p in run.iterdir()}
     assert {"config.yaml", "summary.csv", "best.safetensors", "best.json", "last.safetensors",
             "last.json", "report.json"} <= files
@@ -52,7 +55,18 @@ def test_pretrain_and_evaluate_end_to_end(split_dir, tmp_path):
     assert "positive class CT_COVID" in scored.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert len(metrics["results"]) == 2 and metrics["grouped_bootstrap"]
-    assert {"roc.png", "confusion.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
+    assert {"roc.png", "confusion.png", "reliability.png"} <= {
+        p.name for p in (tmp_path / "eval").iterdir()}
+    best = metrics["results"][0]
+    # scored at the threshold stage 1 chose on val, the same figures as its own summary
+    assert best["chosen"]["threshold"] == chosen["threshold"]
+    assert best["chosen"]["sensitivity"] == pytest.approx(chosen["sensitivity"])
+    assert best["chosen"]["source"] == "youden on val" and 0 <= best["calibration"]["ece"] <= 1
+    assert "threshold_0.5" in best and best["chosen"]["ci95"]["accuracy"][0] <= best["chosen"][
+        "accuracy"]
+    forced = cli("evaluate", run / "best", "--split", split_dir, "--on", "val", "--bootstrap", 0,
+                 "--threshold", 0.3, "--json")
+    assert json.loads(forced.stdout)["results"][0]["chosen"]["threshold"] == 0.3
     on_train = cli("evaluate", run / "best", "--split", split_dir, "--on", "train",
                    "--per-client", "--bootstrap", 0, "--json")
     assert [r["data"] for r in json.loads(on_train.stdout)["results"]] == ["all", "client 0",

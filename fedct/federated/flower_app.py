@@ -100,11 +100,11 @@ def train_on_nodes(grid: Grid, node_of: dict[int, int], setup, schedule: list[li
             yield protocol.decode_reply(message.content)
 
 
-def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], setup, plan: list[list[int]],
-                      timeout: float, round_number: int,
-                      global_weights: Weights) -> Iterator[Evaluation]:
-    """The planned clients' evaluations of the aggregated weights, in client order."""
-    chosen = [k for k in plan[round_number - 1] if k in node_of]
+def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], setup, timeout: float,
+                      round_number: int, global_weights: Weights,
+                      asked: list[int]) -> Iterator[Evaluation]:
+    """The asked clients' evaluations of the aggregated weights, in client order."""
+    chosen = [k for k in asked if k in node_of]
     spec = setup.round_spec(round_number, 0)
     messages = [Message(protocol.encode_train(global_weights, spec), dst_node_id=node_of[k],
                         message_type="evaluate", group_id=f"eval-{round_number}")
@@ -113,7 +113,7 @@ def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], setup, plan: list[lis
     answers = {client_of_node[m.metadata.src_node_id]: m
                for m in grid.send_and_receive(messages, timeout=timeout)
                if m.metadata.src_node_id in client_of_node}
-    for k in plan[round_number - 1]:
+    for k in asked:
         message = answers.get(k)
         if message is None:
             yield Evaluation(k, status=Status.FAILED,
@@ -131,6 +131,7 @@ def main(grid: Grid, context: Context) -> None:
     from fedct.federated.server import run_rounds
     from fedct.federated.setup import (
         eval_schedule,
+        place_model,
         planned_rounds,
         prepare_setup,
         sample_schedule,
@@ -145,7 +146,7 @@ def main(grid: Grid, context: Context) -> None:
     setup = prepare_setup(config, init=extras.init, split_dir=extras.split_dir or None)
     config = setup.config  # with the monitor resolved
     device = pick_device(config.device)
-    setup.model.to(device)
+    place_model(setup.model, config, device)
     node_of = discover_nodes(grid, extras.num_clients or config.min_clients, extras.node_wait)
     console.print(f"fedct on Flower: {len(node_of)} nodes answered (clients {sorted(node_of)})")
     num_clients = extras.num_clients or len(node_of)
@@ -158,6 +159,6 @@ def main(grid: Grid, context: Context) -> None:
                view=RoundView(console, rounds=config.rounds, dp=config.dp, live=False,
                               client_lines=True, federated=config.monitor.startswith("fed_")),
                resume=extras.resume,
-               evaluate_round=partial(evaluate_on_nodes, grid, node_of, setup, plan,
+               evaluate_round=partial(evaluate_on_nodes, grid, node_of, setup,
                                       extras.round_timeout),
                eval_plan=plan)

@@ -73,34 +73,40 @@ clientapp = "fedct.federated.flower_app:client_app"
     return app_dir
 
 
-def _federation_split(split_dir: Path, federation: str | None):
-    """The split a Flower run is about, once a federation is named."""
+def _federation(split_dir: Path | None, federation: str | None, clients: int | None):
+    """(the coordinator's split or None, the number of clients: 0 for the nodes that answer)."""
     from fedct.data.manifest import load_split
 
     if federation is None:
         raise FedctError("--engine flower needs --federation NAME (a connection in "
                          "$FLWR_HOME/config.toml)")
-    return load_split(split_dir)
+    if clients is not None and clients < 1:
+        raise FedctError(f"--clients {clients}: must be >= 1")
+    split = load_split(split_dir) if split_dir is not None else None
+    if split is not None and clients not in (None, split.num_clients):
+        raise FedctError(f"--clients {clients}: the split {split_dir} has {split.num_clients}")
+    return split, (split.num_clients if split is not None else clients or 0)
 
 
-def run_on_flower(split_dir: Path, out: Path, config, *, init: str, federation: str | None,
-                  round_timeout: float = ROUND_TIMEOUT_SECONDS, resume: bool = False,
-                  force: bool = False) -> dict:
+def run_on_flower(split_dir: Path | None, out: Path, config, *, init: str,
+                  federation: str | None, round_timeout: float = ROUND_TIMEOUT_SECONDS,
+                  resume: bool = False, force: bool = False, clients: int | None = None) -> dict:
     """Submit a run to the federation's SuperLink and wait; returns the run's report.
 
     The coordinator's ServerApp writes the run directory `out` (this machine's, in a local
-    federation) exactly as the embedded engine does.
+    federation) exactly as the embedded engine does. Without a split the coordinator holds
+    no images: the classes come from the `init` checkpoint and validation is federated.
     """
     from fedct.federated.setup import resolve_input_size, run_inputs
 
-    split = _federation_split(split_dir, federation)
+    split, num_clients = _federation(split_dir, federation, clients)
     config, note = resolve_input_size(config, init)
     if note:
         print(f"note: {note}", file=sys.stderr)
     if not resume:
         prepare_run_dir(out, resume=False, force=force, **run_inputs(split, init))
     values = run_config(config, init=init, out=out, split_dir=split_dir,
-                        num_clients=split.num_clients, round_timeout=round_timeout, resume=resume)
+                        num_clients=num_clients, round_timeout=round_timeout, resume=resume)
     with tempfile.TemporaryDirectory(prefix="fedct-flower-app-") as app_dir:
         write_app(Path(app_dir), values)
         code = submit(Path(app_dir), federation)
@@ -111,8 +117,9 @@ def run_on_flower(split_dir: Path, out: Path, config, *, init: str, federation: 
     return json.loads((Path(out) / REPORT).read_text())
 
 
-def dry_run_lines(split_dir: Path, out: Path, config, *, init: str, federation: str | None,
-                  certs: Path | None) -> list[str]:
+def dry_run_lines(split_dir: Path | None, out: Path, config, *, init: str,
+                  federation: str | None, certs: Path | None,
+                  clients: int | None = None) -> list[str]:
     """What `--dry-run` prints: the three roles' commands, then the run's every resolved option
     as a config file and the submit command that reads it (shell-quoted, ready to paste)."""
     import yaml
@@ -120,18 +127,20 @@ def dry_run_lines(split_dir: Path, out: Path, config, *, init: str, federation: 
     from fedct.config import to_dict
     from fedct.federated.setup import resolve_input_size
 
-    split = _federation_split(split_dir, federation)
+    _, num_clients = _federation(split_dir, federation, clients)
     config, _ = resolve_input_size(config, init)
-    lines = role_commands(split_dir=split_dir, clients=split.num_clients, federation=federation,
+    lines = role_commands(split_dir=split_dir, clients=num_clients or 2, federation=federation,
                           certs=certs)
     config_file = f"{Path(out).name or 'run'}-federate.yaml"
     options = yaml.safe_dump(to_dict(config), sort_keys=False).rstrip().splitlines()
     return lines + [
         "# coordinator: the run's resolved options (all of them, DP included), then the submit",
         f"cat > {shlex.quote(config_file)} <<'FEDCT_EOF'", *options, "FEDCT_EOF",
-        " ".join(["fedct", "federate", shlex.quote(str(split_dir)), "--init", shlex.quote(init),
-                  "--out", shlex.quote(str(out)), "--config", shlex.quote(config_file),
-                  "--engine", "flower", "--federation", shlex.quote(federation)])]
+        " ".join(["fedct", "federate", *([shlex.quote(str(split_dir))] if split_dir else []),
+                  "--init", shlex.quote(init), "--out", shlex.quote(str(out)),
+                  "--config", shlex.quote(config_file), "--engine", "flower",
+                  "--federation", shlex.quote(federation),
+                  *(["--clients", str(num_clients)] if num_clients and not split_dir else [])])]
 
 
 def submit(app_dir: Path, federation: str, *, flwr_home: str | None = None) -> int:
@@ -174,9 +183,10 @@ def role_commands(*, split_dir: Path | None, clients: int, federation: str,
               f"{env} flower-superlink {link_tls} --disable-runtime-dependency-installation"
               + ("" if host in ("127.0.0.1", "localhost") else " --host 0.0.0.0")]
     for k in range(clients):
-        data = f'split="{split_dir.resolve()}"' if split_dir else 'data="/path/to/own-images.csv"'
-        lines += [f"# hospital {k}: a SuperNode reading only its own images "
-                  '(at a real site: data="/path/to/own-images.csv")',
+        data = (f'split="{split_dir.resolve()}"' if split_dir
+                else 'data="/path/to/own-train.csv" val="/path/to/own-val.csv"')
+        lines += [f"# hospital {k}: a SuperNode reading only its own images (at a real site: "
+                  'data="/path/to/own-train.csv" val="/path/to/own-val.csv")',
                   f"{env} flower-supernode {node_tls} --superlink {superlink} "
                   f"--port {9094 + k} --node-config '{data} client-id={k}'"]
     lines += ["# coordinator: name the connection once in $FLWR_HOME/config.toml "

@@ -34,7 +34,7 @@ from fedct.federated.client import (
     run_client_round,
 )
 from fedct.federated.protocol import ClientReply, Evaluation, RoundSpec, Weights
-from fedct.federated.setup import model_spec
+from fedct.federated.setup import model_spec, place_model
 from fedct.models import build_model
 from fedct.runs import atomic_write
 from fedct.training import pick_device
@@ -91,10 +91,7 @@ def _node_model(config: FederateConfig, spec: RoundSpec):
     model = build_model(model_spec(config, spec.architecture, len(spec.classes),
                                    groupnorm=spec.groupnorm))
     device = pick_device(config.device)
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model, device
+    return place_model(model, config, device), device
 
 
 def node_round(node_config: dict, run_id: int, config: FederateConfig, global_weights: Weights,

@@ -153,7 +153,7 @@ class RoundServer:
         on_federated = config.monitor.startswith("fed_")
         point = operating_point(config.threshold,
                                 federated.histogram if on_federated else pooled_histogram,
-                                "federated" if on_federated else "pooled")
+                                "federated val" if on_federated else "pooled val")
         accepted = [r.update for r in replies if r.status is Status.TRAINED] if updated else []
         examples = sum(u.examples for u in accepted)
         row = {"round": round_number, "clients": len(accepted),
@@ -182,12 +182,16 @@ class RoundServer:
 
     def finish_round(self, round_number: int, global_weights: Weights,
                      replies: list[ClientReply], running: RunningAverage, *, started: float,
-                     evaluate_round: EvaluateRound | None = None,
+                     evaluate_round: EvaluateRound | None = None, asked: list[int] = (),
                      extra_state: dict | None = None) -> Weights:
         """Aggregate and record a round whose replies went through `accept`; `evaluate_round`
-        has the clients score the aggregated model on their own validation rows."""
+        has the `asked` clients score the aggregated model on their own validation rows (a
+        client whose training failed this round is not asked: it would only time out)."""
         weights = self.aggregate(round_number, global_weights, running)
-        evaluations = list(evaluate_round(round_number, weights)) if evaluate_round else []
+        failed = {r.client_id for r in replies if r.status is Status.FAILED}
+        asked = [k for k in asked if k not in failed]
+        evaluations = list(evaluate_round(round_number, weights, asked)) \
+            if evaluate_round and asked else []
         self.record(round_number, weights, replies, evaluations,
                     updated=running.count >= self.setup.config.min_clients, started=started,
                     extra_state=extra_state or {})
@@ -229,6 +233,7 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
 
     `kept` is state the engine keeps on the server's machine between rounds (the embedded
     engine's client states): saved with every round, restored in place on resume.
+    `eval_plan` lists the clients that score the aggregated model after each round.
     `stop_after` ends the run after that round without finishing it (for tests).
     """
     config = setup.config
@@ -251,6 +256,10 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
                             "clients": num_clients, "schedule": schedule,
                             "eval_schedule": eval_plan,
                             **(config_extra or {})})
+    if config.dp and any(eval_plan or []):
+        view.message("note: epsilon covers the clients' training rows; federated validation "
+                     "releases aggregates of their validation rows outside it (README: What "
+                     "epsilon covers)")
     with view:
         for round_number in range(server.round + 1, config.rounds + 1):
             started = time.perf_counter()
@@ -262,6 +271,7 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
                 view.client_finished(replies[-1])
             weights = server.finish_round(round_number, weights, replies, running, started=started,
                                           evaluate_round=evaluate_round,
+                                          asked=(eval_plan or [[]] * config.rounds)[round_number - 1],
                                           extra_state=dict(kept or {}))
             if stop_after is not None and round_number >= stop_after:
                 return {"stopped_after": round_number}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedct.config import FederateConfig
@@ -45,6 +46,15 @@ def model_spec(config: FederateConfig, architecture: str, num_classes: int, *,
                      freeze=freeze_policy(config), freeze_bn=config.freeze_bn,
                      groupnorm=groupnorm, dp_layers=full or groupnorm,
                      drop_rate=config.drop_rate, image_size=config.image_size or None)
+
+
+def place_model(model: nn.Module, config: FederateConfig, device) -> nn.Module:
+    """The model on its device in the run's memory format: the server and every node alike,
+    so a score computed on either is the same to the last bit."""
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def resolve_input_size(config: FederateConfig, init: str) -> tuple[FederateConfig, str | None]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from fedct import privacy
@@ -27,6 +26,7 @@ from fedct.federated.protocol import ClientReply, Evaluation, Weights
 from fedct.federated.server import run_rounds
 from fedct.federated.setup import (
     eval_schedule,
+    place_model,
     planned_rounds,
     prepare_setup,
     resolve_input_size,
@@ -60,9 +60,7 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
     schedule = sample_schedule(len(clients), config)
     evaluators = eval_schedule(len(clients), config)
     planned = planned_rounds(schedule, len(clients))
-    setup.model.to(device)
-    if config.channels_last:
-        setup.model.to(memory_format=torch.channels_last)
+    place_model(setup.model, config, device)
     view = RoundView(console, rounds=config.rounds, dp=config.dp,
                      federated=config.monitor.startswith("fed_"))
     for data in clients:
@@ -81,8 +79,9 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
                 num_classes=len(setup.classes))
             yield reply
 
-    def evaluate_round(round_number: int, global_weights: Weights) -> Iterator[Evaluation]:
-        for k in evaluators[round_number - 1]:
+    def evaluate_round(round_number: int, global_weights: Weights,
+                       asked: list[int]) -> Iterator[Evaluation]:
+        for k in asked:
             yield client_evaluate(setup.model, global_weights, clients[k], config,
                                   kept["client_states"][k], device=device,
                                   positive_index=setup.positive_index)

@@ -23,8 +23,8 @@ CLIENTS_CSV = "clients.csv"
 CLIENT_FIELDS = ["round", "client", "status", "examples", "positives", "loss", "acc",
                  "sensitivity", "specificity", "auc", "detail"]
 
-# A round's evaluations of the aggregated weights, one per client asked.
-EvaluateRound = Callable[[int, Weights], Iterable[Evaluation]]
+# A round's evaluations of the aggregated weights by the clients asked, in client order.
+EvaluateRound = Callable[[int, Weights, list[int]], Iterable[Evaluation]]
 
 
 def histogram_of(evaluation: Evaluation) -> ScoreHistogram:
