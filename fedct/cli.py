@@ -11,7 +11,6 @@ import click
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from fedct import __version__
 from fedct.config import CHOICES, FED_MONITORS
@@ -19,7 +18,7 @@ from fedct.config import THRESHOLD_RULES as RULES
 from fedct.data.partition import SCHEMES, SPLITS
 from fedct.errors import FedctError
 from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS
-from fedct.tables import print_evaluation, print_split_table
+from fedct.tables import print_evaluation, print_federate, print_split_table, print_stage1
 
 app = typer.Typer(
     name="fedct",
@@ -167,11 +166,6 @@ def certs(
                   "server.key; SuperNodes and flwr: trust ca.crt (keep ca.key offline)")
 
 
-def _number(value) -> str:
-    """A metric for people: 3 decimals, '-' where it is undefined (NaN, or null in JSON)."""
-    return "-" if value is None or value != value else f"{value:.3f}"
-
-
 def _print_json(payload: dict) -> None:
     import json
 
@@ -227,15 +221,7 @@ def pretrain(
     if json_out:
         _print_json(report)
     elif not quiet:
-        best = report["best"]
-        table = Table(title=f"stage 1: best epoch {report['best_epoch']} by {report['monitor']}")
-        for column in ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss"):
-            table.add_column(column, justify="right")
-        table.add_row(*(_number(best[c]) for c in ("val_acc", "val_auc", "val_sensitivity",
-                                                    "val_specificity", "val_loss")))
-        console.print(table)
-        console.print(f"wrote {out}/best.safetensors (+ last, summary.csv, report.json); "
-                      f"{report['train_images_per_second']} train images/s")
+        print_stage1(console, report, out)
 
 
 @app.command()
@@ -243,7 +229,7 @@ def pretrain(
 def evaluate(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: RUN/best, RUN/final.safetensors, or a run directory.")],
     split_dir: Annotated[Path | None, typer.Option("--split", help="Split directory to score on.")] = None,
-    on: Annotated[str, typer.Option(click_type=click.Choice((*SPLITS, "local_val")), help="Which split: val, test, train or local_val.")] = "val",
+    on: Annotated[str, typer.Option(click_type=click.Choice((*SPLITS, "local_val", "all")), help="Which rows: val, test, train, local_val or all (flower: each node's val, test, train or all rows).")] = "val",
     data: Annotated[Path | None, typer.Option(help="Score any ImageFolder or CSV instead of a split.")] = None,
     per_client: Annotated[bool, typer.Option(help="Add a row per client's data (cross-site matrix).")] = False,
     out: Annotated[Path | None, typer.Option(help="Where metrics.json, roc.png, confusion.png go. \\[default: a new eval-ON folder beside the first checkpoint]")] = None,
@@ -252,6 +238,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     tta: Annotated[bool, typer.Option(help="Average each image's and its mirror's probabilities.")] = False,
     threshold: Annotated[float | None, typer.Option(help="Score at this threshold instead of the one each checkpoint chose on its validation data.")] = None,
+    engine: Annotated[str, typer.Option(click_type=click.Choice(("embedded", "flower")), help="flower: score on every node's own rows (cross-site), no image moved.")] = "embedded",
+    federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Score checkpoints: accuracy, sensitivity, specificity, PPV, NPV, F1, AUC with 95% CIs.
@@ -264,10 +252,15 @@ def evaluate(
     Example: fedct evaluate runs/stage2/final runs/stage1/best --split splits/covid --on val
     """
     from fedct.evaluation import run_evaluate
+    from fedct.federated.flower_run import evaluate_on_flower
 
-    report = run_evaluate(checkpoints, split_dir=split_dir, on=on, data=data,
-                          per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
-                          device=device, tta=tta, threshold=threshold)
+    if engine == "flower":
+        report = evaluate_on_flower(checkpoints, federation=federation, on=on, out=out,
+                                    n_boot=bootstrap, seed=seed, threshold=threshold, tta=tta)
+    else:
+        report = run_evaluate(checkpoints, split_dir=split_dir, on=on, data=data,
+                              per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
+                              device=device, tta=tta, threshold=threshold)
     if json_out:
         _print_json(report)
         return
@@ -367,15 +360,7 @@ def federate(
     if json_out:
         _print_json(report)
     elif not quiet:
-        final, point = report["final"], report["operating_point"]
-        p = report["monitor"].split("_", 1)[0]
-        console.print(f"final (round {report['rounds']}): {'federated ' if p == 'fed' else ''}"
-                      f"val acc {_number(final[f'{p}_acc'])}, AUC {_number(final[f'{p}_auc'])}; "
-                      f"best round {report['best_round']} by {report['monitor']}, threshold "
-                      f"{point['threshold']:.3f} ({point['rule']} on {point['source']}: sens "
-                      f"{_number(point['sensitivity'])}, spec {_number(point['specificity'])})"
-                      + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""))
-        console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")
+        print_federate(console, report, out)
 
 
 @app.command()

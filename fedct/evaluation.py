@@ -25,7 +25,7 @@ from fedct.operating_point import expected_calibration_error
 from fedct.runs import checkpoint_paths, json_safe, read_checkpoint
 from fedct.training import pick_device, predict, set_threads
 
-SPLITS = ("train", "val", "test", LOCAL_VAL)
+SPLITS = ("train", "val", "test", LOCAL_VAL, "all")
 
 
 def load_model(checkpoint: str | Path):
@@ -52,7 +52,7 @@ def data_for(*, split_dir, on, data) -> Split:
         if on not in SPLITS:
             raise FedctError(f"--on {on!r}: choose from {', '.join(SPLITS)}")
         split = load_split(split_dir)
-        split = split.subset(split.select(split=on))
+        split = split.subset(split.select(split=None if on == "all" else on))
         if not split.entries:
             raise FedctError(f"{split_dir}: no rows with split {on!r}")
         return split
@@ -114,19 +114,48 @@ def score(truth: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, threshold:
             "calibration": {"ece": ece, "bins": bins}}
 
 
+def score_checkpoint(name: str, path: str, meta: dict, positive: str, truth: np.ndarray,
+                     prob: np.ndarray, groups: np.ndarray | None,
+                     scopes: dict[str, np.ndarray], *, threshold: float | None, n_boot: int,
+                     seed: int) -> list[dict]:
+    """One checkpoint's results, a row per scope (all rows, each client's)."""
+    cut, source = chosen_threshold(meta, threshold)
+    return [{"checkpoint": name, "path": path, "data": scope, "positive": positive,
+             "stage": meta.get("stage"),
+             **score(truth[idx], prob[idx], None if groups is None else groups[idx],
+                     threshold=cut, source=source, n_boot=n_boot, seed=seed)}
+            for scope, idx in scopes.items()]
+
+
+def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -> dict:
+    """metrics.json and the ROC, confusion (at each checkpoint's threshold) and reliability
+    plots of the pooled rows; returns the report with `out`."""
+    pooled = [r for r in report["results"] if r["data"] == "all"]
+    positive = report["results"][0]["positive"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
+    plot_roc(curves, out_dir / "roc.png", f"ROC on {report['data']}")
+    plot_confusion({f"{r['checkpoint']} @ {r['chosen']['threshold']:.2f}": r["chosen"]["confusion"]
+                    for r in pooled}, out_dir / "confusion.png", positive, negative)
+    plot_reliability({r["checkpoint"]: r["calibration"] for r in pooled},
+                     out_dir / "reliability.png", positive)
+    return {**report, "out": str(out_dir)}
+
+
 def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "val", data=None,
                  per_client: bool = False, out: str | Path | None = None, n_boot: int = 1000,
                  seed: int = 0, batch_size: int = 64, device: str = "auto",
                  tta: bool = False, threshold: float | None = None) -> dict:
     if not checkpoints:
         raise FedctError("give at least one checkpoint")
+    chosen_threshold({}, threshold)  # a bad --threshold is refused before any inference
     split = data_for(split_dir=split_dir, on=on, data=data)
     scopes = _scopes(split, per_client)  # checked before any inference
     out_dir = Path(out) if out else fresh_folder(
         checkpoint_paths(checkpoints[0])[0].parent / f"eval-{Path(data).stem if data else on}")
     set_threads()
     dev = pick_device(device)
-    results, curves, confusions, reliability = [], {}, {}, {}
+    results, curves = [], {}
     cache: dict[tuple, SplitImages] = {}
     groups = np.array([e.row.group for e in split.entries])
     for checkpoint in checkpoints:
@@ -155,27 +184,14 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                                 tta=tta)
         prob = probs[:, classes.index(positive)]
         truth = labels == classes.index(positive)
-        cut, source = chosen_threshold(meta, threshold)
-        for scope, idx in scopes.items():
-            entry = {"checkpoint": name, "path": str(checkpoint_paths(checkpoint)[0]),
-                     "data": scope, "positive": positive, "stage": meta.get("stage"),
-                     **score(truth[idx], prob[idx], groups[idx], threshold=cut, source=source,
-                             n_boot=n_boot, seed=seed)}
-            results.append(entry)
-            if scope == "all":
-                confusions[f"{name} @ {cut:.2f}"] = entry["chosen"]["confusion"]
-                reliability[name] = entry["calibration"]
+        results += score_checkpoint(name, str(checkpoint_paths(checkpoint)[0]), meta, positive,
+                                    truth, prob, groups, scopes, threshold=threshold,
+                                    n_boot=n_boot, seed=seed)
         curves[name] = (truth, prob)
         negative = next((c for c in classes if c != positive), "negative")
         del model
-    out_dir.mkdir(parents=True, exist_ok=True)
     where = f"--data {data}" if data else f"{split_dir} --on {on}"
     report = {"data": where, "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
               "tta": tta,
               "grouped_bootstrap": len(set(groups)) < len(groups), "results": results}
-    (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
-    plot_roc(curves, out_dir / "roc.png", f"ROC on {where}")
-    plot_confusion(confusions, out_dir / "confusion.png", positive, negative)
-    plot_reliability(reliability, out_dir / "reliability.png", positive)
-    report["out"] = str(out_dir)
-    return report
+    return write_evaluation(out_dir, report, curves, negative)

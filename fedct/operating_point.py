@@ -27,6 +27,9 @@ LOGIT_RANGE = 10.0
 EDGES = np.concatenate([[0.0], 1.0 / (1.0 + np.exp(-np.linspace(-LOGIT_RANGE, LOGIT_RANGE,
                                                                BINS + 1)[1:-1]))])
 
+MIDPOINTS = 1.0 / (1.0 + np.exp(-np.linspace(-LOGIT_RANGE, LOGIT_RANGE, BINS + 1)[:-1]
+                                 - LOGIT_RANGE / BINS))
+
 
 def score_bins(score: np.ndarray) -> np.ndarray:
     """The bin of each score: bin j holds EDGES[j] <= score < EDGES[j + 1]."""
@@ -75,6 +78,14 @@ class ScoreHistogram:
         if not self.n_pos or not self.n_neg:
             return float("nan")
         return 0.5 * float(np.sum(self.positives * self.negatives)) / (self.n_pos * self.n_neg)
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(is positive, score) with one row per count at its bin's logit midpoint: what a
+        bootstrap or a plot needs of rows it may not see. Metrics at bin edges are exact;
+        the AUC is `auc()`."""
+        counts = np.concatenate([self.positives, self.negatives])
+        truth = np.repeat(np.r_[np.ones(BINS, bool), np.zeros(BINS, bool)], counts)
+        return truth, np.repeat(np.r_[MIDPOINTS, MIDPOINTS], counts)
 
     def curve(self) -> tuple[np.ndarray, np.ndarray]:
         """Sensitivity and specificity of 'positive if score >= EDGES[j]', for every j."""

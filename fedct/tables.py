@@ -1,4 +1,4 @@
-"""Rich tables of what the commands report: a split's partition, an evaluation."""
+"""What the commands print: a split's partition, stage 1 and stage 2 results, an evaluation."""
 
 from __future__ import annotations
 
@@ -28,6 +28,40 @@ def print_split_table(console: Console, meta: dict) -> None:
     console.print(table)
     console.print(f"heterogeneity: mean total-variation distance to the pooled label "
                   f"distribution = {meta['heterogeneity']['mean_tv_distance']:.3f} (0 = IID)")
+
+
+def number(value) -> str:
+    """A metric for people: 3 decimals, '-' where it is undefined (NaN, or null in JSON)."""
+    return "-" if value is None or value != value else f"{value:.3f}"
+
+
+def print_stage1(console: Console, report: dict, out) -> None:
+    best, point = report["best"], report["operating_point"]
+    table = Table(title=f"stage 1: best epoch {report['best_epoch']} by {report['monitor']}")
+    columns = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_row(*(number(best[c]) for c in columns))
+    console.print(table)
+    console.print(f"threshold {point['threshold']:.3f} ({point['rule']} on val: accuracy "
+                  f"{number(point['acc'])}, sens {number(point['sensitivity'])}, spec "
+                  f"{number(point['specificity'])})", highlight=False)
+    console.print(f"wrote {out}/best.safetensors (+ last, summary.csv, report.json); "
+                  f"{report['train_images_per_second']} train images/s")
+
+
+def print_federate(console: Console, report: dict, out) -> None:
+    """The final round on the val the run selects on, the best round and its threshold."""
+    final, point = report["final"], report["operating_point"]
+    p = report["monitor"].split("_", 1)[0]
+    console.print(f"final (round {report['rounds']}): {'federated ' if p == 'fed' else ''}"
+                  f"val acc {number(final[f'{p}_acc'])}, AUC {number(final[f'{p}_auc'])}; "
+                  f"best round {report['best_round']} by {report['monitor']}, threshold "
+                  f"{point['threshold']:.3f} ({point['rule']} on {point['source']}: sens "
+                  f"{number(point['sensitivity'])}, spec {number(point['specificity'])})"
+                  + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""),
+                  highlight=False)
+    console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")
 
 
 def _cell(metrics: dict, name: str) -> str:

@@ -136,12 +136,16 @@ def without_seconds(path: Path) -> list[dict]:
 
 
 def run_and_compare(tmp_path, split_dir, embedded: Path, certs=None, settings=SETTINGS,
-                    own_data=False, coordinator_split=True, init="none"):
+                    own_data=False, coordinator_split=True, init="none", then=None):
+    """A Flower run against the embedded run in `embedded`; `then(federation)` runs before
+    the federation stops."""
     federation = Federation(tmp_path, split_dir, clients=2, certs=certs, own_data=own_data)
     try:
         proc = federation.submit(split_dir if coordinator_split else None, tmp_path / "run",
                                  settings=settings, init=init)
         output, _ = proc.communicate(timeout=600)
+        if then is not None and proc.returncode == 0:
+            then(federation)
     finally:
         federation.stop()
     assert proc.returncode == 0, output
@@ -166,8 +170,41 @@ def run_and_compare(tmp_path, split_dir, embedded: Path, certs=None, settings=SE
     return report
 
 
-def test_flower_equals_embedded(tmp_path, split_dir, embedded):
-    run_and_compare(tmp_path, split_dir, embedded)
+def test_flower_equals_embedded_and_cross_site_evaluation_equals_per_client(
+        tmp_path, split_dir, embedded):
+    """Then the run's final checkpoint is scored on each node's own val rows over Flower:
+    the same per-hospital and pooled figures as `fedct evaluate --per-client` on the split."""
+    checkpoint = tmp_path / "run" / "final"
+
+    def cross_site(federation):
+        proc = subprocess.run(
+            [str(BIN / "fedct"), "evaluate", str(checkpoint), "--engine", "flower",
+             "--federation", "loopback", "--on", "val", "--bootstrap", "50", "--out",
+             str(tmp_path / "cross-site"), "--json"],
+            env=federation.env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        flower = {r["data"]: r for r in json.loads(proc.stdout)["results"]}
+        local = subprocess.run(
+            [str(BIN / "fedct"), "evaluate", str(checkpoint), "--split", str(split_dir),
+             "--on", "local_val", "--per-client", "--bootstrap", "0", "--json"],
+            capture_output=True, text=True, timeout=600)
+        assert local.returncode == 0, local.stderr
+        expected = {r["data"]: r for r in json.loads(local.stdout)["results"]}
+        assert flower.keys() == expected.keys() == {"all", "client 0", "client 1"}
+        for scope, row in flower.items():
+            assert row["n"] == expected[scope]["n"] and row["positives"] == expected[scope][
+                "positives"]
+            for at in ("chosen", "threshold_0.5"):
+                for metric in ("accuracy", "sensitivity", "specificity", "precision"):
+                    assert row[at][metric] == pytest.approx(expected[scope][at][metric]), \
+                        (scope, at, metric)
+        assert abs(flower["all"]["chosen"]["auc"] - expected["all"]["chosen"]["auc"]) <= \
+            flower["all"]["auc_bin_error"]
+        low, high = flower["all"]["chosen"]["ci95"]["accuracy"]
+        assert low <= flower["all"]["chosen"]["accuracy"] <= high
+        assert (tmp_path / "cross-site" / "reliability.png").is_file()
+
+    run_and_compare(tmp_path, split_dir, embedded, then=cross_site)
 
 
 def test_flower_with_dp_fedbn_and_hospital_data_equals_embedded(tmp_path, split_dir):

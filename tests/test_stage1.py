@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from fedct.cli import app
 from fedct.config import PretrainConfig, build_config
+from fedct.data.manifest import load_split
 from fedct.errors import FedctError
 from fedct.models import apply_freeze, create_model, make_dp_safe
 from fedct.runs import read_checkpoint, save_checkpoint
@@ -71,6 +72,9 @@ def test_pretrain_and_evaluate_end_to_end(split_dir, tmp_path):
                    "--per-client", "--bootstrap", 0, "--json")
     assert [r["data"] for r in json.loads(on_train.stdout)["results"]] == ["all", "client 0",
                                                                            "client 1"]
+    everything = cli("evaluate", run / "best", "--split", split_dir, "--on", "all",
+                     "--bootstrap", 0, "--json")
+    assert json.loads(everything.stdout)["images"] == len(load_split(split_dir).entries)
 
 
 @pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "layer_decay": 0.8}],

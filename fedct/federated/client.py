@@ -175,19 +175,21 @@ def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData
                        noise=noise), state
 
 
-def client_evaluate(model: nn.Module, global_weights: Weights, data: ClientData, config,
-                    state: dict, *, device: torch.device, positive_index: int) -> Evaluation:
+def client_evaluate(model: nn.Module, global_weights: Weights,
+                    dataset: ImageTensorDataset | None, config, state: dict, *, client_id: int,
+                    device: torch.device, positive_index: int) -> Evaluation:
     """Score the global model (with this client's own norms under FedBN) on the client's
-    validation rows; only aggregates leave the client."""
-    if data.val is None or len(data.val) == 0:
-        return Evaluation(data.client_id)
+    rows (its validation rows, or what `fedct evaluate` asks for); only aggregates leave
+    the client."""
+    if dataset is None or len(dataset) == 0:
+        return Evaluation(client_id)
     load_global(model, global_weights, state, fedbn=config.fedbn)
-    probs, labels = predict(model, make_loader(data.val, batch_size=64, train=False, seed=0),
+    probs, labels = predict(model, make_loader(dataset, batch_size=64, train=False, seed=0),
                             device=device, channels_last=config.channels_last, amp=config.amp,
                             tta=config.tta)
     picked = probs[np.arange(len(labels)), labels]
     histogram = ScoreHistogram.of(labels == positive_index, probs[:, positive_index])
-    return Evaluation(data.client_id, examples=len(labels),
+    return Evaluation(client_id, examples=len(labels),
                       loss_sum=float(-np.log(np.clip(picked, 1e-12, 1.0)).sum()),
                       correct=int((probs.argmax(axis=1) == labels).sum()),
                       positives=tuple(int(v) for v in histogram.positives),

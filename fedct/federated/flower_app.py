@@ -55,9 +55,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedct.training import set_threads
 
     set_threads()
-    config, _ = protocol.split_run_config(dict(context.run_config))
+    config, extras = protocol.split_run_config(dict(context.run_config))
     weights, spec = protocol.decode_train(msg.content)
-    evaluation = node_evaluate(dict(context.node_config), context.run_id, config, weights, spec)
+    evaluation = node_evaluate(dict(context.node_config), context.run_id, config, weights, spec,
+                               rows=extras.eval_rows)
     return Message(protocol.encode_evaluation(evaluation), reply_to=msg)
 
 
@@ -100,14 +101,12 @@ def train_on_nodes(grid: Grid, node_of: dict[int, int], setup, schedule: list[li
             yield protocol.decode_reply(message.content)
 
 
-def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], setup, timeout: float,
-                      round_number: int, global_weights: Weights,
-                      asked: list[int]) -> Iterator[Evaluation]:
-    """The asked clients' evaluations of the aggregated weights, in client order."""
+def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], timeout: float, spec,
+                      weights: Weights, asked: list[int]) -> Iterator[Evaluation]:
+    """The asked clients' evaluations of `weights`, in client order."""
     chosen = [k for k in asked if k in node_of]
-    spec = setup.round_spec(round_number, 0)
-    messages = [Message(protocol.encode_train(global_weights, spec), dst_node_id=node_of[k],
-                        message_type="evaluate", group_id=f"eval-{round_number}")
+    messages = [Message(protocol.encode_train(weights, spec), dst_node_id=node_of[k],
+                        message_type="evaluate", group_id=f"eval-{spec.round}")
                 for k in chosen]
     client_of_node = {n: k for k, n in node_of.items()}
     answers = {client_of_node[m.metadata.src_node_id]: m
@@ -142,6 +141,9 @@ def main(grid: Grid, context: Context) -> None:
     config, extras = protocol.split_run_config(dict(context.run_config))
     console = Console(force_terminal=False, width=120)
     set_threads()
+    if extras.evaluate:
+        cross_site(grid, config, extras, console)
+        return
     seed_everything(config.seed)
     setup = prepare_setup(config, init=extras.init, split_dir=extras.split_dir or None)
     config = setup.config  # with the monitor resolved
@@ -159,6 +161,24 @@ def main(grid: Grid, context: Context) -> None:
                view=RoundView(console, rounds=config.rounds, dp=config.dp, live=False,
                               client_lines=True, federated=config.monitor.startswith("fed_")),
                resume=extras.resume,
-               evaluate_round=partial(evaluate_on_nodes, grid, node_of, setup,
-                                      extras.round_timeout),
+               evaluate_round=lambda r, weights, asked: evaluate_on_nodes(
+                   grid, node_of, extras.round_timeout, setup.round_spec(r, 0), weights, asked),
                eval_plan=plan)
+
+
+def cross_site(grid: Grid, config, extras, console) -> None:
+    """`fedct evaluate --engine flower`: every checkpoint scored by every node that answers."""
+    from fedct.federated.cross_site import checkpoints_of, report_of, spec_of
+    from fedct.runs import read_checkpoint
+
+    node_of = discover_nodes(grid, extras.num_clients or 1, extras.node_wait)
+    console.print(f"fedct on Flower: {len(node_of)} nodes answered (clients {sorted(node_of)})")
+    replies = {}
+    for checkpoint in checkpoints_of(extras):
+        weights, meta = read_checkpoint(checkpoint)
+        replies[checkpoint] = list(evaluate_on_nodes(grid, node_of, extras.round_timeout,
+                                                     spec_of(meta), weights, sorted(node_of)))
+        console.print(f"{checkpoint}: " + ", ".join(
+            f"client {e.client_id} {e.status.value} ({e.examples} rows)"
+            for e in replies[checkpoint]))
+    report_of(checkpoints_of(extras), replies, extras, tta=config.tta)

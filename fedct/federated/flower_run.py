@@ -117,6 +117,41 @@ def run_on_flower(split_dir: Path | None, out: Path, config, *, init: str,
     return json.loads((Path(out) / REPORT).read_text())
 
 
+def evaluate_on_flower(checkpoints: list, *, federation: str | None, on: str,
+                       out: Path | None, n_boot: int, seed: int, threshold: float | None,
+                       tta: bool, clients: int | None = None,
+                       round_timeout: float = ROUND_TIMEOUT_SECONDS) -> dict:
+    """Score checkpoints on every node's own rows through the federation's SuperLink; the
+    coordinator's ServerApp writes the `fedct evaluate` report into `out`."""
+    from fedct.config import FederateConfig, build_config
+    from fedct.evaluation import chosen_threshold, fresh_folder
+    from fedct.federated.cross_site import ON
+    from fedct.runs import checkpoint_paths, read_sidecar
+
+    _federation(None, federation, clients)
+    chosen_threshold({}, threshold)
+    sizes = {tuple(read_sidecar(c)["input_size"]) for c in checkpoints}
+    if len(sizes) != 1:
+        raise FedctError(f"--engine flower: the checkpoints have different input sizes "
+                         f"({sorted(s[-1] for s in sizes)}); score them one size at a time")
+    weights = [str(checkpoint_paths(c)[0].resolve()) for c in checkpoints]
+    out = Path(out) if out else fresh_folder(Path(weights[0]).parent / f"eval-flower-{on}")
+    out.mkdir(parents=True, exist_ok=True)
+    config = build_config(FederateConfig, None, {"image_size": sizes.pop()[-1], "tta": tta})
+    values = run_config_values(config, RunExtras(
+        out=str(out.resolve()), num_clients=clients or 0, round_timeout=round_timeout,
+        evaluate=json.dumps(weights), eval_rows=ON[on], eval_bootstrap=n_boot, eval_seed=seed,
+        eval_threshold=threshold or 0.0))
+    with tempfile.TemporaryDirectory(prefix="fedct-flower-app-") as app_dir:
+        write_app(Path(app_dir), values)
+        code = submit(Path(app_dir), federation)
+    report_path = out / "metrics.json"
+    if code != 0 or not report_path.is_file():
+        raise FedctError(f"flwr run exited with code {code} and no {report_path} (see the "
+                         "output above and the SuperLink's log)")
+    return {**json.loads(report_path.read_text()), "out": str(out)}
+
+
 def dry_run_lines(split_dir: Path | None, out: Path, config, *, init: str,
                   federation: str | None, certs: Path | None,
                   clients: int | None = None) -> list[str]:

@@ -6,6 +6,7 @@ node learns its data from its node config, never from the server:
 - `client-id=K` (required): which client of the federation the node is;
 - `data=PATH`: a hospital's own ImageFolder or CSV; all its rows are training rows;
   `val=PATH` (optional) its validation rows, which score the global model each round;
+  `test=PATH` (optional) rows only `fedct evaluate --engine flower --on test` scores;
 - or `split=SPLIT_DIR`: a local test, where the node reads only client K's rows (its
   local_val rows are its validation rows);
 - `state-dir=DIR` (optional): where the privacy accountant and FedBN layers are kept
@@ -46,29 +47,54 @@ def node_client_id(node_config: dict) -> int:
     return int(node_config["client-id"])
 
 
-def node_data(node_config: dict, config: FederateConfig, spec: RoundSpec) -> ClientData:
-    """This node's own rows, labelled by the server's classes."""
+# Which of a node's rows each `fedct evaluate --on` choice scores.
+ROWS = {"val": (LOCAL_VAL,), "test": ("test",), "train": ("train",),
+        "all": ("train", LOCAL_VAL, "test")}
+
+
+def node_split(node_config: dict, spec: RoundSpec) -> Split:
+    """This node's own rows, labelled by the server's classes: client K's rows of a split, or
+    the node's `data` (train), `val` (local_val) and `test` datasets."""
     client_id = node_client_id(node_config)
     classes = list(spec.classes)
     if "split" in node_config:
         split = load_split(str(node_config["split"]))
-        split = split.subset(split.select(clients=[client_id]))
-    elif "data" in node_config:
-        entries = [Entry(row=r, split="train", client=client_id)
-                   for r in _own_rows(Path(str(node_config["data"])), classes)]
-        if "val" in node_config:
-            entries += [Entry(row=r, split=LOCAL_VAL, client=client_id)
-                        for r in _own_rows(Path(str(node_config["val"])), classes)]
-        split = Split(directory=Path(str(node_config["data"])), root=Path("/"), classes=classes,
-                      positive=None, entries=entries)
-    else:
+        return split.subset(split.select(clients=[client_id]))
+    if "data" not in node_config:
         raise FedctError("node config: give data=PATH (the node's own images) or split=SPLIT_DIR")
+    entries = [Entry(row=r, split=role, client=client_id)
+               for key, role in (("data", "train"), ("val", LOCAL_VAL), ("test", "test"))
+               if key in node_config
+               for r in _own_rows(Path(str(node_config[key])), classes)]
+    return Split(directory=Path(str(node_config["data"])), root=Path("/"), classes=classes,
+                 positive=None, entries=entries)
+
+
+def _transforms(config: FederateConfig, spec: RoundSpec) -> tuple:
     data_cfg = {"input_size": [3, config.image_size, config.image_size], "mean": list(spec.mean),
                 "std": list(spec.std)}
-    return client_data(client_id, SplitImages(split, config.image_size, classes=classes),
-                       split.entries,
-                       train_transform=make_transform(data_cfg=data_cfg, train=True, config=config),
-                       eval_transform=make_transform(data_cfg=data_cfg, train=False, config=config))
+    return (make_transform(data_cfg=data_cfg, train=True, config=config),
+            make_transform(data_cfg=data_cfg, train=False, config=config))
+
+
+def node_data(node_config: dict, config: FederateConfig, spec: RoundSpec) -> ClientData:
+    """This node's training and validation rows."""
+    split = node_split(node_config, spec)
+    train_transform, eval_transform = _transforms(config, spec)
+    return client_data(node_client_id(node_config),
+                       SplitImages(split, config.image_size, classes=list(spec.classes)),
+                       split.entries, train_transform=train_transform,
+                       eval_transform=eval_transform)
+
+
+def node_rows(node_config: dict, config: FederateConfig, spec: RoundSpec, rows: str):
+    """The node's `rows` (val, test, train or all) to score, or None when it has none."""
+    split = node_split(node_config, spec)
+    entries = [e for e in split.entries if e.split in ROWS[rows]]
+    if not entries:
+        return None
+    images = SplitImages(split.subset(entries), config.image_size, classes=list(spec.classes))
+    return images.dataset(entries, _transforms(config, spec)[1])
 
 
 def _own_rows(source: Path, classes: list[str]) -> list:
@@ -112,14 +138,15 @@ def node_round(node_config: dict, run_id: int, config: FederateConfig, global_we
 
 
 def node_evaluate(node_config: dict, run_id: int, config: FederateConfig,
-                  global_weights: Weights, spec: RoundSpec) -> Evaluation:
-    """Score the server's aggregated model on this node's validation rows (its own FedBN
-    layers in it); only aggregates are returned."""
-    data = node_data(node_config, config, spec)
-    if data.val is None:
-        return Evaluation(data.client_id)
+                  global_weights: Weights, spec: RoundSpec, rows: str = "val") -> Evaluation:
+    """Score the server's model on this node's `rows` (its own FedBN layers in it, when it
+    trained in this run); only aggregates are returned."""
+    client_id = node_client_id(node_config)
+    dataset = node_rows(node_config, config, spec, rows)
+    if dataset is None:
+        return Evaluation(client_id)
     model, device = _node_model(config, spec)
-    path = state_path(node_config, run_id, data.client_id)
+    path = state_path(node_config, run_id, client_id)
     state = torch.load(path, weights_only=True) if path.is_file() else new_client_state(config)
-    return client_evaluate(model, global_weights, data, config, state, device=device,
-                           positive_index=list(spec.classes).index(spec.positive))
+    return client_evaluate(model, global_weights, dataset, config, state, client_id=client_id,
+                           device=device, positive_index=list(spec.classes).index(spec.positive))

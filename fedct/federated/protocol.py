@@ -109,6 +109,12 @@ class RunExtras:
     round_timeout: float = ROUND_TIMEOUT_SECONDS
     node_wait: float = NODE_WAIT_SECONDS
     resume: bool = False
+    # cross-site evaluation (`fedct evaluate --engine flower`) instead of training:
+    evaluate: str = ""  # the checkpoints to score, a JSON list of paths on the coordinator
+    eval_rows: str = "val"  # which rows each node scores: val | test | train | all
+    eval_bootstrap: int = 1000
+    eval_seed: int = 0
+    eval_threshold: float = 0.0  # > 0: score at this threshold, not the checkpoint's
 
 
 def kebab(name: str) -> str:

@@ -82,8 +82,8 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
     def evaluate_round(round_number: int, global_weights: Weights,
                        asked: list[int]) -> Iterator[Evaluation]:
         for k in asked:
-            yield client_evaluate(setup.model, global_weights, clients[k], config,
-                                  kept["client_states"][k], device=device,
+            yield client_evaluate(setup.model, global_weights, clients[k].val, config,
+                                  kept["client_states"][k], client_id=k, device=device,
                                   positive_index=setup.positive_index)
 
     return run_rounds(setup, Path(out), num_clients=len(clients), schedule=schedule,
