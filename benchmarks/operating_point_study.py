@@ -1,7 +1,8 @@
 """Federated validation and the operating point on COVID-CT (issue 11).
 
     python benchmarks/operating_point_study.py --work DIR [--rounds 20] [--local-epochs 2]
-                                               [--threshold eer] [--only NAME ...]
+                                               [--threshold eer] [--rules youden eer]
+                                               [--only NAME ...]
 
 Every split keeps COVID-CT's official train/val and gives each of 5 clients a local
 validation share carved out of its own training rows (`--local-val 0.2`, by patient). Each
@@ -11,7 +12,9 @@ The official val rows (118 images the clients never see) then say how good those
 were: the script scores every round's checkpoint on them and bootstraps (by patient, 1000
 resamples) the round and the threshold that pooled val itself would have chosen, giving
 intervals the federated choices are checked against. Accuracy, sensitivity and
-specificity on official val are reported at 0.5 and at the chosen threshold. The central
+specificity on official val are reported at 0.5 and at the threshold of each rule of
+--rules, chosen on the clients' local val rows of the best round (what the run itself
+chooses with that rule; its own --threshold rule is checked against its sidecar). The central
 runs choose on official val itself (they have no other), so their figures there are
 optimistic. With --work DIR finished runs are reused. Needs ../shared.
 """
@@ -78,37 +81,48 @@ def patient_resamples(groups: np.ndarray, seed: int = 0):
         yield np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
 
 
-def analyse(name: str, run_dir: Path, steps: list[int], rule: str, val_split, images,
-            chosen_on: str) -> dict:
+def analyse(name: str, run_dir: Path, steps: list[int], rules: list[str], val_split, images,
+            local_split=None) -> list[dict]:
     """The run's choices against official val's own, and its figures there at 0.5 and at
-    the chosen threshold. `steps` are the rounds whose checkpoints compete (a central run:
-    only its best epoch, chosen on official val already)."""
+    the threshold of each rule, one result per rule. `steps` are the rounds whose
+    checkpoints compete (a central run: only its best epoch, chosen on official val
+    already). Each rule's threshold is chosen on `local_split` (the clients' local val rows,
+    scored as federated validation does; the run's own rule is checked against its
+    sidecar), or on official val itself for a central run."""
     groups = np.array([e.row.group for e in val_split.entries])
     best_meta = read_sidecar(run_dir / "best")
     best_step = int(best_meta.get("round", best_meta.get("epoch")))
     paths = [run_dir / f"round-{r:04d}" for r in steps] if len(steps) > 1 else [run_dir / "best"]
     scored = [val_scores(c, val_split, images) for c in paths]
     truth = scored[0][0]
-    point = best_meta["operating_point"]
     score = scored[steps.index(best_step)][1]
-    boot_rounds, boot_thresholds = [], []
-    pooled_best = steps[int(np.argmax([roc_auc(truth, s) for _, s in scored]))]
-    for idx in patient_resamples(groups):
-        aucs = [roc_auc(truth[idx], s[idx]) for _, s in scored]
-        boot_rounds.append(steps[int(np.nanargmax(aucs))])
-        boot_thresholds.append(choose_threshold(rule, ScoreHistogram.of(truth[idx], score[idx])))
-    at_half, at_t = binary_metrics(truth, score, 0.5), binary_metrics(truth, score,
-                                                                      point["threshold"])
-    ci_t = bootstrap(truth, score, threshold=point["threshold"], groups=groups, n=N_BOOT)
-    round_ci, threshold_ci = interval(boot_rounds), interval(boot_thresholds)
-    return {"run": name, "chosen_on": chosen_on, "best": best_step, "pooled_best": pooled_best,
-            "best_interval": round_ci,
-            "best_inside": round_ci[0] <= best_step <= round_ci[1],
-            "threshold": point["threshold"],
-            "pooled_threshold": choose_threshold(rule, ScoreHistogram.of(truth, score)),
+    chosen_on = official = ScoreHistogram.of(truth, score)
+    if local_split is not None:
+        chosen_on = ScoreHistogram.of(*val_scores(run_dir / "best", local_split, {}))
+    run_point = best_meta["operating_point"]
+    if choose_threshold(run_point["rule"], chosen_on) != run_point["threshold"]:
+        print(f"warning: {name}: the run chose threshold {run_point['threshold']:.4f}, its val "
+              "rows scored here give another (a score on a bin edge?)", file=sys.stderr)
+    resamples = list(patient_resamples(groups))
+    boot_rounds = [steps[int(np.nanargmax([roc_auc(truth[idx], s[idx]) for _, s in scored]))]
+                   for idx in resamples]
+    round_ci = interval(boot_rounds)
+    results = []
+    for rule in rules:
+        threshold = choose_threshold(rule, chosen_on)
+        threshold_ci = interval([choose_threshold(rule, ScoreHistogram.of(truth[idx], score[idx]))
+                                 for idx in resamples])
+        results.append({
+            "run": name, "rule": rule, "best": best_step,
+            "pooled_best": steps[int(np.argmax([roc_auc(truth, s) for _, s in scored]))],
+            "best_interval": round_ci, "best_inside": round_ci[0] <= best_step <= round_ci[1],
+            "threshold": threshold, "pooled_threshold": choose_threshold(rule, official),
             "threshold_interval": threshold_ci,
-            "threshold_inside": threshold_ci[0] <= point["threshold"] <= threshold_ci[1],
-            "half": at_half, "chosen": at_t, "chosen_ci": ci_t}
+            "threshold_inside": threshold_ci[0] <= threshold <= threshold_ci[1],
+            "half": binary_metrics(truth, score, 0.5),
+            "chosen": binary_metrics(truth, score, threshold),
+            "chosen_ci": bootstrap(truth, score, threshold=threshold, groups=groups, n=N_BOOT)})
+    return results
 
 
 def main() -> int:
@@ -117,7 +131,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--central-epochs", type=int, default=30)
-    parser.add_argument("--threshold", default="eer")
+    parser.add_argument("--threshold", default="eer", help="the runs' own rule")
+    parser.add_argument("--rules", nargs="*", default=["youden", "eer"],
+                        help="rules compared after the runs, each chosen on the same val rows")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--work", type=Path, required=True)
     args = parser.parse_args()
@@ -150,8 +166,7 @@ def main() -> int:
         if not (run_dir / "report.json").is_file():
             run_pretrain(iid, run_dir, config, quiet=True, force=True)
         best_epoch = int(read_sidecar(run_dir / "best")["epoch"])
-        results.append(analyse(name, run_dir, [best_epoch], args.threshold, val_split, images,
-                               "official val"))
+        results += analyse(name, run_dir, [best_epoch], args.rules, val_split, images)
     for name, (scheme, alpha, epsilon) in RUNS.items():
         if args.only and name not in args.only:
             continue
@@ -166,20 +181,22 @@ def main() -> int:
             run_federate(split_for(scheme, alpha), run_dir,
                          build_config(FederateConfig, None, overrides),
                          init=str(work / "stage1" / "best"), quiet=True, force=True)
-        results.append(analyse(name, run_dir, list(range(1, args.rounds + 1)), args.threshold,
-                               val_split, images, "federated val"))
+        split = load_split(split_for(scheme, alpha))
+        results += analyse(name, run_dir, list(range(1, args.rounds + 1)), args.rules, val_split,
+                           images, local_split=split.subset(split.select(split="local_val")))
         print(f"{name}: done", file=sys.stderr, flush=True)
     (work / "operating_point_study.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"\n### COVID-CT official val (118 images), threshold rule `{args.threshold}`, "
-          f"{args.image_size} px, {args.rounds} rounds x {args.local_epochs} local epochs\n")
-    print("| run | chosen on | best round (val's own, 95% interval) | threshold (val's own, "
+    print(f"\n### COVID-CT official val (118 images), {args.image_size} px, {args.rounds} "
+          f"rounds x {args.local_epochs} local epochs; federated runs choose on the clients' "
+          "local val, central runs on official val\n")
+    print("| run | rule | best round (val's own, 95% interval) | threshold (val's own, "
           "95% interval) | acc / sens / spec at 0.5 | acc / sens / spec at threshold "
           "(95% CI of acc) | sens-spec gap | acc change |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         h, c = r["half"], r["chosen"]
         lo, hi = r["chosen_ci"]["accuracy"]
-        print(f"| {r['run']} | {r['chosen_on']} | {r['best']} ({r['pooled_best']}, "
+        print(f"| {r['run']} | {r['rule']} | {r['best']} ({r['pooled_best']}, "
               f"{r['best_interval'][0]:.0f}-{r['best_interval'][1]:.0f}) | "
               f"{r['threshold']:.3f} ({r['pooled_threshold']:.3f}, "
               f"{r['threshold_interval'][0]:.3f}-{r['threshold_interval'][1]:.3f}) | "

@@ -293,6 +293,7 @@ def federate(
     seed: Annotated[int | None, typer.Option(help="Random seed (sampling, data order, noise). \\[default: 0]")] = None,
     val: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["val"]), help="Validate on the coordinator's val rows (pooled), the clients' own (federated), or both. \\[default: both]")] = None,
     eval_fraction: Annotated[float | None, typer.Option(help="Share of clients that score the global model each round (seeded). \\[default: 1.0]")] = None,
+    eval_release: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["eval_release"]), help="What a client sends of its val rows: score histograms, or only confusion counts at a fixed --threshold. \\[default: histograms]")] = None,
     monitor: Annotated[str | None, typer.Option(click_type=click.Choice(FED_MONITORS), help="Best round by this; auto: val_auc with pooled val, else fed_auc. \\[default: auto]")] = None,
     threshold: Annotated[str | None, typer.Option(help=f"Operating point chosen on val: {RULES}. \\[default: 0.5]")] = None,
     dp: Annotated[bool | None, typer.Option("--dp/--no-dp", help="Differentially private client training (Opacus DP-SGD).")] = None,
@@ -334,6 +335,7 @@ def federate(
                  "server_lr": server_lr, "fedbn": fedbn, "freeze": freeze, "lr": lr,
                  "lr_schedule": lr_schedule, "batch_size": batch_size, "image_size": image_size,
                  "seed": seed, "dp": dp, "val": val, "eval_fraction": eval_fraction,
+                 "eval_release": eval_release,
                  "monitor": monitor, "threshold": threshold,
                  "target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm,
                  "noise_multiplier": noise_multiplier, "dp_train": dp_train, "device": device}

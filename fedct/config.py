@@ -91,6 +91,7 @@ class FederateConfig(TrainConfig):
     monitor: str = "auto"  # auto: val_auc with a pooled val set, else fed_auc
     val: str = "both"  # pooled (coordinator's val rows) | federated (clients' own) | both
     eval_fraction: float = 1.0  # share of clients that score the global model each round
+    eval_release: str = "histograms"  # histograms | counts (confusion counts at a fixed threshold)
     keep_last: int = 2
     dp: bool = False
     target_epsilon: float = 8.0
@@ -110,6 +111,7 @@ CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "balance": ("none", "loss", "sampler"),
     "val": ("pooled", "federated", "both"),
+    "eval_release": ("histograms", "counts"),
     "lr_schedule": ("constant", "cosine"),
     "strategy": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"),
     "dp_train": ("head", "full"),
@@ -242,6 +244,12 @@ def validate(config) -> None:
         if config.val == "pooled" and config.monitor.startswith("fed_"):
             raise FedctError(f"monitor {config.monitor}: needs federated val (val: federated "
                              "or both)")
+        if config.eval_release == "counts" and parse_rule(config.threshold)[0] != "fixed":
+            raise FedctError(f"threshold {config.threshold}: with eval_release counts a client "
+                             "sends only its confusion counts, at a fixed threshold (e.g. 0.5)")
+        if config.eval_release == "counts" and config.monitor in ("fed_auc", "fed_loss"):
+            raise FedctError(f"monitor {config.monitor}: eval_release counts sends no scores "
+                             "or loss; monitor fed_acc or fed_balanced_acc")
         if config.val == "federated" and config.monitor.startswith("val_"):
             raise FedctError(f"monitor {config.monitor}: needs pooled val (val: pooled or both)")
         if config.local_steps < 0:

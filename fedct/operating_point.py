@@ -79,6 +79,15 @@ class ScoreHistogram:
             return float("nan")
         return 0.5 * float(np.sum(self.positives * self.negatives)) / (self.n_pos * self.n_neg)
 
+    def collapsed(self, threshold: float) -> ScoreHistogram:
+        """The same rows in two bins, just below and at `threshold`: the confusion counts
+        there and nothing else (exact metrics at that threshold, no AUC worth the name)."""
+        at = max(1, int(score_bins([threshold])[0]))
+        out = ScoreHistogram.empty()
+        for mine, theirs in ((self.positives, out.positives), (self.negatives, out.negatives)):
+            theirs[at - 1], theirs[at] = mine[:at].sum(), mine[at:].sum()
+        return out
+
     def rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(is positive, score) with one row per count at its bin's logit midpoint: what a
         bootstrap or a plot needs of rows it may not see. Metrics at bin edges are exact;

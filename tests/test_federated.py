@@ -286,6 +286,32 @@ def test_validation_pooled_federated_or_both(split_dir, tmp_path):
     assert best["operating_point"] == federated["operating_point"]
 
 
+def test_counts_release_sends_only_confusion_counts_at_the_threshold(split_dir, tmp_path):
+    """The same run with eval_release counts: the clients' figures at the threshold are those
+    of the full histograms, and nothing else (no AUC, no loss) reaches the server."""
+    settings = {"val": "federated", "threshold": "0.4", "monitor": "fed_balanced_acc"}
+    run(split_dir, tmp_path / "hist", **settings)
+    run(split_dir, tmp_path / "counts", eval_release="counts", **settings)
+    with (tmp_path / "hist" / "summary.csv").open() as a, \
+            (tmp_path / "counts" / "summary.csv").open() as b:
+        for full, counts in zip(csv.DictReader(a), csv.DictReader(b), strict=True):
+            assert counts["fed_sensitivity"] == full["thr_sensitivity"]
+            assert counts["fed_specificity"] == full["thr_specificity"]
+            assert counts["fed_auc"] == counts["fed_loss"] == "nan" != full["fed_auc"]
+    # a client's message in counts mode: 4 numbers at most
+    setup = prepare_setup(config(eval_release="counts", threshold="0.4"), init="none",
+                          split_dir=split_dir)
+    client = client_module.client_data(0, setup.images, setup.split.select(clients=[0]),
+                                       train_transform=setup.transform(train=True),
+                                       eval_transform=setup.transform(train=False))
+    message = client_module.client_evaluate(
+        setup.model, setup.model.state_dict(), client.val, setup.config,
+        client_module.new_client_state(setup.config), client_id=0,
+        device=torch.device("cpu"), positive_index=setup.positive_index)
+    assert np.count_nonzero(message.positives) + np.count_nonzero(message.negatives) <= 4
+    assert message.loss_sum == 0.0 and message.examples == len(client.val)
+
+
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 def test_dp_full_works_for_timm_resnet_in_place_residuals(split_dir, tmp_path, mode):
     report = run(split_dir, tmp_path / mode, model="resnet10t", rounds=1, local_steps=1, dp=True,

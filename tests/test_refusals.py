@@ -93,6 +93,7 @@ def test_certs_keep_an_existing_ca_and_keys_are_private_from_the_start(tmp_path)
     (["--threshold", "sens:2"], "threshold 'sens:2': the number must lie in (0, 1)"),
     (["--threshold", "median"], "threshold 'median': choose 0.5"),
     (["--eval-fraction", "0"], "eval_fraction 0.0: must be in (0, 1]"),
+    (["--eval-release", "counts", "--threshold", "youden"], "with eval_release counts a client"),
 ])
 def test_settings_that_cannot_train_are_refused_before_anything_is_written(
         split_dir, tmp_path, flags, message):

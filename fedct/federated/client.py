@@ -189,8 +189,10 @@ def client_evaluate(model: nn.Module, global_weights: Weights,
                             tta=config.tta)
     picked = probs[np.arange(len(labels)), labels]
     histogram = ScoreHistogram.of(labels == positive_index, probs[:, positive_index])
-    return Evaluation(client_id, examples=len(labels),
-                      loss_sum=float(-np.log(np.clip(picked, 1e-12, 1.0)).sum()),
+    loss_sum = float(-np.log(np.clip(picked, 1e-12, 1.0)).sum())
+    if config.eval_release == "counts":  # only tp, fn, fp, tn leave: 2 bins at the threshold
+        histogram, loss_sum = histogram.collapsed(float(config.threshold)), 0.0
+    return Evaluation(client_id, examples=len(labels), loss_sum=loss_sum,
                       correct=int((probs.argmax(axis=1) == labels).sum()),
                       positives=tuple(int(v) for v in histogram.positives),
                       negatives=tuple(int(v) for v in histogram.negatives))

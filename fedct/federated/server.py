@@ -149,7 +149,8 @@ class RoundServer:
         config = self.setup.config
         pooled, pooled_histogram = self.evaluate(weights)
         federated, evaluations = pool(evaluations)
-        fed = federated.metrics()
+        counts = float(config.threshold) if config.eval_release == "counts" else None
+        fed = federated.metrics(counts)
         on_federated = config.monitor.startswith("fed_")
         point = operating_point(config.threshold,
                                 federated.histogram if on_federated else pooled_histogram,
@@ -162,13 +163,14 @@ class RoundServer:
                **{f"val_{k}": pooled[k] for k in METRICS},
                "fed_clients": federated.clients, "fed_examples": federated.examples,
                **{f"fed_{k}": fed[k] for k in METRICS},
-               "fed_auc_bin_error": federated.histogram.tie_bound(),
+               "fed_auc_bin_error": float("nan") if counts else federated.histogram.tie_bound(),
                "threshold": point["threshold"], "thr_acc": point["acc"],
                "thr_sensitivity": point["sensitivity"], "thr_specificity": point["specificity"],
                "max_epsilon": self.max_epsilon(),
                "seconds": round(time.perf_counter() - started, 2)}
         append_summary(self.out, row)
-        append_rows(self.out / CLIENTS_CSV, CLIENT_FIELDS, client_rows(round_number, evaluations))
+        append_rows(self.out / CLIENTS_CSV, CLIENT_FIELDS,
+                    client_rows(round_number, evaluations, counts))
         if config.dp:
             self._append_privacy(round_number, replies)
         self.tracker.save(round_number, weights,

@@ -107,7 +107,8 @@ def resolve_monitor(config: FederateConfig, *, pooled: bool) -> FederateConfig:
     them, else the federated AUC; a pooled monitor without pooled rows is an error."""
     monitor = config.monitor
     if monitor == "auto":
-        monitor = "val_auc" if pooled and config.val != "federated" else "fed_auc"
+        federated = "fed_balanced_acc" if config.eval_release == "counts" else "fed_auc"
+        monitor = "val_auc" if pooled and config.val != "federated" else federated
     if monitor.startswith("val_") and not pooled:
         raise FedctError(f"monitor {monitor}: the coordinator has no val rows (give a split "
                          "with val rows, or monitor fed_auc on the clients' own val rows)")

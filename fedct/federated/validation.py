@@ -48,12 +48,16 @@ class Pooled:
     correct: int = 0
     clients: int = 0
 
-    def metrics(self) -> dict:
-        """Loss, argmax accuracy and, at 0.5, sensitivity, specificity, balanced accuracy; AUC."""
+    def metrics(self, counts: float | None = None) -> dict:
+        """Loss, argmax accuracy and, at 0.5, sensitivity, specificity, balanced accuracy; AUC.
+        `counts`: the clients sent only confusion counts at this threshold (no loss, no AUC;
+        the figures are taken there)."""
         nan = float("nan")
         if not self.examples:
             return {"loss": nan, "acc": nan, "auc": nan, "sensitivity": nan,
                     "specificity": nan, "balanced_acc": nan}
+        if counts is not None:
+            return {**self.histogram.metrics(counts), "loss": nan, "auc": nan}
         at_half = self.histogram.metrics(0.5)
         return {**at_half, "loss": self.loss_sum / self.examples,
                 "acc": self.correct / self.examples}
@@ -79,9 +83,10 @@ def pool(evaluations: Iterable[Evaluation]) -> tuple[Pooled, list[Evaluation]]:
     return pooled, checked
 
 
-def client_rows(round_number: int, evaluations: list[Evaluation]) -> list[dict]:
-    """clients.csv rows: each client's own figures on its own rows (at 0.5); a client with no
-    validation rows has none."""
+def client_rows(round_number: int, evaluations: list[Evaluation],
+                counts: float | None = None) -> list[dict]:
+    """clients.csv rows: each client's own figures on its own rows (at 0.5, or at the
+    threshold of `counts`); a client with no validation rows has none."""
     rows = []
     for e in evaluations:
         if e.status is Status.EVALUATED and not e.examples:
@@ -89,7 +94,7 @@ def client_rows(round_number: int, evaluations: list[Evaluation]) -> list[dict]:
         row = {"round": round_number, "client": e.client_id, "status": e.status.value,
                "examples": e.examples, "detail": e.detail}
         if e.status is Status.EVALUATED and e.examples:
-            one = Pooled(histogram_of(e), e.examples, e.loss_sum, e.correct, 1).metrics()
+            one = Pooled(histogram_of(e), e.examples, e.loss_sum, e.correct, 1).metrics(counts)
             row.update(positives=int(np.sum(e.positives)),
                        **{k: round(one[k], 6) for k in ("loss", "acc", "sensitivity",
                                                         "specificity", "auc")})
