@@ -236,7 +236,7 @@ def test_help_shows_defaults_choices_and_argument_help():
     assert "[fedavg|fedprox|fedavgm|fedadam|fedyogi]" in federate and "[head|full]" in federate
     assert "Split directory from `fedct split` (optional on a Flower coordinator" in federate
     assert "[iid|dirichlet|shards|quantity|natural]" in shown("split")
-    assert "[train|val|test|local_val]" in shown("evaluate")
+    assert "[train|val|test|local_val|all]" in shown("evaluate")
     demo = shown("demo")
     assert "demo.yaml" not in demo and "examples/demo-pretrain.yaml" in demo
     wrong = cli("federate", "x", "--init", "none", "--out", "y", "--strategy", "fedsgd")
