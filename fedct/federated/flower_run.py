@@ -179,7 +179,7 @@ def dry_run_lines(split_dir: Path | None, out: Path, config, *, init: str,
 
 
 def submit(app_dir: Path, federation: str, *, flwr_home: str | None = None) -> int:
-    """Run `flwr run APP FEDERATION --stream`; returns its exit code."""
+    """Run `flwr run APP FEDERATION --stream` (its log on stderr); returns its exit code."""
     here = Path(sys.executable).parent  # fedct's own environment, activated or not
     flwr = shutil.which("flwr", path=f"{here}{os.pathsep}{os.environ.get('PATH', '')}")
     if flwr is None:
@@ -187,8 +187,12 @@ def submit(app_dir: Path, federation: str, *, flwr_home: str | None = None) -> i
     env = {**os.environ, **FLWR_ENV, "PATH": f"{here}{os.pathsep}{os.environ.get('PATH', '')}"}
     if flwr_home:
         env["FLWR_HOME"] = flwr_home
+    try:  # flwr's streamed log goes to stderr: stdout is for fedct's results (--json)
+        log = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        log = None
     return subprocess.run([flwr, "run", str(app_dir), federation, "--stream"], env=env,
-                          check=False).returncode
+                          stdout=log, check=False).returncode
 
 
 def role_commands(*, split_dir: Path | None, clients: int, federation: str,
