@@ -21,7 +21,7 @@ from fedct.federated.protocol import Evaluation, RoundSpec, RunExtras, Status
 from fedct.federated.validation import histogram_of
 from fedct.metrics import positive_index
 from fedct.operating_point import ScoreHistogram
-from fedct.runs import checkpoint_paths, read_checkpoint
+from fedct.runs import checkpoint_paths, read_sidecar
 
 ON = {"val": "val", "local_val": "val", "test": "test", "train": "train", "all": "all"}
 
@@ -42,30 +42,29 @@ def report_of(checkpoints: list[str], replies: dict[str, list[Evaluation]], extr
     """The `fedct evaluate` report of the nodes' evaluations of each checkpoint."""
     results, curves, negative, images = [], {}, "negative", 0
     for checkpoint in checkpoints:
-        _, meta = read_checkpoint(checkpoint)
+        meta = read_sidecar(checkpoint)  # the weights were read and sent by the ServerApp
         spec = spec_of(meta)
         answered = [e for e in replies[checkpoint] if e.status is Status.EVALUATED and e.examples]
         if not answered:
             raise FedctError(f"{checkpoint}: no node has {ON[extras.eval_rows]} rows to score "
                              f"({_statuses(replies[checkpoint])})")
         # the pooled rows are the clients' rows side by side: each client's are a slice
-        parts = {f"client {e.client_id}": histogram_of(e).rows() for e in answered}
+        histograms = {f"client {e.client_id}": histogram_of(e) for e in answered}
+        parts = {name: h.rows() for name, h in histograms.items()}
         truth = np.concatenate([t for t, _ in parts.values()])
         score = np.concatenate([s for _, s in parts.values()])
         scopes, start = {"all": np.arange(len(truth))}, 0
         for name, (client_truth, _) in parts.items():
             scopes[name] = np.arange(start, start + len(client_truth))
             start += len(client_truth)
-        pooled = ScoreHistogram.of(truth, score)
+        pooled = sum(histograms.values(), ScoreHistogram.empty())
         results += score_checkpoint(checkpoint_name(checkpoint),
                                     str(checkpoint_paths(checkpoint)[0]), meta, spec.positive,
                                     truth, score, None, scopes,
                                     threshold=extras.eval_threshold or None,
                                     n_boot=extras.eval_bootstrap, seed=extras.eval_seed)
-        for result in results[-len(scopes):]:
-            if result["data"] == "all":
-                result["auc_bin_error"] = pooled.tie_bound()
-        results[-len(scopes)]["nodes"] = _statuses(replies[checkpoint])
+        results[-len(scopes)].update(auc_bin_error=pooled.tie_bound(),  # the "all" row
+                                     nodes=_statuses(replies[checkpoint]))
         curves[checkpoint_name(checkpoint)] = (truth, score)
         negative = next((c for c in spec.classes if c != spec.positive), negative)
         images = max(images, len(truth))
