@@ -80,7 +80,10 @@ class FederateConfig(TrainConfig):
     fraction: float = 1.0
     clients_per_round: int = 0  # if > 0, replaces fraction
     min_clients: int = 1
-    strategy: str = "fedavg"  # fedavg | fedprox | fedavgm | fedadam | fedyogi
+    strategy: str = "fedavg"  # fedavg | fedprox | fedavgm | fedadam | fedyogi | scaffold
+    local_loss: str = "ce"  # ce | balanced-softmax | fedlc | fedrs: the client's own label prior
+    fedlc_tau: float = 1.0
+    fedrs_alpha: float = 0.5
     mu: float = 0.01
     server_lr: float = 1.0
     server_momentum: float = 0.9
@@ -113,7 +116,8 @@ CHOICES = {
     "val": ("pooled", "federated", "both"),
     "eval_release": ("histograms", "counts"),
     "lr_schedule": ("constant", "cosine"),
-    "strategy": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"),
+    "strategy": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "scaffold"),
+    "local_loss": ("ce", "balanced-softmax", "fedlc", "fedrs"),
     "dp_train": ("head", "full"),
     "grad_sample_mode": ("hooks", "functorch"),
     "accountant": ("rdp", "prv", "gdp"),
@@ -265,6 +269,12 @@ def validate(config) -> None:
             raise FedctError(f"max_grad_norm {config.max_grad_norm}: must be a number > 0")
         if config.noise_multiplier < 0:
             raise FedctError(f"noise_multiplier {config.noise_multiplier}: must be >= 0")
+        if not config.fedlc_tau > 0:
+            raise FedctError(f"fedlc_tau {config.fedlc_tau}: must be > 0")
+        if not 0 < config.fedrs_alpha <= 1:
+            raise FedctError(f"fedrs_alpha {config.fedrs_alpha}: must be in (0, 1]")
+        if config.strategy == "scaffold" and not config.server_lr > 0:
+            raise FedctError(f"server_lr {config.server_lr}: must be > 0")
     if isinstance(config, PretrainConfig):
         if config.epochs < 1:
             raise FedctError(f"epochs {config.epochs}: must be >= 1")

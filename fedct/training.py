@@ -34,12 +34,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def class_weights(config, labels: list[int], num_classes: int) -> torch.Tensor | None:
+    """Inverse-frequency class weights with `balance: loss`, else None."""
+    if config.balance != "loss" or not labels:
+        return None
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).clamp(min=1).float()
+    return counts.sum() / (num_classes * counts)
+
+
 def make_loss(config, labels: list[int], num_classes: int) -> nn.Module:
-    weight = None
-    if config.balance == "loss" and labels:
-        counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).clamp(min=1).float()
-        weight = counts.sum() / (num_classes * counts)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    return nn.CrossEntropyLoss(weight=class_weights(config, labels, num_classes),
+                               label_smoothing=config.label_smoothing)
 
 
 def make_optimizer(model: nn.Module, config, *, lr: float | None = None) -> torch.optim.Optimizer:

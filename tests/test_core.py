@@ -44,14 +44,19 @@ def test_every_message_field_survives_flower_records():
     pytest.importorskip("flwr")
     assert protocol.decode_hello(protocol.encode_hello(Hello(4))) == Hello(4)
     sent = weights()
-    got, spec = protocol.decode_train(protocol.encode_train(sent, SPEC))
-    assert spec == SPEC and same(got, sent)
-    update = Update(weights=sent, examples=12, metrics={"train_loss": 0.25, "steps": 2.0})
+    got, spec, control = protocol.decode_train(protocol.encode_train(sent, SPEC))
+    assert spec == SPEC and same(got, sent) and control == {}
+    server_control = {"a.weight": torch.randn(3, 2)}  # SCAFFOLD's c travels beside the weights
+    got, _, control = protocol.decode_train(protocol.encode_train(sent, SPEC, server_control))
+    assert same(got, sent) and same(control, server_control)
+    update = Update(weights=sent, examples=12, metrics={"train_loss": 0.25, "steps": 2.0},
+                    control={"a.weight": torch.randn(3, 2)})
     trained = ClientReply(2, update, epsilon=1.5, steps=6, noise=0.9)
     back = protocol.decode_reply(protocol.encode_reply(trained))
     assert back.status is Status.TRAINED and same(back.update.weights, sent)
     assert dataclasses.replace(back, update=None) == dataclasses.replace(trained, update=None)
     assert (back.update.examples, back.update.metrics) == (12, update.metrics)
+    assert same(back.update.control, update.control)
     sat_out = ClientReply(1, None, status=Status.SAT_OUT, epsilon=2.0, steps=4, detail="budget")
     assert protocol.decode_reply(protocol.encode_reply(sat_out)) == sat_out
     plain = ClientReply(0, None, status=Status.FAILED)  # None fields stay None

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SETTINGS = {"model": "test_efficientnet", "image-size": 32, "batch-size": 16, "lr": 0.003,
             "rounds": 2, "local-steps": 2, "seed": 3}
-DP_FEDBN = {**SETTINGS, "dp": True, "dp-train": "full", "target-epsilon": 5.0, "fedbn": True}
+DP_FEDBN = {**SETTINGS, "dp": True, "dp-train": "full", "target-epsilon": 5.0, "fedbn": True,
+            "strategy": "scaffold", "local-loss": "balanced-softmax"}
 
 
 def free_port() -> int:
@@ -207,9 +208,10 @@ def test_flower_equals_embedded_and_cross_site_evaluation_equals_per_client(
     run_and_compare(tmp_path, split_dir, embedded, then=cross_site)
 
 
-def test_flower_with_dp_fedbn_and_hospital_data_equals_embedded(tmp_path, split_dir):
-    """Each node reads its own CSV (data=, as at a hospital), keeps its accountant and FedBN
-    layers in its state-dir across rounds, and the result is the embedded engine's."""
+def test_flower_with_dp_fedbn_scaffold_and_hospital_data_equals_embedded(tmp_path, split_dir):
+    """Each node reads its own CSV (data=, as at a hospital), keeps its accountant, FedBN
+    layers and SCAFFOLD control variate in its state-dir across rounds, trains with a
+    prior-corrected loss, and the result is the embedded engine's."""
     expected = run_embedded(split_dir, tmp_path / "embedded", DP_FEDBN)
     report = run_and_compare(tmp_path, split_dir, expected, settings=DP_FEDBN, own_data=True)
     embedded_report = json.loads((tmp_path / "embedded" / "report.json").read_text())
@@ -218,6 +220,7 @@ def test_flower_with_dp_fedbn_and_hospital_data_equals_embedded(tmp_path, split_
     for k in range(2):
         state = torch.load(next((tmp_path / f"state{k}").glob("run-*.pt")), weights_only=True)
         assert state["rounds"] == 2 and state["norms"] and state["accountant"]["history"]
+        assert state["control"] and not state["control"].keys() & state["norms"].keys()
 
 
 def test_a_coordinator_without_data_over_tls_equals_embedded(tmp_path, split_dir, embedded):

@@ -12,11 +12,13 @@ from torch import nn
 from fedct import privacy
 from fedct.data.loading import ImageTensorDataset, SplitImages, make_loader
 from fedct.data.manifest import LOCAL_VAL, Entry
+from fedct.errors import FedctError
+from fedct.federated import scaffold
+from fedct.federated.local_loss import local_loss
 from fedct.federated.protocol import ClientReply, Evaluation, Status, Update, Weights
 from fedct.operating_point import ScoreHistogram
 from fedct.training import (
     cosine_between,
-    make_loss,
     make_optimizer,
     predict,
     seed_everything,
@@ -72,18 +74,20 @@ def load_global(model: nn.Module, global_weights: Weights, state: dict, *, fedbn
 
 def client_update(model: nn.Module, global_weights: Weights, data: ClientData, config,
                   state: dict, *, round_number: int, device: torch.device,
-                  num_classes: int, noise: float | None = None) -> tuple[Update, dict]:
+                  num_classes: int, noise: float | None = None,
+                  control: Weights | None = None) -> tuple[Update, dict]:
     """Train the global weights on one client's data; returns its update and its new state.
 
     `model` is the one shared model object (with the run's freezing already applied); its
     weights are overwritten here, so memory does not grow with the number of clients.
+    `control` is the server's SCAFFOLD control variate; the client's own is in `state`.
     """
     state = dict(state)
     load_global(model, global_weights, state, fedbn=config.fedbn)
     seed = derive_seed(config.seed, round_number, data.client_id)
     seed_everything(seed)
     labels = data.train.labels.tolist()
-    loss_fn = make_loss(config, labels, num_classes)
+    loss_fn = local_loss(config, labels, num_classes)
     loader = make_loader(data.train, batch_size=config.batch_size, train=True, seed=seed,
                          balance="none" if config.dp else config.balance, num_classes=num_classes,
                          drop_last=False if config.dp else None)
@@ -96,6 +100,13 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
             return 0.5 * config.mu * sum(((p - anchor[n]) ** 2).sum()
                                          for n, p in m.named_parameters() if n in anchor)
 
+    correction = None
+    if config.strategy == "scaffold":
+        if not control:
+            raise FedctError("strategy scaffold: the server sent no control variate")
+        own_control = state.get("control") or {k: torch.zeros_like(v) for k, v in control.items()}
+        lrs = scaffold.learning_rates(model, optimizer)
+        correction = scaffold.attach_correction(model, optimizer, control, own_control)
     target_steps = privacy.steps_per_round(len(data.train), config)
     loss_sum, seen, steps = 0.0, 0, 0
 
@@ -122,6 +133,11 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     else:
         run_epochs(loader, optimizer)
     weights = privacy.strip_prefix({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    control_change: Weights = {}
+    if correction is not None:
+        correction.remove()
+        state["control"], control_change = scaffold.client_control_update(
+            global_weights, weights, control, own_control, steps=steps, lrs=lrs)
     if config.fedbn:
         keep = norm_keys(model)
         state["norms"] = {k: v for k, v in weights.items() if k in keep}
@@ -130,7 +146,8 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     metrics = {"train_loss": loss_sum / max(1, seen), "examples_seen": seen, "steps": steps}
     if config.dp:
         metrics["epsilon"] = state["epsilon"]
-    return Update(weights=weights, examples=len(data.train), metrics=metrics), state
+    return Update(weights=weights, examples=len(data.train), metrics=metrics,
+                  control=control_change), state
 
 
 def round_lr(config, round_number: int) -> float:
@@ -146,7 +163,7 @@ def round_lr(config, round_number: int) -> float:
 
 def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData, config,
                      state: dict, *, round_number: int, planned_rounds: int,
-                     device: torch.device, num_classes: int):
+                     device: torch.device, num_classes: int, control: Weights | None = None):
     """One client's part of a round, privacy checks included; returns (ClientReply, state).
 
     The client fixes its own noise multiplier on its first round (for all `planned_rounds`)
@@ -170,7 +187,7 @@ def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData
                                       f"{config.target_epsilon}"), state
     update, state = client_update(model, global_weights, data, config, state,
                                   round_number=round_number, device=device,
-                                  num_classes=num_classes, noise=noise)
+                                  num_classes=num_classes, noise=noise, control=control)
     return ClientReply(data.client_id, update, epsilon=state.get("epsilon"), steps=state["steps"],
                        noise=noise), state
 

@@ -44,8 +44,9 @@ def train(msg: Message, context: Context) -> Message:
 
     set_threads()
     config, _ = protocol.split_run_config(dict(context.run_config))
-    weights, spec = protocol.decode_train(msg.content)
-    reply = node_round(dict(context.node_config), context.run_id, config, weights, spec)
+    weights, spec, control = protocol.decode_train(msg.content)
+    reply = node_round(dict(context.node_config), context.run_id, config, weights, spec,
+                       control=control)
     return Message(protocol.encode_reply(reply), reply_to=msg)
 
 
@@ -56,7 +57,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     set_threads()
     config, extras = protocol.split_run_config(dict(context.run_config))
-    weights, spec = protocol.decode_train(msg.content)
+    weights, spec, _ = protocol.decode_train(msg.content)
     evaluation = node_evaluate(dict(context.node_config), context.run_id, config, weights, spec,
                                rows=extras.eval_rows)
     return Message(protocol.encode_evaluation(evaluation), reply_to=msg)
@@ -76,12 +77,12 @@ def discover_nodes(grid: Grid, expected: int, wait: float) -> dict[int, int]:
 
 def train_on_nodes(grid: Grid, node_of: dict[int, int], setup, schedule: list[list[int]],
                    planned: dict[int, int], timeout: float, round_number: int,
-                   global_weights: Weights) -> Iterator[ClientReply]:
+                   global_weights: Weights, control: Weights) -> Iterator[ClientReply]:
     """One round's replies from the scheduled clients' nodes, in client order, each decoded
     only when the server takes it; a silent node counts as failed."""
     chosen = schedule[round_number - 1]
     messages = [Message(protocol.encode_train(global_weights,
-                                              setup.round_spec(round_number, planned[k])),
+                                              setup.round_spec(round_number, planned[k]), control),
                         dst_node_id=node_of[k], message_type="train", group_id=str(round_number))
                 for k in chosen if k in node_of]
     client_of_node = {n: k for k, n in node_of.items()}

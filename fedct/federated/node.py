@@ -121,7 +121,7 @@ def _node_model(config: FederateConfig, spec: RoundSpec):
 
 
 def node_round(node_config: dict, run_id: int, config: FederateConfig, global_weights: Weights,
-               spec: RoundSpec) -> ClientReply:
+               spec: RoundSpec, *, control: Weights | None = None) -> ClientReply:
     """Train the server's model on this node's data; the node's state is saved after the round."""
     data = node_data(node_config, config, spec)
     warning = privacy.delta_warning(len(data.train), config)
@@ -132,7 +132,7 @@ def node_round(node_config: dict, run_id: int, config: FederateConfig, global_we
     state = torch.load(path, weights_only=True) if path.is_file() else new_client_state(config)
     reply, state = run_client_round(model, global_weights, data, config, state,
                                     round_number=spec.round, planned_rounds=spec.planned_rounds,
-                                    device=device, num_classes=len(spec.classes))
+                                    device=device, num_classes=len(spec.classes), control=control)
     atomic_write(path, lambda p: torch.save(state, p))
     return reply
 

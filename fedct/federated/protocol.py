@@ -6,8 +6,9 @@ encoders walk the dataclass fields. flwr is imported inside the encoders, so the
 engine runs without it.
 
 On the wire a round is three messages: `Hello` (a node says which client it is), the
-global weights with a `RoundSpec` (server -> node), and a `ClientReply` with the node's
-`Update` when it trained (node -> server). Federated evaluation sends the aggregated weights
+global weights with a `RoundSpec` and, under SCAFFOLD, the server's control variate
+(server -> node), and a `ClientReply` with the node's `Update` when it trained (node ->
+server). Federated evaluation sends the aggregated weights
 with a `RoundSpec` again and gets an `Evaluation` back: aggregates of the node's own
 validation rows, never a row's score.
 """
@@ -62,11 +63,13 @@ class RoundSpec:
 
 @dataclass
 class Update:
-    """What a client sends back: its weights, how many examples it trained on, its metrics."""
+    """What a client sends back: its weights, how many examples it trained on, its metrics,
+    and under SCAFFOLD the change of its control variate."""
 
     weights: Weights
     examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    control: Weights = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -194,17 +197,22 @@ def decode_hello(content) -> Hello:
     return _from_values(Hello, dict(content["hello"]))
 
 
-def encode_train(weights: Weights, spec: RoundSpec):
-    """Server -> node: the global weights and the round's spec (to train, or to evaluate)."""
+def encode_train(weights: Weights, spec: RoundSpec, control: Weights | None = None):
+    """Server -> node: the global weights and the round's spec (to train, or to evaluate),
+    and the server's control variate when there is one."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    return RecordDict({"arrays": ArrayRecord.from_torch_state_dict(weights),
-                       "spec": ConfigRecord(_to_values(spec))})
+    content = {"arrays": ArrayRecord.from_torch_state_dict(weights),
+               "spec": ConfigRecord(_to_values(spec))}
+    if control:
+        content["control"] = ArrayRecord.from_torch_state_dict(control)
+    return RecordDict(content)
 
 
-def decode_train(content) -> tuple[Weights, RoundSpec]:
+def decode_train(content) -> tuple[Weights, RoundSpec, Weights]:
+    control = content["control"].to_torch_state_dict() if "control" in content else {}
     return (content["arrays"].to_torch_state_dict(),
-            _from_values(RoundSpec, dict(content["spec"])))
+            _from_values(RoundSpec, dict(content["spec"])), control)
 
 
 def encode_reply(reply: ClientReply):
@@ -214,6 +222,8 @@ def encode_reply(reply: ClientReply):
     content = {"reply": ConfigRecord(_to_values(reply))}
     if reply.update is not None:
         content["arrays"] = ArrayRecord.from_torch_state_dict(reply.update.weights)
+        if reply.update.control:
+            content["control"] = ArrayRecord.from_torch_state_dict(reply.update.control)
         content["update"] = ConfigRecord({"examples": int(reply.update.examples),
                                           **{k: float(v) for k, v in reply.update.metrics.items()}})
     return RecordDict(content)
@@ -225,7 +235,9 @@ def decode_reply(content) -> ClientReply:
         values = dict(content["update"])
         examples = int(values.pop("examples"))
         update = Update(weights=content["arrays"].to_torch_state_dict(), examples=examples,
-                        metrics={k: float(v) for k, v in values.items()})
+                        metrics={k: float(v) for k, v in values.items()},
+                        control=(content["control"].to_torch_state_dict()
+                                 if "control" in content else {}))
     return _from_values(ClientReply, dict(content["reply"]), update=update)
 
 

@@ -26,6 +26,8 @@ from fedct.config import to_dict
 from fedct.data.loading import make_loader
 from fedct.data.manifest import split_digest
 from fedct.errors import FedctError
+from fedct.federated import scaffold
+from fedct.federated.client import norm_keys
 from fedct.federated.protocol import ClientReply, Evaluation, Status, Weights
 from fedct.federated.setup import RunSetup
 from fedct.federated.strategies import RunningAverage, apply_strategy, check_update
@@ -61,9 +63,10 @@ METRICS = ("loss", "acc", "auc", "sensitivity", "specificity", "balanced_acc")
 NO_SCORES = {k: float("nan") for k in METRICS}
 PRIVACY_FIELDS = ["round", "client", "epsilon", "steps", "noise_multiplier", "status"]
 
-# A round's replies, yielded as they come (in client order, for bit-identical sums on both
-# engines), so the server adds each update to a running average and drops it.
-TrainRound = Callable[[int, Weights], Iterable[ClientReply]]
+# A round's replies to (round, global weights, the server's SCAFFOLD control or {}), yielded
+# as they come (in client order, for bit-identical sums on both engines), so the server adds
+# each update to a running average and drops it.
+TrainRound = Callable[[int, Weights, Weights], Iterable[ClientReply]]
 
 
 @dataclass
@@ -73,6 +76,7 @@ class RoundServer:
     view: RoundView
     device: torch.device
     engine: str
+    num_clients: int
     server_state: dict = field(default_factory=dict)
     epsilon: dict[int, float] = field(default_factory=dict)
     round: int = 0  # the last round recorded
@@ -106,7 +110,7 @@ class RoundServer:
         returns the reply without the weights (a failed check marks it rejected)."""
         if reply.status is Status.TRAINED:
             problem = ("no update" if reply.update is None
-                       else check_update(reply.update, global_weights))
+                       else check_update(reply.update, global_weights, self.control()))
             if problem:
                 reply = dataclasses.replace(reply, status=Status.REJECTED, detail=problem)
         if reply.status is not Status.TRAINED:
@@ -116,7 +120,21 @@ class RoundServer:
         running.add(reply.update)
         if reply.epsilon is not None:
             self.epsilon[reply.client_id] = reply.epsilon
-        return dataclasses.replace(reply, update=dataclasses.replace(reply.update, weights={}))
+        return dataclasses.replace(reply, update=dataclasses.replace(reply.update, weights={},
+                                                                     control={}))
+
+    def control(self) -> Weights:
+        """The server's SCAFFOLD control variate (zero before the first round), else {}.
+
+        It covers the trainable parameters the server aggregates (not FedBN's local norms).
+        """
+        if self.setup.config.strategy != "scaffold":
+            return {}
+        if "control" in self.server_state:
+            return self.server_state["control"]
+        model = self.setup.model
+        local = norm_keys(model) if self.setup.config.fedbn else set()
+        return scaffold.zero_control(model, scaffold.control_keys(model, exclude=local))
 
     def aggregate(self, round_number: int, global_weights: Weights,
                   running: RunningAverage) -> Weights:
@@ -127,9 +145,13 @@ class RoundServer:
             self.view.message(f"round {round_number}: {running.count} updates, fewer than "
                               f"min_clients {config.min_clients}; global model unchanged")
             average = None
+        control = self.control()
         weights, self.server_state = apply_strategy(
             global_weights, average, strategy=config.strategy, config=config,
             server_state=self.server_state, trainable=self.setup.trainable)
+        if control and average is not None:
+            self.server_state["control"] = scaffold.server_control(
+                control, running.control_sum, self.num_clients)
         return weights
 
     def evaluate(self, weights: Weights) -> tuple[dict, ScoreHistogram]:
@@ -240,7 +262,8 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
     """
     config = setup.config
     out = prepare_run_dir(Path(out), resume=resume, force=force, **setup.inputs())
-    server = RoundServer(out=out, setup=setup, view=view, device=device, engine=engine)
+    server = RoundServer(out=out, setup=setup, view=view, device=device, engine=engine,
+                         num_clients=num_clients)
     weights = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
     inputs = {"init": setup.init,
               "split": str(setup.split.directory.resolve()) if setup.split else None,
@@ -262,13 +285,18 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
         view.message("note: epsilon covers the clients' training rows; federated validation "
                      "releases aggregates of their validation rows outside it (README: What "
                      "epsilon covers)")
+    if config.dp and (config.local_loss != "ce" or config.balance == "loss"):
+        view.message("note: the clients' loss reads their class counts (local_loss "
+                     f"{config.local_loss}, balance {config.balance}); epsilon covers the "
+                     "training rows' gradients given those counts, not the counts (README: "
+                     "What epsilon covers)")
     with view:
         for round_number in range(server.round + 1, config.rounds + 1):
             started = time.perf_counter()
             view.start_round(round_number, schedule[round_number - 1])
             running = RunningAverage(weights)
             replies = []
-            for reply in train_round(round_number, weights):
+            for reply in train_round(round_number, weights, server.control()):
                 replies.append(server.accept(round_number, weights, reply, running))
                 view.client_finished(replies[-1])
             weights = server.finish_round(round_number, weights, replies, running, started=started,

@@ -69,14 +69,15 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
             view.message(f"warning: client {data.client_id}: {warning}")
     kept = {"client_states": {d.client_id: new_client_state(config) for d in clients}}
 
-    def train_round(round_number: int, global_weights: Weights) -> Iterator[ClientReply]:
+    def train_round(round_number: int, global_weights: Weights,
+                    control: Weights) -> Iterator[ClientReply]:
         states = kept["client_states"]
         for k in schedule[round_number - 1]:
             view.client_started(k)
             reply, states[k] = run_client_round(
                 setup.model, global_weights, clients[k], config, states[k],
                 round_number=round_number, planned_rounds=planned[k], device=device,
-                num_classes=len(setup.classes))
+                num_classes=len(setup.classes), control=control)
             yield reply
 
     def evaluate_round(round_number: int, global_weights: Weights,

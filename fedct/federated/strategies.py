@@ -1,6 +1,8 @@
-"""Server aggregation as pure functions on state dicts: FedAvg, FedProx, FedAvgM, FedAdam, FedYogi.
+"""Server aggregation as pure functions on state dicts: FedAvg, FedProx, FedAvgM, FedAdam,
+FedYogi, SCAFFOLD.
 
-FedProx aggregates like FedAvg (its difference is the client's proximal term). The adaptive
+FedProx aggregates like FedAvg (its difference is the client's proximal term); SCAFFOLD
+steps by `server_lr` times the averaged change (its control variates: `scaffold`). The adaptive
 strategies follow Reddi et al. 2021 ("Adaptive Federated Optimization"): the averaged client
 change is a pseudo-gradient for a server optimiser with learning rate `server_lr`.
 Floating-point buffers (BatchNorm statistics) are always plainly averaged; integer buffers
@@ -14,24 +16,34 @@ import torch
 from fedct.federated.protocol import Update, Weights
 
 
-def check_update(update: Update, reference: Weights) -> str | None:
-    """Why an update must be rejected (wrong keys or shapes, NaN/Inf, no examples), or None."""
+def check_update(update: Update, reference: Weights, control: Weights | None = None) -> str | None:
+    """Why an update must be rejected (wrong keys or shapes, NaN/Inf, no examples, a
+    control variate missing or wrong under SCAFFOLD), or None."""
     if update.examples <= 0:
         return "trained on no examples"
-    missing = reference.keys() - update.weights.keys()
-    extra = update.weights.keys() - reference.keys()
+    problem = _check_arrays(update.weights, reference, "")
+    if problem is None and control:
+        problem = _check_arrays(update.control, control, "control ")
+    return problem
+
+
+def _check_arrays(arrays: Weights, reference: Weights, what: str) -> str | None:
+    missing = reference.keys() - arrays.keys()
+    extra = arrays.keys() - reference.keys()
     if missing or extra:
-        return f"keys differ ({next(iter(missing or extra))})"
-    for key, value in update.weights.items():
+        return f"{what}keys differ ({next(iter(missing or extra))})"
+    for key, value in arrays.items():
         if value.shape != reference[key].shape:
-            return f"shape of {key} is {tuple(value.shape)}, expected {tuple(reference[key].shape)}"
+            return (f"shape of {what}{key} is {tuple(value.shape)}, "
+                    f"expected {tuple(reference[key].shape)}")
         if value.is_floating_point() and not torch.isfinite(value).all():
-            return f"{key} has NaN or Inf"
+            return f"{what}{key} has NaN or Inf"
     return None
 
 
 class RunningAverage:
-    """The examples-weighted average of updates, summed as they arrive.
+    """The examples-weighted average of updates, summed as they arrive, and the plain sum
+    of their SCAFFOLD control changes.
 
     It holds one float64 copy of the model, whatever the number of clients, so a server
     need not keep every update of a round until it aggregates. Integer buffers take the
@@ -41,6 +53,7 @@ class RunningAverage:
     def __init__(self, reference: Weights):
         self.reference = reference
         self.sums: Weights = {}
+        self.control_sum: Weights = {}
         self.examples = 0
         self.count = 0
 
@@ -56,6 +69,11 @@ class RunningAverage:
             else:
                 self.sums[key] = (torch.maximum(self.sums[key], value) if key in self.sums
                                   else value.clone())
+        for key, value in update.control.items():
+            if key in self.control_sum:
+                self.control_sum[key].add_(value.to(torch.float64))
+            else:
+                self.control_sum[key] = value.to(torch.float64)  # a new tensor
         self.examples += update.examples
         self.count += 1
 
@@ -86,12 +104,18 @@ def apply_strategy(global_weights: Weights, average: Weights | None, *, strategy
     """New global weights and server state from the clients' average (None: no update)."""
     if average is None:
         return dict(global_weights), dict(server_state)
-    if strategy in ("fedavg", "fedprox"):
+    if strategy in ("fedavg", "fedprox") or (strategy == "scaffold" and config.server_lr == 1):
         return average, dict(server_state)
     keys = [k for k in global_weights if global_weights[k].is_floating_point()
             and (trainable is None or k in trainable)]
-    state = {name: dict(server_state.get(name, {})) for name in ("m", "v")}
     new = dict(average)
+    if strategy == "scaffold":  # x + server_lr * (average - x); the controls are the server's
+        for key in keys:
+            step = average[key].double() - global_weights[key].double()
+            new[key] = (global_weights[key].double() + config.server_lr * step).to(
+                global_weights[key].dtype)
+        return new, dict(server_state)
+    state = {name: dict(server_state.get(name, {})) for name in ("m", "v")}
     for key in keys:
         delta = average[key].double() - global_weights[key].double()
         if strategy == "fedavgm":

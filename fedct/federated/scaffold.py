@@ -1,0 +1,82 @@
+"""SCAFFOLD (Karimireddy et al. 2020, option II): control variates against client drift.
+
+The server's control c and each client's own c_i estimate the average local step (as
+displacement per unit of learning rate) over the shared trainable parameters. On every
+local step a client moves each parameter by an extra -lr * (c - c_i): for plain SGD this
+is the paper's corrected gradient g - c_i + c; with AdamW or momentum the correction keeps
+the control variates' units instead of being rescaled by the optimiser's moments. It is
+applied to the optimiser's output, after Opacus has clipped and noised the gradient, so
+under DP it is post-processing and the epsilon does not change.
+
+After its K steps at learning rate lr the client sets c_i+ = c_i - c + (x - y_i) / (K lr)
+and sends the change c_i+ - c_i; the server adds the sum of the changes over N clients,
+divided by N, to c. c_i stays with the client, c with the server's state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedct.federated.protocol import Weights
+
+
+def control_keys(model: nn.Module, *, exclude: set[str] = frozenset()) -> list[str]:
+    """The parameters SCAFFOLD corrects: the trainable ones the server aggregates."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and n not in exclude]
+
+
+def zero_control(model: nn.Module, keys: list[str]) -> Weights:
+    params = dict(model.named_parameters())
+    return {k: torch.zeros_like(params[k], device="cpu", dtype=torch.float32) for k in keys}
+
+
+def learning_rates(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each named parameter's learning rate (layer-wise decay gives groups their own)."""
+    group_lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    return {n: group_lr[id(p)] for n, p in model.named_parameters() if id(p) in group_lr}
+
+
+def attach_correction(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      server_control: Weights, client_control: Weights):
+    """Hook -lr * (c - c_i) onto every step of `optimizer`; returns the hook's handle.
+
+    Register it on the plain optimiser before Opacus wraps it: the DP optimiser calls the
+    plain one's step after noising, so the hook sees the privatised step.
+    """
+    params = dict(model.named_parameters())
+    shift = {id(params[k]): (server_control[k] - client_control[k]).to(
+        device=params[k].device, dtype=params[k].dtype) for k in server_control}
+
+    @torch.no_grad()
+    def after_step(opt, args, kwargs) -> None:
+        for group in opt.param_groups:
+            for param in group["params"]:
+                if id(param) in shift:
+                    param.add_(shift[id(param)], alpha=-group["lr"])
+
+    return optimizer.register_step_post_hook(after_step)
+
+
+def client_control_update(global_weights: Weights, trained: Weights, server_control: Weights,
+                          client_control: Weights, *, steps: int,
+                          lrs: dict[str, float]) -> tuple[Weights, Weights]:
+    """(c_i+, c_i+ - c_i) after `steps` local steps; no steps leave c_i as it was."""
+    if steps == 0:
+        return dict(client_control), {k: torch.zeros_like(v) for k, v in client_control.items()}
+    new, delta = {}, {}
+    for key, c in server_control.items():
+        moved = (global_weights[key].float() - trained[key].float()) / (steps * lrs[key])
+        new[key] = client_control[key] - c + moved
+        delta[key] = new[key] - client_control[key]
+    return new, delta
+
+
+def server_control(control: Weights, delta_sum: Weights, num_clients: int) -> Weights:
+    """c + (1/N) * sum of the round's client changes (clients that sat out add nothing)."""
+    return {k: (v.double() + delta_sum[k] / num_clients).float() for k, v in control.items()}
+
+
+def state_bytes(control: Weights) -> int:
+    """Bytes of one control variate (what each message and each client's state adds)."""
+    return sum(v.numel() * v.element_size() for v in control.values())
