@@ -6,6 +6,9 @@ import pytest
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 COVID_CSV = SHARED / "data" / "covid-ct" / "splits.csv"
 LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_in1k.safetensors"
+# a federated run small enough for a unit test: a tiny timm model, 32 px, 2 rounds of 2 steps
+TINY = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
+        "rounds": 2, "local_steps": 2}
 
 
 def require_shared(path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_node_csv
+from conftest import TINY, write_node_csv
 
 from fedct.config import FederateConfig, build_config
 from fedct.federated import protocol
@@ -24,8 +24,6 @@ from fedct.federated.protocol import (
 from fedct.runs import CheckpointTracker, read_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedct"
-TINY = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
-        "rounds": 2, "local_steps": 2}
 SPEC = RoundSpec(round=3, planned_rounds=5, architecture="test_efficientnet",
                  classes=("CT_COVID", "CT_NonCOVID"), positive="CT_COVID", mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.1),
                  groupnorm=True)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY
 from typer.testing import CliRunner
 
 from fedct.cli import app
@@ -20,8 +21,6 @@ from fedct.federated.strategies import aggregate, check_update, weighted_average
 from fedct.runs import read_checkpoint
 
 runner = CliRunner()
-TINY = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
-        "rounds": 2, "local_steps": 2}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from typer.testing import CliRunner
 
 from fedct.cli import app
@@ -16,9 +17,6 @@ from fedct.federated.local_loss import LocalLoss
 from fedct.federated.protocol import Update
 from fedct.federated.strategies import RunningAverage, check_update
 from fedct.runs import load_resume, read_checkpoint
-
-TINY = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
-        "rounds": 2, "local_steps": 2}
 
 
 @pytest.fixture(scope="module")
