@@ -19,7 +19,8 @@ Two parts, each a grid of federated runs from the same start:
 Methods: fedavg, fedprox (mu 0.01), scaffold, balanced-softmax, fedlc (tau 1), fedrs
 (alpha 0.5), and "combination": the better of fedprox/scaffold with the best of the three
 local losses, both chosen by mean val AUC over the part's runs on its first draw (chosen
-on val, as everything here). Every run validates on the coordinator's val rows: best
+on val, as everything here). The synth part adds FedAvg and SCAFFOLD with `freeze_bn`
+(BatchNorm statistics fixed during local training). Every run validates on the coordinator's val rows: best
 round by val AUC, threshold by the equal-error rule (eer) on those rows, and reports
 accuracy at that threshold and at 0.5, sensitivity, specificity and AUC of the best round.
 With --work DIR finished runs (report.json) are reused. Needs ../shared.
@@ -54,6 +55,10 @@ SINGLE = {
     "fedrs": {"local_loss": "fedrs"},
 }
 STRATEGIES, LOSSES = ("fedprox", "scaffold"), ("balanced-softmax", "fedlc", "fedrs")
+# synth only: BatchNorm in eval mode during local training, so a client whose batches hold
+# one class does not normalise the class signal away (`freeze_bn`)
+FROZEN_BN = {"fedavg, frozen BN": {"freeze_bn": True},
+             "scaffold, frozen BN": {"strategy": "scaffold", "freeze_bn": True}}
 
 
 def best_figures(run_dir: Path) -> dict:
@@ -137,23 +142,26 @@ def run_part(part: str, args, work: Path) -> list[dict]:
         rows.append(("iid", "fedavg", 1, federate(iid, work / "covid" / "iid", common, init)))
     first = min(args.draws) if part == "covid" else 1
     results: dict[str, list[dict]] = {}
-    for phase in ("single", "combination"):
+    for phase in ("single", "combination", "frozen BN"):
+        if phase == "frozen BN" and part != "synth":
+            break
         chosen = combination(results) if phase == "combination" else None
         for partition, draw, path in splits:
-            methods = SINGLE.items() if phase == "single" else [(chosen["name"], chosen)]
-            for method, settings in methods:
+            methods = (SINGLE if phase == "single" else FROZEN_BN if phase == "frozen BN"
+                       else {chosen["name"]: chosen})
+            for method, settings in methods.items():
                 label = "combination" if phase == "combination" else method
                 if draw != first and label not in ("fedavg", "combination", *args.all_draws):
                     continue
                 if args.only and label not in args.only:
                     continue
                 overrides = {**common, **{k: v for k, v in settings.items() if k != "name"}}
-                run_dir = path.parent / f"{path.name}-{method}"
+                run_dir = path.parent / f"{path.name}-{method.replace(', ', '-').replace(' ', '-')}"
                 figures = federate(path, run_dir, overrides, init)
                 if draw == first:
                     results.setdefault(method, []).append(figures)
-                rows.append((partition, method if phase == "single" else f"{method} (combination)",
-                             draw, figures))
+                rows.append((partition, f"{method} (combination)" if phase == "combination"
+                             else method, draw, figures))
     return rows
 
 

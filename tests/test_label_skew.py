@@ -114,10 +114,17 @@ def test_option_two_control_updates_and_the_server_sum():
     assert torch.equal(same["w"], c_i["w"]) and not none["w"].any()
     running = RunningAverage({"w": torch.zeros(2)})
     running.add(Update({"w": y["w"]}, 3, {}, control={"w": torch.tensor([1.0, 2.0])}))
-    running.add(Update({"w": y["w"]}, 5, {}, control={"w": torch.tensor([3.0, -2.0])}))
-    # c + (1/N) * sum over the round's clients, N the whole federation (here 4)
-    assert torch.allclose(scaffold.server_control(c, running.control_sum, 4)["w"],
-                          torch.tensor([0.1 + 1.0, -0.1 + 0.0]))
+    running.add(Update({"w": y["w"]}, 3, {}, control={"w": torch.tensor([3.0, -2.0])}))
+
+    def server(run):
+        return scaffold.server_control(c, run.control_sum, examples=run.examples,
+                                       updates=run.count, num_clients=4)["w"]
+
+    # equal sizes: the paper's c + (1/N) * sum over the round's clients, N the federation's 4
+    assert torch.allclose(server(running), torch.tensor([0.1 + 1.0, -0.1 + 0.0]))
+    running.add(Update({"w": y["w"]}, 6, {}, control={"w": torch.tensor([0.0, 4.0])}))
+    # sizes 3, 3, 6: c + (3/4) * examples-weighted mean of the changes
+    assert torch.allclose(server(running), torch.tensor([0.1 + 0.75 * 1.0, -0.1 + 0.75 * 2.0]))
 
 
 def test_updates_without_a_sound_control_variate_are_rejected():

@@ -9,8 +9,9 @@ applied to the optimiser's output, after Opacus has clipped and noised the gradi
 under DP it is post-processing and the epsilon does not change.
 
 After its K steps at learning rate lr the client sets c_i+ = c_i - c + (x - y_i) / (K lr)
-and sends the change c_i+ - c_i; the server adds the sum of the changes over N clients,
-divided by N, to c. c_i stays with the client, c with the server's state.
+and sends the change c_i+ - c_i; the server adds the round's changes to c (weighted by
+examples, as the models are: `server_control`). c_i stays with the client, c with the
+server's state.
 """
 
 from __future__ import annotations
@@ -72,9 +73,19 @@ def client_control_update(global_weights: Weights, trained: Weights, server_cont
     return new, delta
 
 
-def server_control(control: Weights, delta_sum: Weights, num_clients: int) -> Weights:
-    """c + (1/N) * sum of the round's client changes (clients that sat out add nothing)."""
-    return {k: (v.double() + delta_sum[k] / num_clients).float() for k, v in control.items()}
+def server_control(control: Weights, weighted_sum: Weights, *, examples: int, updates: int,
+                   num_clients: int) -> Weights:
+    """c + (|S| / N) * the examples-weighted mean of the round's |S| client changes.
+
+    The paper's clients weigh equally; fedct averages the models by examples, so the
+    controls are weighted the same way and the correction aims at the same objective (a
+    client with 4 images would otherwise steer c as much as one with 300). With equal
+    client sizes this is the paper's c + (1/N) * sum of the changes.
+    """
+    if not examples:
+        return dict(control)
+    scale = updates / num_clients / examples
+    return {k: (v.double() + weighted_sum[k] * scale).float() for k, v in control.items()}
 
 
 def state_bytes(control: Weights) -> int:

@@ -151,7 +151,8 @@ class RoundServer:
             server_state=self.server_state, trainable=self.setup.trainable)
         if control and average is not None:
             self.server_state["control"] = scaffold.server_control(
-                control, running.control_sum, self.num_clients)
+                control, running.control_sum, examples=running.examples,
+                updates=running.count, num_clients=self.num_clients)
         return weights
 
     def evaluate(self, weights: Weights) -> tuple[dict, ScoreHistogram]:

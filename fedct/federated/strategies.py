@@ -42,8 +42,8 @@ def _check_arrays(arrays: Weights, reference: Weights, what: str) -> str | None:
 
 
 class RunningAverage:
-    """The examples-weighted average of updates, summed as they arrive, and the plain sum
-    of their SCAFFOLD control changes.
+    """The examples-weighted average of updates, summed as they arrive, and the
+    examples-weighted sum of their SCAFFOLD control changes.
 
     It holds one float64 copy of the model, whatever the number of clients, so a server
     need not keep every update of a round until it aggregates. Integer buffers take the
@@ -70,10 +70,11 @@ class RunningAverage:
                 self.sums[key] = (torch.maximum(self.sums[key], value) if key in self.sums
                                   else value.clone())
         for key, value in update.control.items():
+            weighted = value.to(torch.float64) * update.examples  # a new tensor
             if key in self.control_sum:
-                self.control_sum[key].add_(value.to(torch.float64))
+                self.control_sum[key].add_(weighted)
             else:
-                self.control_sum[key] = value.to(torch.float64)  # a new tensor
+                self.control_sum[key] = weighted
         self.examples += update.examples
         self.count += 1
 
