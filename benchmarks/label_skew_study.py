@@ -20,9 +20,10 @@ Methods: fedavg, fedprox (mu 0.01), scaffold, balanced-softmax, fedlc (tau 1), f
 (alpha 0.5), and "combination": the better of fedprox/scaffold with the best of the three
 local losses, both chosen by mean val AUC over the part's runs on its first draw (chosen
 on val, as everything here). The synth part adds FedAvg and SCAFFOLD with `freeze_bn`
-(BatchNorm statistics fixed during local training). Every run validates on the coordinator's val rows: best
-round by val AUC, threshold by the equal-error rule (eer) on those rows, and reports
-accuracy at that threshold and at 0.5, sensitivity, specificity and AUC of the best round.
+(BatchNorm statistics fixed during local training) on its one-class clients. Every run
+validates on the coordinator's val rows: best round by val AUC, threshold by the
+equal-error rule (eer) on those rows, and reports accuracy at that threshold and at 0.5,
+sensitivity, specificity and AUC of the best round.
 With --work DIR finished runs (report.json) are reused. Needs ../shared.
 """
 
@@ -154,6 +155,8 @@ def run_part(part: str, args, work: Path) -> list[dict]:
                 if draw != first and label not in ("fedavg", "combination", *args.all_draws):
                     continue
                 if args.only and label not in args.only:
+                    continue
+                if phase == "frozen BN" and partition != "one class":
                     continue
                 overrides = {**common, **{k: v for k, v in settings.items() if k != "name"}}
                 run_dir = path.parent / f"{path.name}-{method.replace(', ', '-').replace(' ', '-')}"
