@@ -6,8 +6,9 @@
 For each freeze setting, encodes a round's messages as the Flower apps do
 (`protocol.encode_train` / `encode_reply`) with and without the control variate and sums
 the bytes of their arrays; the state each client keeps (its control variate) and the
-server's (its control); and the seconds per local step of AdamW with and without the
-correction hook (batch 32, CPU threads as the machine has). Prints a markdown table.
+server's (its control); and, unless --steps 0, the seconds per local step of AdamW with
+and without the correction hook (batch 32, CPU threads as the machine has: run it on an
+idle machine). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> None:
         up = [record_bytes(protocol.encode_reply(ClientReply(0, Update(weights, 10, {}, control=c))))
               for c in ({}, control)]
         timing = [seconds_per_step(model, config, args.steps, args.image_size, c)
-                  for c in (None, control)]
+                  if args.steps else float("nan") for c in (None, control)]
         trainable = sum(v.numel() for v in control.values())
         print(f"| {freeze} | {trainable:,} | {down[0]:,} / {down[1]:,} | {up[0]:,} / {up[1]:,} "
               f"| {scaffold.state_bytes(control):,} | {timing[0]:.3f} / {timing[1]:.3f} |")
