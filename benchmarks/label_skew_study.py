@@ -143,28 +143,31 @@ def run_part(part: str, args, work: Path) -> list[dict]:
         rows.append(("iid", "fedavg", 1, federate(iid, work / "covid" / "iid", common, init)))
     first = min(args.draws) if part == "covid" else 1
     results: dict[str, list[dict]] = {}
-    for phase in ("single", "combination", "frozen BN"):
-        if phase == "frozen BN" and part != "synth":
-            break
-        chosen = combination(results) if phase == "combination" else None
-        for partition, draw, path in splits:
-            methods = (SINGLE if phase == "single" else FROZEN_BN if phase == "frozen BN"
-                       else {chosen["name"]: chosen})
-            for method, settings in methods.items():
-                label = "combination" if phase == "combination" else method
-                if draw != first and label not in ("fedavg", "combination", *args.all_draws):
-                    continue
-                if args.only and label not in args.only:
-                    continue
-                if phase == "frozen BN" and partition != "one class":
-                    continue
-                overrides = {**common, **{k: v for k, v in settings.items() if k != "name"}}
-                run_dir = path.parent / f"{path.name}-{method.replace(', ', '-').replace(' ', '-')}"
-                figures = federate(path, run_dir, overrides, init)
-                if draw == first:
-                    results.setdefault(method, []).append(figures)
-                rows.append((partition, f"{method} (combination)" if phase == "combination"
-                             else method, draw, figures))
+    chosen = None
+    # the first draw's runs (which choose the combination) before the later draws'
+    work_list = [(phase, split) for later in (False, True)
+                 for phase in ("single", "combination", "frozen BN")
+                 for split in splits if (split[1] != first) == later]
+    for phase, (partition, draw, path) in work_list:
+        if phase == "frozen BN" and partition != "one class":
+            continue
+        if phase == "combination" and chosen is None:
+            chosen = combination(results)
+        methods = (SINGLE if phase == "single" else FROZEN_BN if phase == "frozen BN"
+                   else {chosen["name"]: chosen})
+        for method, settings in methods.items():
+            label = "combination" if phase == "combination" else method
+            if draw != first and label not in ("fedavg", "combination", *args.all_draws):
+                continue
+            if args.only and label not in args.only:
+                continue
+            overrides = {**common, **{k: v for k, v in settings.items() if k != "name"}}
+            run_dir = path.parent / f"{path.name}-{method.replace(', ', '-').replace(' ', '-')}"
+            figures = federate(path, run_dir, overrides, init)
+            if draw == first:
+                results.setdefault(method, []).append(figures)
+            rows.append((partition, f"{method} (combination)" if phase == "combination"
+                         else method, draw, figures))
     return rows
 
 
