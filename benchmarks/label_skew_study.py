@@ -2,7 +2,7 @@
 
     python benchmarks/label_skew_study.py --work DIR [--part synth covid] [--draws 1 2 3]
                                           [--all-draws NAME ...] [--rounds 10]
-                                          [--local-epochs 1] [--only NAME ...]
+                                          [--local-epochs 1] [--only NAME ...] [--table-only]
 
 Two parts, each a grid of federated runs from the same start:
 
@@ -82,8 +82,11 @@ def combination(results: dict[str, list[dict]]) -> dict:
     return {"name": f"{strategy}+{loss}", **SINGLE[strategy], **SINGLE[loss]}
 
 
-def federate(split: Path, run_dir: Path, overrides: dict, init: str) -> dict:
+def federate(split: Path, run_dir: Path, overrides: dict, init: str, *, run: bool = True):
+    """The run's figures, running it first unless it has finished (None: not run)."""
     if not (run_dir / "report.json").is_file():
+        if not run:
+            return None
         run_federate(split, run_dir, build_config(FederateConfig, None, overrides), init=init,
                      quiet=True, force=True)
         print(f"{run_dir}: done", file=sys.stderr, flush=True)
@@ -140,7 +143,9 @@ def run_part(part: str, args, work: Path) -> list[dict]:
         central = work / "covid" / "centralised"  # optional: a central run on all train rows
         if (central / "report.json").is_file():
             rows.append(("-", "centralised", 0, best_figures(central)))
-        rows.append(("iid", "fedavg", 1, federate(iid, work / "covid" / "iid", common, init)))
+        figures = federate(iid, work / "covid" / "iid", common, init, run=not args.table_only)
+        if figures:
+            rows.append(("iid", "fedavg", 1, figures))
     first = min(args.draws) if part == "covid" else 1
     results: dict[str, list[dict]] = {}
     chosen = None
@@ -152,6 +157,8 @@ def run_part(part: str, args, work: Path) -> list[dict]:
         if phase == "frozen BN" and partition != "one class":
             continue
         if phase == "combination" and chosen is None:
+            if not all(name in results for name in (*STRATEGIES, *LOSSES)):
+                continue
             chosen = combination(results)
         methods = (SINGLE if phase == "single" else FROZEN_BN if phase == "frozen BN"
                    else {chosen["name"]: chosen})
@@ -163,7 +170,9 @@ def run_part(part: str, args, work: Path) -> list[dict]:
                 continue
             overrides = {**common, **{k: v for k, v in settings.items() if k != "name"}}
             run_dir = path.parent / f"{path.name}-{method.replace(', ', '-').replace(' ', '-')}"
-            figures = federate(path, run_dir, overrides, init)
+            figures = federate(path, run_dir, overrides, init, run=not args.table_only)
+            if figures is None:
+                continue
             if draw == first:
                 results.setdefault(method, []).append(figures)
             rows.append((partition, f"{method} (combination)" if phase == "combination"
@@ -203,6 +212,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--table-only", action="store_true",
+                        help="print the tables of the finished runs, run nothing")
     args = parser.parse_args()
     if not COVID.is_file() or not WEIGHTS.is_file():
         print(f"needs {COVID} and {WEIGHTS}", file=sys.stderr)
