@@ -20,7 +20,8 @@ Methods: fedavg, fedprox (mu 0.01), scaffold, balanced-softmax, fedlc (tau 1), f
 (alpha 0.5), and "combination": the better of fedprox/scaffold with the best of the three
 local losses, both chosen by mean val AUC over the part's runs on its first draw (chosen
 on val, as everything here). The synth part adds FedAvg and SCAFFOLD with `freeze_bn`
-(BatchNorm statistics fixed during local training) on its one-class clients. Every run
+(BatchNorm statistics fixed during local training) on its one-class clients, and with
+SGD (lr 0.01, Nesterov momentum 0.9; SCAFFOLD's analysis assumes SGD) at Dirichlet 0.1. Every run
 validates on the coordinator's val rows: best round by val AUC, threshold by the
 equal-error rule (eer) on those rows, and reports accuracy at that threshold and at 0.5,
 sensitivity, specificity and AUC of the best round.
@@ -56,10 +57,14 @@ SINGLE = {
     "fedrs": {"local_loss": "fedrs"},
 }
 STRATEGIES, LOSSES = ("fedprox", "scaffold"), ("balanced-softmax", "fedlc", "fedrs")
-# synth only: BatchNorm in eval mode during local training, so a client whose batches hold
-# one class does not normalise the class signal away (`freeze_bn`)
-FROZEN_BN = {"fedavg, frozen BN": {"freeze_bn": True},
-             "scaffold, frozen BN": {"strategy": "scaffold", "freeze_bn": True}}
+# synth only, each on one partition: BatchNorm in eval mode during local training, so a
+# client whose batches hold one class does not normalise the class signal away
+# (`freeze_bn`); and SGD, the optimiser SCAFFOLD's analysis assumes (AdamW elsewhere)
+VARIANTS = {"fedavg, frozen BN": ("one class", {"freeze_bn": True}),
+            "scaffold, frozen BN": ("one class", {"strategy": "scaffold", "freeze_bn": True}),
+            "fedavg, SGD": ("dirichlet 0.1", {"optimizer": "sgd", "lr": 0.01}),
+            "scaffold, SGD": ("dirichlet 0.1", {"strategy": "scaffold", "optimizer": "sgd",
+                                                "lr": 0.01})}
 
 
 def best_figures(run_dir: Path) -> dict:
@@ -151,17 +156,18 @@ def run_part(part: str, args, work: Path) -> list[dict]:
     chosen = None
     # the first draw's runs (which choose the combination) before the later draws'
     work_list = [(phase, split) for later in (False, True)
-                 for phase in ("single", "combination", "frozen BN")
+                 for phase in ("single", "combination", "variants")
                  for split in splits if (split[1] != first) == later]
     for phase, (partition, draw, path) in work_list:
-        if phase == "frozen BN" and partition != "one class":
+        if phase == "variants" and part != "synth":
             continue
         if phase == "combination" and chosen is None:
             if not all(name in results for name in (*STRATEGIES, *LOSSES)):
                 continue
             chosen = combination(results)
-        methods = (SINGLE if phase == "single" else FROZEN_BN if phase == "frozen BN"
-                   else {chosen["name"]: chosen})
+        methods = (SINGLE if phase == "single" else {chosen["name"]: chosen}
+                   if phase == "combination" else
+                   {name: settings for name, (on, settings) in VARIANTS.items() if on == partition})
         for method, settings in methods.items():
             label = "combination" if phase == "combination" else method
             if draw != first and label not in ("fedavg", "combination", *args.all_draws):
