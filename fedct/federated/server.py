@@ -130,11 +130,12 @@ class RoundServer:
         """
         if self.setup.config.strategy != "scaffold":
             return {}
-        if "control" in self.server_state:
-            return self.server_state["control"]
-        model = self.setup.model
-        local = norm_keys(model) if self.setup.config.fedbn else set()
-        return scaffold.zero_control(model, scaffold.control_keys(model, exclude=local))
+        if "control" not in self.server_state:  # built once, saved with the server state
+            model = self.setup.model
+            local = norm_keys(model) if self.setup.config.fedbn else set()
+            self.server_state["control"] = scaffold.zero_control(
+                model, scaffold.control_keys(model, exclude=local))
+        return self.server_state["control"]
 
     def aggregate(self, round_number: int, global_weights: Weights,
                   running: RunningAverage) -> Weights:
