@@ -289,7 +289,7 @@ def federate(
     freeze: Annotated[str | None, typer.Option(help="full, head, or last-N blocks. \\[default: full]")] = None,
     lr: Annotated[float | None, typer.Option(help="Client learning rate. \\[default: 1e-3]")] = None,
     lr_schedule: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["lr_schedule"]), help="constant, or cosine: client lr decays over the rounds. \\[default: constant]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Client batch size. \\[default: 32]")] = None,
+    batch_size: Annotated[str | None, typer.Option(help="Client batch size, or all (full-batch DP). \\[default: 32]")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels. \\[default: the --init checkpoint's, else 224]")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (sampling, data order, noise). \\[default: 0]")] = None,
     val: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["val"]), help="Validate on the coordinator's val rows (pooled), the clients' own (federated), or both. \\[default: both]")] = None,
@@ -302,7 +302,8 @@ def federate(
     delta: Annotated[float | None, typer.Option(help="DP delta. \\[default: 1e-5]")] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help="Per-sample gradient clipping norm. \\[default: 1.0]")] = None,
     noise_multiplier: Annotated[float | None, typer.Option(help="Fixed noise instead of calibrating to --target-epsilon.")] = None,
-    dp_train: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["dp_train"]), help="head (keeps pretrained BatchNorm) or full (GroupNorm). \\[default: head]")] = None,
+    dp_train: Annotated[str | None, typer.Option(click_type=click.Choice(CHOICES["dp_train"]), help="head, norms (head + norms' scale and shift, pretrained statistics) or full (GroupNorm). \\[default: head]")] = None,
+    feature_views: Annotated[int | None, typer.Option(help="Head-only training: augmented views per image in the feature cache. \\[default: 1]")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
     engine: Annotated[str, typer.Option(click_type=click.Choice(("embedded", "flower")), help="embedded (one process) or flower (Flower's Deployment Engine).")] = "embedded",
     federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name in $FLWR_HOME/config.toml.")] = None,
@@ -340,7 +341,8 @@ def federate(
                  "eval_release": eval_release,
                  "monitor": monitor, "threshold": threshold,
                  "target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm,
-                 "noise_multiplier": noise_multiplier, "dp_train": dp_train, "device": device}
+                 "noise_multiplier": noise_multiplier, "dp_train": dp_train,
+                 "feature_views": feature_views, "device": device}
     cfg, saved = resolve_config(FederateConfig, path=config, overrides=overrides, resume_dir=resume)
     if saved is not None:
         init, out = saved["init"], resume

@@ -72,6 +72,7 @@ class FederateConfig(TrainConfig):
 
     pretrained: str = "none"
     image_size: int = 0  # 0: the init checkpoint's input size (224 for other sources)
+    batch_size: int | str = 32  # or "all": every example in every step (full-batch DP)
     rounds: int = 10
     local_epochs: int = 1
     local_steps: int = 0  # if > 0, replaces local_epochs
@@ -101,7 +102,9 @@ class FederateConfig(TrainConfig):
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     noise_multiplier: float = 0.0  # if > 0, fixed noise instead of calibrating to the target
-    dp_train: str = "head"  # head | full
+    dp_train: str = "head"  # head | norms | full
+    cache_features: bool = True  # head-only training on features computed once per run
+    feature_views: int = 1  # augmented views per image in the feature cache (K)
     physical_batch_size: int = 32
     grad_sample_mode: str = "functorch"  # hooks | functorch
     accountant: str = "rdp"
@@ -118,7 +121,7 @@ CHOICES = {
     "lr_schedule": ("constant", "cosine"),
     "strategy": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "scaffold"),
     "local_loss": ("ce", "balanced-softmax", "fedlc", "fedrs"),
-    "dp_train": ("head", "full"),
+    "dp_train": ("head", "norms", "full"),
     "grad_sample_mode": ("hooks", "functorch"),
     "accountant": ("rdp", "prv", "gdp"),
 }
@@ -130,7 +133,13 @@ def _coerce(name: str, value, hint, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # the first type that takes the value; str comes last
+            try:
+                return _coerce(name, value, option, where)
+            except FedctError:
+                continue
+        hint = options[-1]
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     try:
         if origin is list:
@@ -228,7 +237,11 @@ def validate(config) -> None:
         freeze.startswith("last-") and freeze[5:].isdigit() and int(freeze[5:]) > 0
     ):
         raise FedctError(f"freeze {freeze!r}: choose full, head or last-N (e.g. last-2)")
+    if isinstance(config.batch_size, str) and config.batch_size != "all":
+        raise FedctError(f"batch_size {config.batch_size!r}: a number >= 1, or all (stage 2)")
     for key in ("image_size", "batch_size"):
+        if getattr(config, key) == "all":
+            continue
         least = 0 if key == "image_size" and isinstance(config, FederateConfig) else 1
         if getattr(config, key) < least:
             raise FedctError(f"{key} {getattr(config, key)}: must be >= {least}")
@@ -273,6 +286,11 @@ def validate(config) -> None:
             raise FedctError(f"fedlc_tau {config.fedlc_tau}: must be > 0")
         if not 0 < config.fedrs_alpha <= 1:
             raise FedctError(f"fedrs_alpha {config.fedrs_alpha}: must be in (0, 1]")
+        if config.dp and config.dp_train == "norms" and config.freeze_bn:
+            raise FedctError("freeze_bn: dp_train norms trains the norms' scale and shift (their "
+                             "statistics stay frozen); set freeze_bn false")
+        if config.feature_views < 1:
+            raise FedctError(f"feature_views {config.feature_views}: must be >= 1")
         if config.strategy == "scaffold" and not config.server_lr > 0:
             raise FedctError(f"server_lr {config.server_lr}: must be > 0")
     if isinstance(config, PretrainConfig):
@@ -280,6 +298,11 @@ def validate(config) -> None:
             raise FedctError(f"epochs {config.epochs}: must be >= 1")
         if not 0 <= config.ema_decay < 1:
             raise FedctError(f"ema_decay {config.ema_decay}: must be in [0, 1)")
+
+
+def batch_for(n_examples: int, batch_size: int | str) -> int:
+    """A client's batch size: the number given, or all its examples (at least 1)."""
+    return max(1, n_examples) if batch_size == "all" else int(batch_size)
 
 
 def to_dict(config) -> dict:

@@ -184,9 +184,18 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
 
 
 def apply_freeze(model: nn.Module, policy: str, *, freeze_bn: bool = False) -> int:
-    """Set requires_grad by policy (full, head, last-N); returns the trainable parameter count."""
+    """Set requires_grad by policy (full, head, norms, last-N); returns the trainable count.
+
+    `norms`: the head and the scale and shift of every normalisation layer (Tobaben et al.
+    2023), whose statistics stay as they are.
+    """
     groups = layer_groups(model)
-    if policy == "full":
+    if policy == "norms":
+        trainable = set(groups[-1]) | {
+            f"{name}.{p}" for name, module in model.named_modules()
+            if isinstance(module, (*NORM_LAYERS, FrozenStatsNorm)) for p in ("weight", "bias")
+            if getattr(module, p, None) is not None}
+    elif policy == "full":
         trainable = {n for g in groups for n in g}
     elif policy == "head":
         trainable = set(groups[-1])
@@ -201,6 +210,49 @@ def apply_freeze(model: nn.Module, policy: str, *, freeze_bn: bool = False) -> i
                 for param in module.parameters(recurse=False):
                     param.requires_grad = False
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+class FrozenStatsNorm(nn.Module):
+    """BatchNorm in eval mode with a trainable scale and shift: what `norms` DP training trains.
+
+    Its statistics are parameters that never train (not buffers), so Opacus accepts the layer
+    (it refuses trainable layers with buffers, and every BatchNorm) and computes its
+    per-example gradients with functorch; the state-dict keys are BatchNorm's, so checkpoints
+    load into the plain model, whose eval-mode output is the same. timm's fused activation
+    and drop of BatchNormAct2d are kept.
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = norm.eps
+        self.weight = nn.Parameter(norm.weight.detach().clone())
+        self.bias = nn.Parameter(norm.bias.detach().clone())
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(norm, name).detach().clone().float()
+            setattr(self, name, nn.Parameter(value, requires_grad=False))
+        self.drop = getattr(norm, "drop", nn.Identity())
+        self.act = getattr(norm, "act", nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        # detached statistics: functorch differentiates with respect to every parameter
+        scale = self.weight * torch.rsqrt(self.running_var.detach() + self.eps)
+        shift = self.bias - self.running_mean.detach() * scale
+        x = x * scale.view(shape) + shift.view(shape)
+        return self.act(self.drop(x))
+
+
+def freeze_statistics(model: nn.Module) -> nn.Module:
+    """Replace every affine BatchNorm (timm's BatchNormAct2d too) by a FrozenStatsNorm."""
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.affine \
+                    and child.track_running_stats:
+                setattr(parent, child_name, FrozenStatsNorm(child))
+    return model
 
 
 def frozen_norms(model: nn.Module) -> list[nn.Module]:
@@ -296,7 +348,7 @@ class ModelSpec:
 
     architecture: str
     num_classes: int
-    freeze: str = "full"  # full | head | last-N
+    freeze: str = "full"  # full | head | norms | last-N
     freeze_bn: bool = False
     groupnorm: bool = False  # BatchNorm replaced by GroupNorm (DP full); checkpoints say so
     dp_layers: bool = False  # activations not in place, clones before in-place residual adds
@@ -310,5 +362,7 @@ def build_model(spec: ModelSpec, *, pretrained: str = "none") -> nn.Module:
                          drop_rate=spec.drop_rate, image_size=spec.image_size)
     if spec.groupnorm or spec.dp_layers:
         make_dp_safe(model, keep_batchnorm=not spec.groupnorm)
+    if spec.freeze == "norms" and not spec.groupnorm:
+        freeze_statistics(model)
     apply_freeze(model, spec.freeze, freeze_bn=spec.freeze_bn)
     return model

@@ -22,6 +22,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
+from fedct.config import batch_for
 from fedct.errors import FedctError
 from fedct.models import train_mode
 
@@ -38,12 +39,13 @@ def delta_warning(n_examples: int, config) -> str | None:
 def steps_per_round(n_examples: int, config) -> int:
     if config.local_steps > 0:
         return config.local_steps
-    return config.local_epochs * max(1, math.ceil(n_examples / config.batch_size))
+    return config.local_epochs * max(1, math.ceil(n_examples / batch_for(n_examples, config.batch_size)))
 
 
-def sample_rate(n_examples: int, batch_size: int) -> float:
-    """Opacus's Poisson rate for a loader of ceil(n / batch) batches: 1 / len(loader)."""
-    return 1.0 / max(1, math.ceil(n_examples / batch_size))
+def sample_rate(n_examples: int, batch_size: int | str) -> float:
+    """Opacus's Poisson rate for a loader of ceil(n / batch) batches: 1 / len(loader); 1 with
+    `batch_size: all` (every example in every step: DP gradient descent)."""
+    return 1.0 / max(1, math.ceil(n_examples / batch_for(n_examples, batch_size)))
 
 
 def calibrate_noise(*, n_examples: int, total_steps: int, config) -> float:

@@ -218,7 +218,7 @@ def test_nan_update_is_rejected_and_the_round_goes_on(split_dir, tmp_path, monke
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("dp_train", ["head", "full"])
+@pytest.mark.parametrize("dp_train", ["head", "norms", "full"])
 def test_dp_epsilon_stays_under_target_and_matches_an_independent_accountant(
         split_dir, tmp_path, dp_train):
     from opacus.accountants import RDPAccountant
@@ -335,7 +335,8 @@ def test_dp_full_with_frozen_batchnorm_keeps_batchnorm(split_dir, tmp_path):
 
 
 @pytest.mark.parametrize("dp_train, freeze_bn, server_norm", [
-    ("full", False, "GroupNorm"), ("full", True, "BatchNorm"), ("head", False, "BatchNorm")])
+    ("full", False, "GroupNorm"), ("full", True, "BatchNorm"), ("head", False, "BatchNorm"),
+    ("norms", False, "FrozenStatsNorm")])
 def test_server_and_node_prepare_the_same_model_for_dp(dp_train, freeze_bn, server_norm):
     from fedct.models import build_model
 
@@ -352,6 +353,9 @@ def test_server_and_node_prepare_the_same_model_for_dp(dp_train, freeze_bn, serv
     assert list(server.state_dict()) == list(node.state_dict())
     inplace = [m for m in node.modules() if getattr(m, "inplace", False)]
     assert bool(inplace) == (dp_train == "head")
+    trains = {type(m).__name__ for m in node.modules()
+              if any(p.requires_grad for p in m.parameters(recurse=False))}
+    assert (trains == {"FrozenStatsNorm", "Linear"}) == (dp_train == "norms")
 
 
 def test_flower_dry_run_prints_tls_commands_for_every_client(split_dir, tmp_path):

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from fedct import privacy
+from fedct.config import batch_for
 from fedct.data.loading import ImageTensorDataset, SplitImages, make_loader
 from fedct.data.manifest import LOCAL_VAL, Entry
 from fedct.errors import FedctError
-from fedct.federated import scaffold
+from fedct.federated import features, scaffold
 from fedct.federated.local_loss import local_loss
 from fedct.federated.protocol import ClientReply, Evaluation, Status, Update, Weights
+from fedct.models import NORM_LAYERS, FrozenStatsNorm
 from fedct.operating_point import ScoreHistogram
 from fedct.training import (
     cosine_between,
@@ -52,7 +54,7 @@ def norm_keys(model: nn.Module) -> set[str]:
     """State-dict keys of normalisation layers: what FedBN keeps local."""
     keys = set()
     for name, module in model.named_modules():
-        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+        if isinstance(module, (*NORM_LAYERS, FrozenStatsNorm)):
             keys.update(f"{name}.{k}" for k in module.state_dict())
     return keys
 
@@ -84,21 +86,27 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     """
     state = dict(state)
     load_global(model, global_weights, state, fedbn=config.fedbn)
+    loss_fn = local_loss(config, data.train.labels.tolist(), num_classes)
+    train_set, trainee = data.train, model
+    cached = features.applies(model, config)
+    if cached:  # the frozen backbone runs once per run; only the head trains, on its features
+        train_set = features.cached_features(model, data.train, config, device=device,
+                                             seed=derive_seed(config.seed, 0, data.client_id))
+        trainee = features.FeatureHead(model.get_classifier(), config.drop_rate)
+        loss_fn = features.ViewsLoss(loss_fn, config.feature_views)
     seed = derive_seed(config.seed, round_number, data.client_id)
     seed_everything(seed)
-    labels = data.train.labels.tolist()
-    loss_fn = local_loss(config, labels, num_classes)
-    loader = make_loader(data.train, batch_size=config.batch_size, train=True, seed=seed,
-                         balance="none" if config.dp else config.balance, num_classes=num_classes,
-                         drop_last=False if config.dp else None)
+    loader = make_loader(train_set, batch_size=batch_for(len(train_set), config.batch_size),
+                         train=True, seed=seed, balance="none" if config.dp else config.balance,
+                         num_classes=num_classes, drop_last=False if config.dp else None)
     optimizer = make_optimizer(model, config, lr=round_lr(config, round_number))
     penalty = None
     if config.strategy == "fedprox" and config.mu > 0:
         anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-        def penalty(m: nn.Module) -> torch.Tensor:
+        def penalty(_: nn.Module) -> torch.Tensor:  # the shared model's names, wrapped or not
             return 0.5 * config.mu * sum(((p - anchor[n]) ** 2).sum()
-                                         for n, p in m.named_parameters() if n in anchor)
+                                         for n, p in model.named_parameters() if n in anchor)
 
     correction = None
     if config.strategy == "scaffold":
@@ -113,9 +121,9 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     def run_epochs(batches, opt) -> None:
         nonlocal loss_sum, seen, steps
         while steps < target_steps:
-            result = train_epoch(model, batches, opt, loss_fn, device=device,
+            result = train_epoch(trainee, batches, opt, loss_fn, device=device,
                                  grad_clip=0.0 if config.dp else config.grad_clip,
-                                 amp=config.amp, channels_last=config.channels_last,
+                                 amp=config.amp, channels_last=config.channels_last and not cached,
                                  max_steps=target_steps - steps, penalty=penalty)
             if result["steps"] == 0 and result["examples"] == 0 and len(data.train) == 0:
                 break
@@ -124,7 +132,7 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
             steps += result["steps"]
 
     if config.dp:
-        with privacy.private_training(model, optimizer, loader, noise=noise,
+        with privacy.private_training(trainee, optimizer, loader, noise=noise,
                                       accountant_state=state["accountant"], config=config,
                                       loss_fn=loss_fn) as (dp_loader, dp_optimizer, result):
             run_epochs(dp_loader, dp_optimizer)
