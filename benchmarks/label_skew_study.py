@@ -98,12 +98,44 @@ def federate(split: Path, run_dir: Path, overrides: dict, init: str, *, run: boo
     return best_figures(run_dir)
 
 
+COVID_SETTINGS = {"image_size": 128, "aug_scale_min": 0.5, "aug_rotation": 15}
+
+
+def covid_inputs(work: Path, common: dict, draws: list[int], alphas=(0.5, 0.1)):
+    """COVID-CT's splits (5 clients: Dirichlet `alphas` drawn with seeds `draws`, and IID) and
+    the stage-1 model they start from, made under work/covid where absent; returns
+    ([(partition, draw, split dir)], the IID split dir, the init checkpoint)."""
+    splits = []
+    for draw in draws:
+        for alpha in alphas:
+            path = work / "covid" / f"split-dir{alpha}-s{draw}"
+            if not (path / "split.yaml").is_file():
+                run_split(COVID, path, SplitOptions(keep_split=True, clients=5,
+                                                    scheme="dirichlet", alpha=alpha, seed=draw))
+            splits.append((f"dirichlet {alpha}", draw, path))
+    iid = work / "covid" / "split-iid"
+    if not (iid / "split.yaml").is_file():
+        run_split(COVID, iid, SplitOptions(keep_split=True, clients=5, scheme="iid", seed=1))
+    stage1 = work / "covid" / "stage1"
+    if not (stage1 / "report.json").is_file():
+        run_pretrain(iid, stage1, build_config(PretrainConfig, None, {
+            **{k: common[k] for k in ("model", "batch_size", "seed", "lr", "threshold",
+                                      "image_size", "aug_scale_min", "aug_rotation")},
+            "pretrained": str(WEIGHTS), "epochs": 30, "clients": [0]}), quiet=True, force=True)
+    return splits, iid, str(stage1 / "best")
+
+
+def common_settings(args) -> dict:
+    """The settings every federated run of the studies shares."""
+    return {"model": "tf_efficientnet_lite0", "batch_size": 32, "seed": 0, "lr": 1e-3,
+            "lr_schedule": "cosine", "rounds": args.rounds, "local_epochs": args.local_epochs,
+            "val": "pooled", "monitor": "val_auc", "threshold": "eer"}
+
+
 def run_part(part: str, args, work: Path) -> list[dict]:
     """Every run of one part: rows of (partition, method, draw, figures)."""
     rows = []
-    common = {"model": "tf_efficientnet_lite0", "batch_size": 32, "seed": 0, "lr": 1e-3,
-              "lr_schedule": "cosine", "rounds": args.rounds, "local_epochs": args.local_epochs,
-              "val": "pooled", "monitor": "val_auc", "threshold": "eer"}
+    common = common_settings(args)
     if part == "synth":
         data = work / "synth" / "data"
         if not (data / "dataset.csv").is_file():
@@ -126,25 +158,8 @@ def run_part(part: str, args, work: Path) -> list[dict]:
                 quiet=True, force=True)
         rows.append(("-", "centralised", 0, best_figures(central)))
     else:
-        common.update(image_size=128, aug_scale_min=0.5, aug_rotation=15)
-        splits = []
-        for draw in args.draws:
-            for alpha in (0.5, 0.1):
-                path = work / "covid" / f"split-dir{alpha}-s{draw}"
-                if not (path / "split.yaml").is_file():
-                    run_split(COVID, path, SplitOptions(keep_split=True, clients=5,
-                                                        scheme="dirichlet", alpha=alpha, seed=draw))
-                splits.append((f"dirichlet {alpha}", draw, path))
-        iid = work / "covid" / "split-iid"
-        if not (iid / "split.yaml").is_file():
-            run_split(COVID, iid, SplitOptions(keep_split=True, clients=5, scheme="iid", seed=1))
-        stage1 = work / "covid" / "stage1"
-        if not (stage1 / "report.json").is_file():
-            run_pretrain(iid, stage1, build_config(PretrainConfig, None, {
-                **{k: common[k] for k in ("model", "batch_size", "seed", "lr", "threshold",
-                                          "image_size", "aug_scale_min", "aug_rotation")},
-                "pretrained": str(WEIGHTS), "epochs": 30, "clients": [0]}), quiet=True, force=True)
-        init = str(stage1 / "best")
+        common.update(COVID_SETTINGS)
+        splits, iid, init = covid_inputs(work, common, args.draws)
         central = work / "covid" / "centralised"  # optional: a central run on all train rows
         if (central / "report.json").is_file():
             rows.append(("-", "centralised", 0, best_figures(central)))
