@@ -135,3 +135,10 @@ def test_auc_and_youden_agree_with_scikit_learn():
     best = youden_threshold(truth, score)
     called = score >= best
     assert np.mean(called[truth]) - np.mean(called[~truth]) == pytest.approx(max(tpr - fpr))
+
+
+def test_full_batches_are_for_stage_2_only():
+    assert build_config(FederateConfig, None, {"batch_size": "all"}).batch_size == "all"
+    assert build_config(FederateConfig, None, {"batch_size": "12"}).batch_size == 12
+    with pytest.raises(FedctError, match="key 'batch_size' has value 'all', expected int"):
+        build_config(PretrainConfig, None, {"batch_size": "all"})
