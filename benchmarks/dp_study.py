@@ -12,7 +12,8 @@ the baselines, run here when absent. Every DP run is 10 rounds of full-batch DP
   val AUC (best round) becomes the mode's setting (CHOSEN below, and the example config
   examples/covid-federate-dp.yaml). Tuning on val spends no privacy only because this is a
   simulation: a real federation pays for every run it makes.
-- grid: IID and Dirichlet 0.5 x epsilon 1, 3, 8 x head, norms, full with the chosen settings.
+- grid: IID and Dirichlet 0.5 x epsilon 1, 3, 8 x head, norms, full with the chosen settings,
+  and the head's settings without DP (`freeze: head`): what head-only training can reach.
 
 Every run reports its best round's (by pooled val AUC) val accuracy at the equal-error
 threshold chosen on val and at 0.5, the AUC with a 95% bootstrap interval over patients
@@ -163,6 +164,12 @@ def main() -> int:
         base = federate(split, baselines[partition], common, init, run=run)
         if base:
             lines.append(row(f"{partition} non-DP FedAvg", base))
+        if "head" in chosen:  # the head mode's ceiling: the same training without noise
+            head = {**common, **DP, **chosen["head"], "dp": False, "freeze": "head"}
+            f = federate(split, out / f"{partition.replace(' ', '')}-nodp-head", head, init,
+                         run=run and "grid" in args.phase)
+            if f:
+                lines.append(row(f"{partition} non-DP, head only (head's settings)", f))
         for epsilon in EPSILONS:
             for mode, settings in chosen.items():
                 f = federate(split, out / f"{partition.replace(' ', '')}-eps{epsilon:g}-"

@@ -152,7 +152,9 @@ def test_resume_equals_uninterrupted(split_dir, tmp_path):
     assert len((tmp_path / "cut" / "summary.csv").read_text().splitlines()) == 4
 
 
-def test_fedprox_pulls_clients_towards_the_global_model(split_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dp", [False, True])
+def test_fedprox_pulls_clients_towards_the_global_model(split_dir, tmp_path, monkeypatch, dp):
+    """Also under DP, where the pull follows each privatised step (post-processing)."""
     drift = {}
     real = client_module.client_update
 
@@ -164,8 +166,8 @@ def test_fedprox_pulls_clients_towards_the_global_model(split_dir, tmp_path, mon
         return update, new_state
 
     monkeypatch.setattr(client_module, "client_update", spy)
-    run(split_dir, tmp_path / "a", rounds=1, strategy="fedprox", mu=0.0, local_steps=4)
-    run(split_dir, tmp_path / "b", rounds=1, strategy="fedprox", mu=50.0, local_steps=4)
+    run(split_dir, tmp_path / "a", rounds=1, strategy="fedprox", mu=0.0, local_steps=4, dp=dp)
+    run(split_dir, tmp_path / "b", rounds=1, strategy="fedprox", mu=50.0, local_steps=4, dp=dp)
     assert np.mean(drift[50.0]) < np.mean(drift[0.0])
 
 

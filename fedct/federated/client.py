@@ -100,13 +100,15 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
                          train=True, seed=seed, balance="none" if config.dp else config.balance,
                          num_classes=num_classes, drop_last=False if config.dp else None)
     optimizer = make_optimizer(model, config, lr=round_lr(config, round_number))
-    penalty = None
+    penalty = proximal = None
     if config.strategy == "fedprox" and config.mu > 0:
         anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-        def penalty(_: nn.Module) -> torch.Tensor:  # the shared model's names, wrapped or not
-            return 0.5 * config.mu * sum(((p - anchor[n]) ** 2).sum()
-                                         for n, p in model.named_parameters() if n in anchor)
+        if config.dp:  # Opacus keeps only the privatised data gradient: pull after each step
+            proximal = attach_proximal_pull(model, optimizer, anchor, config.mu)
+        else:
+            def penalty(_: nn.Module) -> torch.Tensor:  # the shared model's names
+                return 0.5 * config.mu * sum(((p - anchor[n]) ** 2).sum()
+                                             for n, p in model.named_parameters() if n in anchor)
 
     correction = None
     if config.strategy == "scaffold":
@@ -140,6 +142,8 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
         state["epsilon"] = privacy.epsilon_of(state["accountant"], config)
     else:
         run_epochs(loader, optimizer)
+    if proximal is not None:
+        proximal.remove()
     weights = privacy.strip_prefix({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     control_change: Weights = {}
     if correction is not None:
@@ -156,6 +160,28 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
         metrics["epsilon"] = state["epsilon"]
     return Update(weights=weights, examples=len(data.train), metrics=metrics,
                   control=control_change), state
+
+
+def attach_proximal_pull(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         anchor: Weights, mu: float):
+    """FedProx under DP: after every (privatised) step, w -= lr * mu * (w - w_global).
+
+    Opacus replaces each gradient by the clipped, noised sum of per-example gradients, so a
+    proximal term in the loss would be lost; applied after the step (registered on the plain
+    optimiser, which the DP optimiser calls after noising) it is post-processing, and for
+    plain SGD it is exactly the term's gradient step.
+    """
+    params = dict(model.named_parameters())
+    targets = {id(params[n]): value for n, value in anchor.items()}
+
+    @torch.no_grad()
+    def after_step(opt, args, kwargs) -> None:
+        for group in opt.param_groups:
+            for param in group["params"]:
+                if id(param) in targets:
+                    param.sub_(param - targets[id(param)], alpha=group["lr"] * mu)
+
+    return optimizer.register_step_post_hook(after_step)
 
 
 def round_lr(config, round_number: int) -> float:
