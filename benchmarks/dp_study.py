@@ -121,9 +121,10 @@ def federate(split: Path, run_dir: Path, overrides: dict, init: str, *, run: boo
 
 
 def row(label: str, f: dict) -> str:
+    epsilon = f"{f['epsilon']:.2f}" if "epsilon" in f else "-"
     return (f"| {label} | {f['acc_thr']:.3f} ({f['acc_thr_ci'][0]:.2f}-{f['acc_thr_ci'][1]:.2f}) "
             f"| {f['acc_half']:.3f} | {f['auc']:.3f} ({f['auc_ci'][0]:.2f}-{f['auc_ci'][1]:.2f}) "
-            f"| {f.get('epsilon', float('nan')):.2f} | {f['seconds'] / 60:.1f} min |")
+            f"| {epsilon} | {f['seconds'] / 60:.1f} min |")
 
 
 def main() -> int:
