@@ -234,7 +234,7 @@ def test_help_shows_defaults_choices_and_argument_help():
     federate = shown("federate")
     assert "[default: 10]" in federate and "[default: the --init checkpoint's, else 224]" in federate
     assert "[fedavg|fedprox|fedavgm|fedadam|fedyogi|scaffold]" in federate
-    assert "[ce|balanced-softmax|fedlc|fedrs]" in federate and "[head|full]" in federate
+    assert "[ce|balanced-softmax|fedlc|fedrs]" in federate and "[head|norms|full]" in federate
     assert "Split directory from `fedct split` (optional on a Flower coordinator" in federate
     assert "[iid|dirichlet|shards|quantity|natural]" in shown("split")
     assert "[train|val|test|local_val|all]" in shown("evaluate")
