@@ -193,7 +193,7 @@ def apply_freeze(model: nn.Module, policy: str, *, freeze_bn: bool = False) -> i
     if policy == "norms":
         trainable = set(groups[-1]) | {
             f"{name}.{p}" for name, module in model.named_modules()
-            if isinstance(module, (*NORM_LAYERS, FrozenStatsNorm)) for p in ("weight", "bias")
+            if isinstance(module, NORM_LAYERS) for p in ("weight", "bias")
             if getattr(module, p, None) is not None}
     elif policy == "full":
         trainable = {n for g in groups for n in g}
@@ -210,9 +210,6 @@ def apply_freeze(model: nn.Module, policy: str, *, freeze_bn: bool = False) -> i
                 for param in module.parameters(recurse=False):
                     param.requires_grad = False
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 class FrozenStatsNorm(nn.Module):
@@ -243,6 +240,9 @@ class FrozenStatsNorm(nn.Module):
         shift = self.bias - self.running_mean.detach() * scale
         x = x * scale.view(shape) + shift.view(shape)
         return self.act(self.drop(x))
+
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, FrozenStatsNorm)
 
 
 def freeze_statistics(model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ from fedct.errors import FedctError
 from fedct.federated import features, scaffold
 from fedct.federated.local_loss import local_loss
 from fedct.federated.protocol import ClientReply, Evaluation, Status, Update, Weights
-from fedct.models import NORM_LAYERS, FrozenStatsNorm
+from fedct.models import NORM_LAYERS
 from fedct.operating_point import ScoreHistogram
 from fedct.training import (
     cosine_between,
@@ -54,7 +54,7 @@ def norm_keys(model: nn.Module) -> set[str]:
     """State-dict keys of normalisation layers: what FedBN keeps local."""
     keys = set()
     for name, module in model.named_modules():
-        if isinstance(module, (*NORM_LAYERS, FrozenStatsNorm)):
+        if isinstance(module, NORM_LAYERS):
             keys.update(f"{name}.{k}" for k in module.state_dict())
     return keys
 
