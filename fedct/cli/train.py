@@ -1,177 +1,19 @@
-"""The `fedct` command line: a thin Typer layer over functions the tests call directly."""
+"""Commands that train: pretrain (stage 1), federate (stage 2), and the demo of both."""
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from fedct import __version__
+from fedct.cli.common import app, console, one_line_errors, print_json
 from fedct.config import CHOICES, FED_MONITORS
 from fedct.config import THRESHOLD_RULES as RULES
-from fedct.data.partition import SCHEMES, SPLITS
 from fedct.errors import FedctError
 from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS
-from fedct.tables import print_evaluation, print_federate, print_split_table, print_stage1
-
-app = typer.Typer(
-    name="fedct",
-    help="Two-stage federated transfer learning for medical image classification.\n\n"
-    "split -> pretrain (stage 1, central) -> federate (stage 2, federated, optional DP) -> evaluate",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-# Tables are wide; when output is not a terminal (logs, CI), do not squeeze them into 80 columns.
-console = Console() if sys.stdout.isatty() else Console(width=130)
-err_console = Console(stderr=True)
-
-
-def one_line_errors(func):
-    """Turn a FedctError into `error: ...` on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except FedctError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(2) from None
-        except OSError as exc:  # a read-only folder, a full disk: what fedct could not write
-            where = f"{exc.filename}: " if exc.filename else ""
-            err_console.print(f"[bold red]error:[/] {escape(where + str(exc.strerror or exc))}",
-                              highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _version(value: bool) -> None:
-    if value:
-        console.print(f"fedct {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-) -> None:
-    """fedct: split, pretrain, federate, evaluate."""
-
-
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise FedctError(f"{option} {text!r}: expected comma-separated numbers") from None
-
-
-@app.command()
-@one_line_errors
-def synth(
-    out: Annotated[Path, typer.Argument(help="Output folder (an ImageFolder plus dataset.csv).")],
-    n: Annotated[int, typer.Option(help="Number of images.")] = 400,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
-    difficulty: Annotated[float, typer.Option(help="0 easy .. 1 hard.")] = 0.5,
-    sites: Annotated[int, typer.Option(help="Number of simulated hospitals (the site column).")] = 4,
-    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
-) -> None:
-    """Write synthetic axial chest-CT slices (CT_COVID / CT_NonCOVID), 4 slices per patient.
-
-    Example: fedct synth data/synth --n 400 --seed 0
-    """
-    from fedct.data.synthetic import write_synthetic
-
-    path = write_synthetic(out, n=n, seed=seed, size=size, difficulty=difficulty, sites=sites,
-                           force=force)
-    console.print(f"wrote {n} images to {path} (groups and sites in {path / 'dataset.csv'})")
-
-
-@app.command()
-@one_line_errors
-def split(
-    dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or CSV path,label[,group][,site][,split].")],
-    out: Annotated[Path, typer.Option("--out", help="Split directory to write.")],
-    scheme: Annotated[str, typer.Option(click_type=click.Choice(SCHEMES), help="Client partition: iid, dirichlet, shards, quantity, natural.")] = "iid",
-    clients: Annotated[int | None, typer.Option(help="Number of clients (natural: one per value).")] = None,
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (dirichlet: labels, quantity: sizes).")] = 0.5,
-    classes_per_client: Annotated[int, typer.Option(help="shards: classes each client holds.")] = 1,
-    by: Annotated[str, typer.Option(help="natural: column that names the client (site or group).")] = "site",
-    min_per_client: Annotated[int, typer.Option(help="Guaranteed training images per client.")] = 1,
-    local_val: Annotated[float, typer.Option(help="Share of each client's training groups kept as its local validation.")] = 0.0,
-    fractions: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
-    keep_split: Annotated[bool, typer.Option(help="Keep the dataset's own split column.")] = False,
-    group_pattern: Annotated[str | None, typer.Option(help="Regex on file names giving the patient id (first group).")] = None,
-    positive: Annotated[str | None, typer.Option(help="Name of the positive class (default: guessed, e.g. CT_COVID).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed: same seed, same manifest.")] = 0,
-    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and list them.")] = False,
-    force: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
-) -> None:
-    """Split a dataset into train/val/test and partition the training rows over clients.
-
-    Writes manifest.csv, split.yaml and partition.png into --out.
-
-    Example: fedct split ../shared/data/covid-ct/splits.csv --keep-split --clients 5
-    --scheme dirichlet --alpha 0.5 --seed 1 --out splits/covid-dir05
-    """
-    from fedct.data.manifest import SplitOptions, run_split
-
-    options = SplitOptions(
-        fractions=_floats(fractions, "--fractions"), keep_split=keep_split,
-        clients=clients if clients is not None or scheme == "natural" else 5, scheme=scheme,
-        alpha=alpha, classes_per_client=classes_per_client, by=by, min_per_client=min_per_client,
-        local_val=local_val, seed=seed,
-    )
-    path, meta = run_split(dataset, out, options, group_pattern=group_pattern, positive=positive,
-                           skip_bad=skip_bad, force=force)
-    for problem in meta["dataset"]["skipped"]:
-        err_console.print(f"skipped: {problem}", highlight=False)
-    for warning in meta.get("warnings", []):
-        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
-    print_split_table(console, meta)
-    console.print(f"wrote {path}/manifest.csv, split.yaml, partition.png")
-
-
-def run() -> None:  # pragma: no cover - console entry for `python -m fedct`
-    app(prog_name="fedct")
-    sys.exit(0)
-
-
-@app.command()
-@one_line_errors
-def certs(
-    out: Annotated[Path, typer.Argument(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
-    host: Annotated[list[str] | None, typer.Option(help="Host name or IP the SuperLink is reached at (repeat). \\[default: 127.0.0.1, localhost]")] = None,
-    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
-    force: Annotated[bool, typer.Option(help="Replace an existing CA (every node must then get the new ca.crt).")] = False,
-) -> None:
-    """Make a private CA and a SuperLink certificate for TLS on Flower.
-
-    Example: fedct certs certs/ --host superlink.hospital-net.example --host 10.0.0.5
-    """
-    from fedct.federated.certs import make_certificates
-
-    paths = make_certificates(out, host or ["127.0.0.1", "localhost"], days=days, force=force)
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    console.print("SuperLink: --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile "
-                  "server.key; SuperNodes and flwr: trust ca.crt (keep ca.key offline)")
-
-
-def _print_json(payload: dict) -> None:
-    import json
-
-    from fedct.runs import json_safe
-
-    sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")
+from fedct.tables import print_federate, print_stage1
 
 
 @app.command()
@@ -219,53 +61,9 @@ def pretrain(
     report = run_pretrain(split_dir, out, cfg, resume=resume is not None, force=force,
                           quiet=quiet or json_out, console=console)
     if json_out:
-        _print_json(report)
+        print_json(report)
     elif not quiet:
         print_stage1(console, report, out)
-
-
-@app.command()
-@one_line_errors
-def evaluate(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: RUN/best, RUN/final.safetensors, or a run directory.")],
-    split_dir: Annotated[Path | None, typer.Option("--split", help="Split directory to score on.")] = None,
-    on: Annotated[str, typer.Option(click_type=click.Choice((*SPLITS, "local_val", "all")), help="Which rows: val, test, train, local_val or all (flower: each node's val, test, train or all rows).")] = "val",
-    data: Annotated[Path | None, typer.Option(help="Score any ImageFolder or CSV instead of a split.")] = None,
-    per_client: Annotated[bool, typer.Option(help="Add a row per client's data (cross-site matrix).")] = False,
-    out: Annotated[Path | None, typer.Option(help="Where metrics.json, roc.png, confusion.png go. \\[default: a new eval-ON folder beside the first checkpoint]")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (patients resampled when groups exist).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    tta: Annotated[bool, typer.Option(help="Average each image's and its mirror's probabilities.")] = False,
-    threshold: Annotated[float | None, typer.Option(help="Score at this threshold instead of the one each checkpoint chose on its validation data.")] = None,
-    engine: Annotated[str, typer.Option(click_type=click.Choice(("embedded", "flower")), help="flower: score on every node's own rows (cross-site), no image moved.")] = "embedded",
-    federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
-) -> None:
-    """Score checkpoints: accuracy, sensitivity, specificity, PPV, NPV, F1, AUC with 95% CIs.
-
-    Results at the threshold each checkpoint's run chose on validation data (--threshold in
-    pretrain/federate; 0.5 by default), also at 0.5 and at the Youden-optimal threshold of
-    these data (optimistic: chosen on the data it scores); calibration (ECE, reliability
-    plot). The positive class is named.
-
-    Example: fedct evaluate runs/stage2/final runs/stage1/best --split splits/covid --on val
-    """
-    from fedct.evaluation import run_evaluate
-    from fedct.federated.flower_run import evaluate_on_flower
-
-    if engine == "flower":
-        report = evaluate_on_flower(checkpoints, federation=federation, on=on, out=out,
-                                    n_boot=bootstrap, seed=seed, threshold=threshold, tta=tta)
-    else:
-        report = run_evaluate(checkpoints, split_dir=split_dir, on=on, data=data,
-                              per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
-                              device=device, tta=tta, threshold=threshold)
-    if json_out:
-        _print_json(report)
-        return
-    print_evaluation(console, report)
-    console.print(f"wrote {report['out']}/metrics.json, roc.png, confusion.png, reliability.png")
 
 
 @app.command()
@@ -364,7 +162,7 @@ def federate(
         report = run_federate(split_dir, out, cfg, init=init, resume=resume is not None,
                               force=force, quiet=quiet or json_out, console=console)
     if json_out:
-        _print_json(report)
+        print_json(report)
     elif not quiet:
         print_federate(console, report, out)
 

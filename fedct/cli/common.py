@@ -1,0 +1,74 @@
+"""What every command shares: the Typer app, the consoles, one-line errors, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fedct import __version__
+from fedct.errors import FedctError
+
+app = typer.Typer(
+    name="fedct",
+    help="Two-stage federated transfer learning for medical image classification.\n\n"
+    "split -> pretrain (stage 1, central) -> federate (stage 2, federated, optional DP) -> evaluate",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Tables are wide; when output is not a terminal (logs, CI), do not squeeze them into 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=130)
+err_console = Console(stderr=True)
+
+
+def one_line_errors(func):
+    """Turn a FedctError into `error: ...` on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FedctError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a read-only folder, a full disk: what fedct could not write
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] {escape(where + str(exc.strerror or exc))}",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fedct {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """fedct: split, pretrain, federate, evaluate."""
+
+
+def floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise FedctError(f"{option} {text!r}: expected comma-separated numbers") from None
+
+
+def print_json(payload: dict) -> None:
+    from fedct.runs import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")

@@ -1,0 +1,100 @@
+"""Commands that make data and keys: synth, split, certs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from fedct.cli.common import app, console, err_console, floats, one_line_errors
+from fedct.data.partition import SCHEMES
+from fedct.tables import print_split_table
+
+
+@app.command()
+@one_line_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output folder (an ImageFolder plus dataset.csv).")],
+    n: Annotated[int, typer.Option(help="Number of images.")] = 400,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    difficulty: Annotated[float, typer.Option(help="0 easy .. 1 hard.")] = 0.5,
+    sites: Annotated[int, typer.Option(help="Number of simulated hospitals (the site column).")] = 4,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Write synthetic axial chest-CT slices (CT_COVID / CT_NonCOVID), 4 slices per patient.
+
+    Example: fedct synth data/synth --n 400 --seed 0
+    """
+    from fedct.data.synthetic import write_synthetic
+
+    path = write_synthetic(out, n=n, seed=seed, size=size, difficulty=difficulty, sites=sites,
+                           force=force)
+    console.print(f"wrote {n} images to {path} (groups and sites in {path / 'dataset.csv'})")
+
+
+@app.command()
+@one_line_errors
+def split(
+    dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or CSV path,label[,group][,site][,split].")],
+    out: Annotated[Path, typer.Option("--out", help="Split directory to write.")],
+    scheme: Annotated[str, typer.Option(click_type=click.Choice(SCHEMES), help="Client partition: iid, dirichlet, shards, quantity, natural.")] = "iid",
+    clients: Annotated[int | None, typer.Option(help="Number of clients (natural: one per value).")] = None,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (dirichlet: labels, quantity: sizes).")] = 0.5,
+    classes_per_client: Annotated[int, typer.Option(help="shards: classes each client holds.")] = 1,
+    by: Annotated[str, typer.Option(help="natural: column that names the client (site or group).")] = "site",
+    min_per_client: Annotated[int, typer.Option(help="Guaranteed training images per client.")] = 1,
+    local_val: Annotated[float, typer.Option(help="Share of each client's training groups kept as its local validation.")] = 0.0,
+    fractions: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
+    keep_split: Annotated[bool, typer.Option(help="Keep the dataset's own split column.")] = False,
+    group_pattern: Annotated[str | None, typer.Option(help="Regex on file names giving the patient id (first group).")] = None,
+    positive: Annotated[str | None, typer.Option(help="Name of the positive class (default: guessed, e.g. CT_COVID).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same manifest.")] = 0,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and list them.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Split a dataset into train/val/test and partition the training rows over clients.
+
+    Writes manifest.csv, split.yaml and partition.png into --out.
+
+    Example: fedct split ../shared/data/covid-ct/splits.csv --keep-split --clients 5
+    --scheme dirichlet --alpha 0.5 --seed 1 --out splits/covid-dir05
+    """
+    from fedct.data.manifest import SplitOptions, run_split
+
+    options = SplitOptions(
+        fractions=floats(fractions, "--fractions"), keep_split=keep_split,
+        clients=clients if clients is not None or scheme == "natural" else 5, scheme=scheme,
+        alpha=alpha, classes_per_client=classes_per_client, by=by, min_per_client=min_per_client,
+        local_val=local_val, seed=seed,
+    )
+    path, meta = run_split(dataset, out, options, group_pattern=group_pattern, positive=positive,
+                           skip_bad=skip_bad, force=force)
+    for problem in meta["dataset"]["skipped"]:
+        err_console.print(f"skipped: {problem}", highlight=False)
+    for warning in meta.get("warnings", []):
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+    print_split_table(console, meta)
+    console.print(f"wrote {path}/manifest.csv, split.yaml, partition.png")
+
+
+@app.command()
+@one_line_errors
+def certs(
+    out: Annotated[Path, typer.Argument(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
+    host: Annotated[list[str] | None, typer.Option(help="Host name or IP the SuperLink is reached at (repeat). \\[default: 127.0.0.1, localhost]")] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    force: Annotated[bool, typer.Option(help="Replace an existing CA (every node must then get the new ca.crt).")] = False,
+) -> None:
+    """Make a private CA and a SuperLink certificate for TLS on Flower.
+
+    Example: fedct certs certs/ --host superlink.hospital-net.example --host 10.0.0.5
+    """
+    from fedct.federated.certs import make_certificates
+
+    paths = make_certificates(out, host or ["127.0.0.1", "localhost"], days=days, force=force)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    console.print("SuperLink: --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile "
+                  "server.key; SuperNodes and flwr: trust ca.crt (keep ca.key offline)")
