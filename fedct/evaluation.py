@@ -142,10 +142,28 @@ def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -
     return {**report, "out": str(out_dir)}
 
 
+def explain_split(model, images: SplitImages, split: Split, dataset, prob: np.ndarray,
+                  folder: Path, *, cam_layer: str | None, positive: str, target: int,
+                  device) -> dict:
+    """Grad-CAM for every scored image; on synthetic data, how often it finds the lesion."""
+    from fedct.data.synthetic import read_lesions
+    from fedct.explain import BatchExplainer
+
+    explainer = BatchExplainer.for_model(model, folder=folder, layer_name=cam_layer,
+                                         positive=positive, target=target,
+                                         image_size=int(dataset[0][0].shape[-1]),
+                                         lesions=read_lesions(split.root))
+    grays = [images.images[images.index[e.row.path]][0].numpy() for e in split.entries]
+    explainer.explain(dataset, grays, [e.row.path for e in split.entries], prob, device,
+                      truths=[e.row.label for e in split.entries])
+    return explainer.finish(f"Grad-CAM for {positive}, {folder.name}")
+
+
 def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "val", data=None,
                  per_client: bool = False, out: str | Path | None = None, n_boot: int = 1000,
                  seed: int = 0, batch_size: int = 64, device: str = "auto",
-                 tta: bool = False, threshold: float | None = None) -> dict:
+                 tta: bool = False, threshold: float | None = None,
+                 explain: str | Path | None = None, cam_layer: str | None = None) -> dict:
     if not checkpoints:
         raise FedctError("give at least one checkpoint")
     chosen_threshold({}, threshold)  # a bad --threshold is refused before any inference
@@ -155,7 +173,7 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         checkpoint_paths(checkpoints[0])[0].parent / f"eval-{Path(data).stem if data else on}")
     set_threads()
     dev = pick_device(device)
-    results, curves = [], {}
+    results, curves, explained = [], {}, {}
     cache: dict[tuple, SplitImages] = {}
     groups = np.array([e.row.group for e in split.entries])
     for checkpoint in checkpoints:
@@ -188,10 +206,16 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                                     truth, prob, groups, scopes, threshold=threshold,
                                     n_boot=n_boot, seed=seed)
         curves[name] = (truth, prob)
+        if explain:
+            explained[name] = explain_split(model, cache[key], split, dataset, prob,
+                                            Path(explain) / name.replace("/", "-"),
+                                            cam_layer=cam_layer, positive=positive,
+                                            target=classes.index(positive), device=dev)
         negative = next((c for c in classes if c != positive), "negative")
         del model
     where = f"--data {data}" if data else f"{split_dir} --on {on}"
     report = {"data": where, "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
               "tta": tta,
-              "grouped_bootstrap": len(set(groups)) < len(groups), "results": results}
+              "grouped_bootstrap": len(set(groups)) < len(groups), "results": results,
+              **({"explanations": explained} if explain else {})}
     return write_evaluation(out_dir, report, curves, negative)

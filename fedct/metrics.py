@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import mannwhitneyu
+from scipy.stats import binomtest, mannwhitneyu
 from sklearn.metrics import roc_curve
 
 METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
@@ -25,6 +25,15 @@ def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float:
     u = mannwhitneyu(score[is_positive], score[~is_positive], use_continuity=False,
                      method="asymptotic").statistic
     return float(u / (n_pos * n_neg))
+
+
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion (scipy); NaN for no trials. It treats the trials
+    as independent: slices of one patient are not, so read it as a lower bound on the width."""
+    if n == 0:
+        return float("nan"), float("nan")
+    interval = binomtest(int(successes), int(n)).proportion_ci(0.95, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def _ratio(num: float, den: float) -> float:

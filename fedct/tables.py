@@ -101,3 +101,38 @@ def print_evaluation(console: Console, report: dict) -> None:
                       f"{r['calibration']['ece']:.3f}")
     console.print(table)
     console.print("thresholds: " + "; ".join(sorted(sources)), highlight=False)
+
+
+def print_predictions(console: Console, report: dict, shown: int = 20) -> None:
+    """The groups' decisions (or the images' when no group is known), then where all are."""
+    rows = report["groups"] or report["predictions"]
+    key = "group" if report["groups"] else "path"
+    table = Table(title=f"{report['images']} images, {report['positives']} called "
+                        f"{report['positive']} at {report['threshold']:.3f} "
+                        f"({report['threshold_source']})")
+    table.add_column(key)
+    if report["groups"]:
+        table.add_column("images", justify="right")
+    table.add_column(f"P({report['positive']})" + (f", {report['aggregate']}"
+                                                   if report["groups"] else ""), justify="right")
+    table.add_column("decision")
+    for row in rows[:shown]:
+        table.add_row(row[key], *([str(row["images"])] if report["groups"] else []),
+                      f"{row['probability']:.3f}", row["decision"])
+    console.print(table)
+    if len(rows) > shown:
+        console.print(f"... {len(rows) - shown} more rows", highlight=False)
+    written = [report["out"]] + ([report["groups_out"]] if report["groups_out"] else [])
+    console.print(f"wrote {', '.join(written)}", highlight=False)
+    if report.get("explanations"):
+        print_explanations(console, report["checkpoint"], report["explanations"])
+
+
+def print_explanations(console: Console, name: str, explained: dict) -> None:
+    console.print(f"{name}: wrote {explained['images']} Grad-CAM heat maps ({explained['layer']}) "
+                  f"and {explained['contact_sheet']} to {explained['folder']}", highlight=False)
+    found = explained.get("localisation")
+    if found:
+        console.print(f"  heat-map peak inside the drawn lesion: {found['peak_in_lesion']:.1%} "
+                      f"[{found['ci95'][0]:.1%}, {found['ci95'][1]:.1%}] of {found['images']} "
+                      f"positives (a random pixel: {found['chance']:.1%})", highlight=False)

@@ -8,9 +8,9 @@ from typing import Annotated
 import click
 import typer
 
-from fedct.cli.common import app, console, one_line_errors, print_json
+from fedct.cli.common import app, console, err_console, one_line_errors, print_json
 from fedct.data.partition import SPLITS
-from fedct.tables import print_evaluation
+from fedct.tables import print_evaluation, print_explanations, print_predictions
 
 
 @app.command()
@@ -29,6 +29,8 @@ def evaluate(
     threshold: Annotated[float | None, typer.Option(help="Score at this threshold instead of the one each checkpoint chose on its validation data.")] = None,
     engine: Annotated[str, typer.Option(click_type=click.Choice(("embedded", "flower")), help="flower: score on every node's own rows (cross-site), no image moved.")] = "embedded",
     federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name.")] = None,
+    explain: Annotated[Path | None, typer.Option(help="Folder for Grad-CAM heat maps of every image, a subfolder per checkpoint.")] = None,
+    cam_layer: Annotated[str | None, typer.Option(help="--explain: the module Grad-CAM reads. \\[default: the deepest feature stage at least 8 cells a side]")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Score checkpoints: accuracy, sensitivity, specificity, PPV, NPV, F1, AUC with 95% CIs.
@@ -49,9 +51,105 @@ def evaluate(
     else:
         report = run_evaluate(checkpoints, split_dir=split_dir, on=on, data=data,
                               per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
-                              device=device, tta=tta, threshold=threshold)
+                              device=device, tta=tta, threshold=threshold, explain=explain,
+                              cam_layer=cam_layer)
     if json_out:
         print_json(report)
         return
     print_evaluation(console, report)
     console.print(f"wrote {report['out']}/metrics.json, roc.png, confusion.png, reliability.png")
+    for name, explained in report.get("explanations", {}).items():
+        print_explanations(console, name, explained)
+
+
+def batch_progress(quiet: bool):
+    """A rich bar on a terminal, a plain line per 10 batches in logs; on stderr (stdout may
+    carry --json). Returns the callback and the context that shows the bar."""
+    import itertools
+    from contextlib import nullcontext
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    if quiet:
+        return None, nullcontext()
+    if err_console.is_terminal:
+        bar = Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=err_console, transient=True)
+        task = bar.add_task("predict")
+        return lambda done, total: bar.update(task, completed=done, total=total), bar
+    calls = itertools.count()
+
+    def line(done: int, total: int) -> None:
+        if next(calls) % 10 == 0 or done == total:
+            err_console.print(f"predict: {done}/{total} images", highlight=False)
+
+    return line, nullcontext()
+
+
+@app.command(name="predict")
+@one_line_errors
+def predict_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: RUN/best, RUN/final.safetensors, or a run directory.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images, folders (recursive), CSV lists with a path column, DICOM files or series folders.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV to write, a row per image (and OUT.groups.csv, a row per patient or series).")],
+    aggregate: Annotated[str, typer.Option(click_type=click.Choice(("mean", "max")), help="Per patient or series: mean (keeps the slice threshold's scale) or max (any slice positive) probability.")] = "mean",
+    group_column: Annotated[str, typer.Option(help="CSV lists: the column naming each image's patient or series.")] = "group",
+    threshold: Annotated[float | None, typer.Option(help="Decide at this threshold instead of the checkpoint's stored one.")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable inputs and list them (otherwise the first stops the run, nothing written).")] = False,
+    explain: Annotated[Path | None, typer.Option(help="Folder for Grad-CAM heat maps: a PNG per image and contact_sheet.png.")] = None,
+    cam_layer: Annotated[str | None, typer.Option(help="--explain: the module Grad-CAM reads. \\[default: the deepest feature stage at least 8 cells a side]")] = None,
+    tta: Annotated[bool, typer.Option(help="Average each image's and its mirror's probabilities.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print every prediction as JSON on stdout.")] = False,
+) -> None:
+    """Classify new, unlabelled images at the checkpoint's stored threshold.
+
+    A DICOM file gives one slice (a multi-frame file: its middle frame, as in training); a
+    folder of DICOM files is grouped by series.
+
+    Example: fedct predict runs/stage2/final scans/ --out preds.csv --explain heatmaps/
+    """
+    from fedct.predict import run_predict
+
+    callback, shown = batch_progress(quiet=False)
+    with shown:
+        report = run_predict(checkpoint, inputs, out=out, aggregate_rule=aggregate,
+                             group_column=group_column, threshold=threshold, skip_bad=skip_bad,
+                             explain=explain, cam_layer=cam_layer, tta=tta, device=device,
+                             force=force, on_batch=callback)
+    for problem in report["skipped"]:
+        err_console.print(f"skipped: {problem}", highlight=False, soft_wrap=True)
+    if json_out:
+        print_json(report)
+        return
+    print_predictions(console, report)
+
+
+@app.command(name="export")
+@one_line_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: RUN/best, RUN/final.safetensors, or a run directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Model file to write; its preprocessing and threshold go to OUT.json.")],
+    fmt: Annotated[str, typer.Option("--format", click_type=click.Choice(("onnx", "torchscript")), help="onnx (checked with onnxruntime) or torchscript (deprecated by PyTorch).")] = "onnx",
+    force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the description as JSON on stdout.")] = False,
+) -> None:
+    """Export a checkpoint for another runtime: image batch in, class probabilities out.
+
+    The export is reloaded in its runtime and must give fedct's probabilities within 1e-4 on
+    a test batch, or nothing is written.
+
+    Example: fedct export runs/stage2/final --format onnx --out model.onnx
+    """
+    from fedct.export import run_export
+
+    report = run_export(checkpoint, fmt=fmt, out=out, force=force)
+    if json_out:
+        print_json(report)
+        return
+    checked = report["checked"]
+    console.print(f"wrote {report['out']} and {report['sidecar']}: {report['classes']}, "
+                  f"threshold {report['threshold']:.3f} for {report['positive']}; "
+                  f"{checked['runtime']} matches fedct within {checked['max_abs_difference']:.1e} "
+                  f"on {checked['batch']} images", highlight=False)

@@ -37,7 +37,7 @@ def _cache_key(paths: list[Path], size: int) -> str:
     return digest.hexdigest()[:32]
 
 
-def _decode_resized(path: Path, size: int) -> np.ndarray:
+def decode_resized(path: Path, size: int) -> np.ndarray:
     image = Image.fromarray(decode_image(path))
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0))
 
@@ -53,7 +53,7 @@ def load_images(paths: list[Path], size: int, *, use_cache: bool = True) -> torc
         except (RuntimeError, OSError, EOFError):
             target.unlink(missing_ok=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        arrays = list(pool.map(lambda p: _decode_resized(p, size), paths))
+        arrays = list(pool.map(lambda p: decode_resized(p, size), paths))
     images = torch.from_numpy(np.stack(arrays)).unsqueeze(1).contiguous()
     if use_cache:
         from fedct.runs import atomic_write

@@ -77,7 +77,7 @@ def _read_image_folder(root: Path) -> Dataset:
         if made_by_fedct:
             raise FedctError(f"{class_dir}: holds {made_by_fedct[0]}, a fedct output, not a class of "
                              "images; move it out of the dataset folder")
-        files = sorted(f for f in class_dir.rglob("*") if f.is_file() and _looks_like_image(f))
+        files = sorted(f for f in class_dir.rglob("*") if f.is_file() and looks_like_image(f))
         rows.extend(Row(path=f.relative_to(root).as_posix(), label=class_dir.name) for f in files)
     if not rows:
         raise FedctError(f"{root}: no class folder with images (expected ROOT/CLASS/IMAGE)")
@@ -85,10 +85,10 @@ def _read_image_folder(root: Path) -> Dataset:
     return Dataset(root=root.resolve(), source=root.resolve(), rows=rows, classes=classes)
 
 
-def _looks_like_image(path: Path) -> bool:
+def looks_like_image(path: Path) -> bool:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
-    return path.suffix == "" and _is_dicom(path)
+    return path.suffix == "" and is_dicom(path)
 
 
 def _read_csv(source: Path) -> Dataset:
@@ -225,7 +225,7 @@ def decode_image(path: str | Path, *, window: tuple[float, float] = LUNG_WINDOW)
     path = Path(path)
     if not path.is_file():
         raise FedctError(f"{path}: image file not found")
-    if _is_dicom(path):
+    if is_dicom(path):
         return _decode_dicom(path, window)
     try:
         with Image.open(path) as image:
@@ -255,7 +255,7 @@ def _stretch(values: np.ndarray) -> np.ndarray:
     return ((values - low) * (255.0 / (high - low)) + 0.5).astype(np.uint8)
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
     try:
         with path.open("rb") as handle:
             head = handle.read(132)

@@ -3,7 +3,8 @@
 Each patient has a body outline, two lungs, a heart and a spine; vessels are bright dots in
 the lungs. Positive patients carry ground-glass-like patches; some negatives carry faint
 look-alike blobs, and sites differ in contrast and noise, so the task is learnable but not
-trivially separable. `difficulty` (0 easy .. 1 hard) scales both effects.
+trivially separable. `difficulty` (0 easy .. 1 hard) scales both effects. Where each patch
+lies is kept (`lesions.npz`), so explanations can be checked against the truth.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from fedct.errors import FedctError
 
 POSITIVE, NEGATIVE = "CT_COVID", "CT_NonCOVID"
 SLICES_PER_PATIENT = 4
+LESIONS = "lesions.npz"
+LESION_LEVEL = 0.25  # a pixel is lesion where the patches reach this share of their strength
 
 
 def _ellipse(xx, yy, cx, cy, ax, ay, angle=0.0):
@@ -42,7 +45,8 @@ def _blobs(xx, yy, rng, count, sigma_range, amplitude, centers_mask):
 
 
 def synth_slice(rng: np.random.Generator, *, size: int, positive: bool, difficulty: float,
-                anatomy: dict, site: dict) -> np.ndarray:
+                anatomy: dict, site: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """The slice's uint8 pixels and, for a positive, the boolean mask of its patches."""
     yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
     scale = anatomy["scale"] * rng.uniform(0.95, 1.05)
     image = np.zeros((size, size))
@@ -58,20 +62,23 @@ def synth_slice(rng: np.random.Generator, *, size: int, positive: bool, difficul
     image[_ellipse(xx, yy, 0, 0.52 * scale, 0.09 * scale, 0.08 * scale)] = 0.95  # spine
     image += _blobs(xx, yy, rng, int(rng.integers(15, 30)), (0.008, 0.02), 0.35, lungs) * lungs
     strength = 0.4 * (1.0 - difficulty) + 0.08
+    mask = None
     if positive:
         patches = _blobs(xx, yy, rng, int(rng.integers(1, 5)), (0.05, 0.13), strength, lungs)
         image += patches * lungs
+        mask = (patches * lungs) > LESION_LEVEL * strength
     elif rng.random() < 0.6 * difficulty:
         image += _blobs(xx, yy, rng, 1, (0.04, 0.09), 0.6 * strength, lungs) * lungs
     image = image * site["gain"] + site["offset"]
     image += rng.normal(0, site["noise"], image.shape)
     pixels = Image.fromarray(np.clip(image * 255, 0, 255).astype(np.uint8), mode="L")
-    return np.asarray(pixels.filter(ImageFilter.GaussianBlur(radius=size / 256)))
+    return np.asarray(pixels.filter(ImageFilter.GaussianBlur(radius=size / 256))), mask
 
 
 def write_synthetic(out: str | Path, *, n: int = 400, seed: int = 0, size: int = 128,
                     difficulty: float = 0.5, sites: int = 4, force: bool = False) -> Path:
-    """Write an ImageFolder (CT_COVID/, CT_NonCOVID/) plus `dataset.csv` with group and site."""
+    """Write an ImageFolder (CT_COVID/, CT_NonCOVID/), `dataset.csv` with group and site,
+    and `lesions.npz`: each positive image's lesion mask under its path."""
     out = Path(out)
     if n < 2 or size < 32 or not 0 <= difficulty <= 1 or sites < 1:
         raise FedctError("synth: need --n >= 2, --size >= 32, 0 <= --difficulty <= 1, --sites >= 1")
@@ -83,6 +90,7 @@ def write_synthetic(out: str | Path, *, n: int = 400, seed: int = 0, size: int =
     for name in (POSITIVE, NEGATIVE):
         (out / name).mkdir(parents=True, exist_ok=True)
     rows = []
+    lesions = {}
     patients = (n + SLICES_PER_PATIENT - 1) // SLICES_PER_PATIENT
     written = 0
     for patient in range(patients):
@@ -90,15 +98,27 @@ def write_synthetic(out: str | Path, *, n: int = 400, seed: int = 0, size: int =
         site = int(rng.integers(sites))
         anatomy = {"scale": rng.uniform(0.85, 1.05), "lung": rng.uniform(0.9, 1.1)}
         for s in range(min(SLICES_PER_PATIENT, n - written)):
-            pixels = synth_slice(rng, size=size, positive=positive, difficulty=difficulty,
+            pixels, mask = synth_slice(rng, size=size, positive=positive, difficulty=difficulty,
                                  anatomy=anatomy, site=site_params[site])
             label = POSITIVE if positive else NEGATIVE
             rel = f"{label}/p{patient:04d}_s{s}.png"
             Image.fromarray(pixels, mode="L").save(out / rel)
+            if mask is not None:
+                lesions[rel] = mask
             rows.append((rel, label, f"p{patient:04d}", f"site{site}"))
             written += 1
     with (out / "dataset.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "group", "site"])
         writer.writerows(rows)
+    np.savez_compressed(out / LESIONS, **lesions)
     return out
+
+
+def read_lesions(root: str | Path) -> dict[str, np.ndarray]:
+    """The lesion masks `write_synthetic` drew, by image path; empty for any other dataset."""
+    path = Path(root) / LESIONS
+    if not path.is_file():
+        return {}
+    with np.load(path) as masks:
+        return {name: masks[name] for name in masks.files}

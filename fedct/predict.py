@@ -1,0 +1,192 @@
+"""`fedct predict`: classify new, unlabelled scans with a checkpoint at its stored threshold.
+
+Images are decoded and preprocessed by the very code that trained and scores the model
+(`decode_image`, `make_transform`, `training.predict`). Per patient or series the mean
+probability is the default aggregate: it stays on the scale the slice threshold was chosen
+on and one odd slice moves it little; `max` flags a patient when any slice looks positive
+(more sensitive, and more false alarms the more slices a series has).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedct.data.loading import ImageTensorDataset, decode_resized, make_loader, make_transform
+from fedct.data.sources import is_dicom, looks_like_image
+from fedct.errors import FedctError
+from fedct.evaluation import chosen_threshold, load_model
+from fedct.metrics import positive_index
+from fedct.runs import atomic_write, checkpoint_paths
+from fedct.training import pick_device, predict, set_threads
+
+AGGREGATES = ("mean", "max")
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to classify: where it is, how the user named it, its patient or series."""
+
+    path: Path
+    name: str
+    group: str = ""
+
+
+def collect(inputs: list[Path], *, group_column: str = "group") -> list[Item]:
+    """Images, folders (searched recursively), and CSV lists with a `path` column (relative
+    to the CSV's folder) and an optional group column; a DICOM file's group is its series."""
+    items: list[Item] = []
+    for source in inputs:
+        source = Path(source)
+        if not source.exists():
+            raise FedctError(f"{source}: no such file or directory")
+        if source.is_dir():
+            files = sorted(f for f in source.rglob("*") if f.is_file() and looks_like_image(f))
+            if not files:
+                raise FedctError(f"{source}: no images in this folder")
+            items += [Item(f, str(f)) for f in files]
+        elif source.suffix.lower() == ".csv":
+            items += _read_list(source, group_column)
+        else:
+            items.append(Item(source, str(source)))
+    return [item if item.group else Item(item.path, item.name, _series(item.path))
+            for item in items]
+
+
+def _read_list(source: Path, group_column: str) -> list[Item]:
+    with source.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in columns:
+            raise FedctError(f"{source}: missing column 'path' (found: {', '.join(columns)})")
+        lines = [{k.strip(): (v or "").strip() for k, v in line.items() if k} for line in reader]
+    items = []
+    for line_no, line in enumerate(lines, start=2):
+        if not line["path"]:
+            raise FedctError(f"{source}:{line_no}: empty path")
+        items.append(Item(source.parent / line["path"], line["path"], line.get(group_column, "")))
+    if not items:
+        raise FedctError(f"{source}: no rows")
+    return items
+
+
+def _series(path: Path) -> str:
+    """A DICOM file's SeriesInstanceUID (header only), else no group."""
+    if not is_dicom(path):
+        return ""
+    try:
+        import pydicom
+
+        return str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", ""))
+    except Exception:  # an unreadable header is reported when the pixels are decoded
+        return ""
+
+
+def aggregate(rows: list[dict], *, rule: str, threshold: float, positive: str,
+              negative: str) -> list[dict]:
+    """One row per group: its images' mean (or max) probability and the decision on it."""
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        if row["group"]:
+            groups.setdefault(row["group"], []).append(row["probability"])
+    out = []
+    for group, probabilities in groups.items():
+        value = float(np.mean(probabilities) if rule == "mean" else np.max(probabilities))
+        out.append({"group": group, "images": len(probabilities), "rule": rule,
+                    "probability": value, "decision": positive if value >= threshold else negative,
+                    "threshold": threshold})
+    return out
+
+
+def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggregate_rule: str = "mean",
+                group_column: str = "group", threshold: float | None = None, skip_bad: bool = False,
+                explain: Path | None = None, cam_layer: str | None = None, tta: bool = False,
+                device: str = "auto", force: bool = False,
+                on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Predict every input image; write `out` (a row per image) and, when groups are known,
+    `out` with `.groups.csv` (a row per group). Nothing is written if an input is bad and
+    `skip_bad` is off."""
+    if aggregate_rule not in AGGREGATES:
+        raise FedctError(f"--aggregate {aggregate_rule!r}: choose from {', '.join(AGGREGATES)}")
+    chosen_threshold({}, threshold)
+    out = Path(out)
+    groups_out = out.with_suffix(".groups.csv")
+    for target in (out, groups_out):
+        if target.exists() and not force:
+            raise FedctError(f"{target}: exists (use --force to replace it)")
+    items = collect(inputs, group_column=group_column)
+    model, meta = load_model(checkpoint)
+    classes = list(meta["classes"])
+    positive = classes[positive_index(classes, meta.get("positive"))]
+    negative = next((c for c in classes if c != positive), "negative")
+    cut, source = chosen_threshold(meta, threshold)
+    size = int(meta["input_size"][-1])
+    transform = make_transform(data_cfg={k: meta[k] for k in ("input_size", "mean", "std")},
+                               train=False, config=None)
+    set_threads()
+    dev = pick_device(device)
+    model.to(dev)
+    explainer = _explainer(model, explain, cam_layer, positive, classes.index(positive), size)
+    rows, skipped = [], []
+    for start in range(0, len(items), BATCH):
+        batch, pixels = [], []
+        for item in items[start:start + BATCH]:
+            try:
+                pixels.append(decode_resized(item.path, size))
+                batch.append(item)
+            except FedctError as exc:
+                if not skip_bad:
+                    raise FedctError(f"{exc} (--skip-bad skips bad inputs and lists them)") from None
+                skipped.append(str(exc))
+        if batch:
+            images = torch.from_numpy(np.stack(pixels)).unsqueeze(1)
+            dataset = ImageTensorDataset(images, [0] * len(batch), transform)
+            probs, _ = predict(model, make_loader(dataset, batch_size=BATCH, train=False, seed=0),
+                               device=dev, channels_last=False, tta=tta)
+            column = probs[:, classes.index(positive)]
+            rows += [{"path": item.name, "group": item.group, "probability": float(p),
+                      "decision": positive if p >= cut else negative, "threshold": cut}
+                     for item, p in zip(batch, column, strict=True)]
+            if explainer:
+                explainer.explain(dataset, pixels, [i.name for i in batch], column, dev)
+        if on_batch:
+            on_batch(min(start + BATCH, len(items)), len(items))
+    grouped = aggregate(rows, rule=aggregate_rule, threshold=cut, positive=positive,
+                        negative=negative)
+    atomic_write(out, lambda p: p.write_text(_csv(rows)))
+    if grouped:
+        atomic_write(groups_out, lambda p: p.write_text(_csv(grouped)))
+    report = {"checkpoint": str(checkpoint_paths(checkpoint)[0]), "positive": positive,
+              "threshold": cut, "threshold_source": source, "images": len(rows),
+              "positives": sum(r["decision"] == positive for r in rows), "skipped": skipped,
+              "out": str(out), "groups_out": str(groups_out) if grouped else None,
+              "aggregate": aggregate_rule, "predictions": rows, "groups": grouped}
+    if explainer:
+        report["explanations"] = explainer.finish(f"Grad-CAM for {positive}, "
+                                                  f"{checkpoint_paths(checkpoint)[0].name}")
+    return report
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["path"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _explainer(model, folder: Path | None, layer_name: str | None, positive: str, target: int,
+               image_size: int):
+    if folder is None:
+        return None
+    from fedct.explain import BatchExplainer
+
+    return BatchExplainer.for_model(model, folder=Path(folder), layer_name=layer_name,
+                                    positive=positive, target=target, image_size=image_size)
