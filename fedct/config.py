@@ -50,6 +50,7 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast, only on CUDA
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
+    tensorboard: bool = False  # also write TensorBoard event files (summary.csv and curves.png always)
 
 
 @dataclass

@@ -159,6 +159,18 @@ def explain_split(model, images: SplitImages, split: Split, dataset, prob: np.nd
     return explainer.finish(f"Grad-CAM for {positive}, {folder.name}")
 
 
+def record_in_run(result: dict, *, data: str, grouped: bool) -> None:
+    """Add a pooled result to its run's evaluations and model card (when the checkpoint lies
+    in a fedct run directory)."""
+    from fedct.model_card import record_evaluation
+
+    run_dir = Path(result["path"]).parent
+    if (run_dir / "config.yaml").is_file() and (run_dir / "report.json").is_file():
+        record_evaluation(run_dir, {"checkpoint": result["checkpoint"], "data": data,
+                                    "n": result["n"], "patient_bootstrap": grouped,
+                                    "chosen": result["chosen"]})
+
+
 def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "val", data=None,
                  per_client: bool = False, out: str | Path | None = None, n_boot: int = 1000,
                  seed: int = 0, batch_size: int = 64, device: str = "auto",
@@ -214,6 +226,9 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         negative = next((c for c in classes if c != positive), "negative")
         del model
     where = f"--data {data}" if data else f"{split_dir} --on {on}"
+    for result in results:
+        if result["data"] == "all":
+            record_in_run(result, data=where, grouped=len(set(groups)) < len(groups))
     report = {"data": where, "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
               "tta": tta,
               "grouped_bootstrap": len(set(groups)) < len(groups), "results": results,

@@ -8,6 +8,7 @@ runtime that reads it needs nothing of fedct.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 import warnings
@@ -108,6 +109,10 @@ def run_export(checkpoint: str | Path, *, fmt: str, out: str | Path, force: bool
     only then put the model and its JSON in place."""
     if fmt not in FORMATS:
         raise FedctError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    needed = ("onnx", "onnxscript", "onnxruntime") if fmt == "onnx" else ()
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FedctError(f"--format onnx needs {', '.join(missing)}: pip install 'fedct[export]'")
     out = Path(out)
     sidecar = out.with_name(out.name + ".json")
     for target in (out, sidecar):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -38,8 +39,8 @@ from fedct.runs import (
     save_resume,
     truncate_csv,
     write_config,
-    write_report,
 )
+from fedct.tracking import TensorBoardLog, finish_run
 from fedct.training import (
     cosine_with_warmup,
     make_loss,
@@ -126,6 +127,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
     scored = ema.module if ema else model  # the weights that are validated and checkpointed
     tracker = CheckpointTracker(out, config.monitor)
+    board = TensorBoardLog(out, enabled=config.tensorboard)
     state = {"epoch": 0, "bad_epochs": 0}
     inputs = {"split": str(Path(split_dir).resolve()), "split_digest": split_digest(split)}
     if resume:
@@ -145,6 +147,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
     else:
         write_config(out, to_dict(config), command="pretrain",
                      extra={**inputs, "train_images": len(train_rows), "val_images": len(val_rows),
+                            "train_classes": dict(Counter(e.row.label for e in train_rows)),
                             "trainable_parameters": trainable, "device": str(device)})
     history = []
     train_seconds = 0.0
@@ -188,6 +191,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
                    "thr_specificity": point["specificity"],
                    "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(seconds, 2)}
             append_summary(out, row)
+            board.log(epoch, row)
             history.append(row)
             progress.console.print(
                 f"epoch {epoch}/{config.epochs}: train loss {result['loss']:.3f}, val acc "
@@ -221,5 +225,5 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
         "train_images_per_second": round(train_examples / train_seconds, 2) if train_seconds else None,
         "device": str(device),
     }
-    write_report(out, report)
+    finish_run(out, report, board)
     return report

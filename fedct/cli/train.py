@@ -34,6 +34,7 @@ def pretrain(
     clients: Annotated[str | None, typer.Option(help="Pretrain on these clients' rows only, e.g. 0,2.")] = None,
     rows: Annotated[str | None, typer.Option(help="Pretrain on rows whose site, split or client equals this.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard event files to RUN/tensorboard (curves.png and MODEL_CARD.md are always written).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -42,7 +43,7 @@ def pretrain(
     """Stage 1: adapt a pretrained timm backbone centrally on the split's training rows.
 
     Writes config.yaml, summary.csv (one row per epoch), best/last.safetensors (+ .json),
-    report.json.
+    report.json, curves.png, MODEL_CARD.md.
 
     Example: fedct pretrain splits/covid --out runs/stage1 --pretrained
     ../shared/weights/tf_efficientnet_lite0_in1k.safetensors --epochs 10
@@ -53,7 +54,7 @@ def pretrain(
     overrides = {"model": model, "pretrained": pretrained, "epochs": epochs,
                  "batch_size": batch_size, "lr": lr, "image_size": image_size, "freeze": freeze,
                  "seed": seed, "threshold": threshold, "clients": clients, "rows": rows,
-                 "device": device}
+                 "device": device, "tensorboard": tensorboard}
     cfg, _ = resolve_config(PretrainConfig, path=config, overrides=overrides, resume_dir=resume)
     out = resume or out
     if out is None:
@@ -109,6 +110,7 @@ def federate(
     certs: Annotated[Path | None, typer.Option(help="flower --dry-run: folder from `fedct certs` (TLS commands).")] = None,
     clients: Annotated[int | None, typer.Option(help="flower without a split: how many clients (default: the nodes that answer).")] = None,
     round_timeout: Annotated[float, typer.Option(help="flower: seconds to wait for a round's replies.")] = ROUND_TIMEOUT_SECONDS,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard event files to RUN/tensorboard (curves.png and MODEL_CARD.md are always written).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -117,7 +119,7 @@ def federate(
     """Stage 2: fine-tune a model by federated rounds over the split's clients.
 
     Writes config.yaml, summary.csv (one row per round), privacy.csv (with --dp),
-    round/best/last/final checkpoints, report.json.
+    round/best/last/final checkpoints, report.json, curves.png, MODEL_CARD.md.
 
     Example: fedct federate splits/covid --init runs/stage1/best --out runs/stage2
     --rounds 10 --strategy fedavg
@@ -140,7 +142,7 @@ def federate(
                  "monitor": monitor, "threshold": threshold,
                  "target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm,
                  "noise_multiplier": noise_multiplier, "dp_train": dp_train,
-                 "feature_views": feature_views, "device": device}
+                 "feature_views": feature_views, "device": device, "tensorboard": tensorboard}
     cfg, saved = resolve_config(FederateConfig, path=config, overrides=overrides, resume_dir=resume)
     if saved is not None:
         init, out = saved["init"], resume

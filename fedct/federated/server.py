@@ -54,8 +54,8 @@ from fedct.runs import (
     save_resume,
     truncate_csv,
     write_config,
-    write_report,
 )
+from fedct.tracking import TensorBoardLog, finish_run
 from fedct.training import mean_loss, predict
 
 PRIVACY_CSV = "privacy.csv"
@@ -81,6 +81,7 @@ class RoundServer:
     epsilon: dict[int, float] = field(default_factory=dict)
     round: int = 0  # the last round recorded
     tracker: CheckpointTracker = field(init=False)
+    board: TensorBoardLog = field(init=False)
     meta: dict = field(init=False)  # the checkpoints' sidecar, less round and metrics
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class RoundServer:
         self.tracker = CheckpointTracker(self.out, config.monitor,
                                          keep_last=max(1, config.keep_last), prefix="round")
         self.meta = self.setup.checkpoint_meta(engine=self.engine)
+        self.board = TensorBoardLog(self.out, enabled=config.tensorboard)
 
     def resume(self) -> tuple[Weights, dict]:
         """The committed round's global weights and the engine's saved state."""
@@ -193,6 +195,7 @@ class RoundServer:
                "max_epsilon": self.max_epsilon(),
                "seconds": round(time.perf_counter() - started, 2)}
         append_summary(self.out, row)
+        self.board.log(round_number, row, self.epsilon if config.dp else None)
         append_rows(self.out / CLIENTS_CSV, CLIENT_FIELDS,
                     client_rows(round_number, evaluations, counts))
         if config.dp:
@@ -236,7 +239,7 @@ class RoundServer:
                   "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())}
                   if config.dp else None,
                   "max_epsilon": self.max_epsilon() if config.dp else None}
-        write_report(self.out, report)
+        finish_run(self.out, report, self.board)
         return report
 
     def max_epsilon(self) -> float:
