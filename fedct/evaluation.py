@@ -129,9 +129,12 @@ def score_checkpoint(name: str, path: str, meta: dict, positive: str, truth: np.
 
 def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -> dict:
     """metrics.json and the ROC, confusion (at each checkpoint's threshold) and reliability
-    plots of the pooled rows; returns the report with `out`."""
+    plots of the pooled rows; each pooled result also goes into its run's model card.
+    Returns the report with `out`."""
     pooled = [r for r in report["results"] if r["data"] == "all"]
     positive = report["results"][0]["positive"]
+    cards = [record_in_run(r, data=report["data"], grouped=report["grouped_bootstrap"])
+             for r in pooled]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
     plot_roc(curves, out_dir / "roc.png", f"ROC on {report['data']}")
@@ -139,7 +142,7 @@ def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -
                     for r in pooled}, out_dir / "confusion.png", positive, negative)
     plot_reliability({r["checkpoint"]: r["calibration"] for r in pooled},
                      out_dir / "reliability.png", positive)
-    return {**report, "out": str(out_dir)}
+    return {**report, "out": str(out_dir), "model_cards": [c for c in cards if c]}
 
 
 def explain_split(model, images: SplitImages, split: Split, dataset, prob: np.ndarray,
@@ -159,16 +162,21 @@ def explain_split(model, images: SplitImages, split: Split, dataset, prob: np.nd
     return explainer.finish(f"Grad-CAM for {positive}, {folder.name}")
 
 
-def record_in_run(result: dict, *, data: str, grouped: bool) -> None:
-    """Add a pooled result to its run's evaluations and model card (when the checkpoint lies
-    in a fedct run directory)."""
+def record_in_run(result: dict, *, data: str, grouped: bool) -> str | None:
+    """Add a pooled result to its run's evaluations and model card, when the checkpoint lies
+    in a fedct run directory that can be written (a read-only one keeps its card as it is);
+    returns the card's path."""
     from fedct.model_card import record_evaluation
 
     run_dir = Path(result["path"]).parent
-    if (run_dir / "config.yaml").is_file() and (run_dir / "report.json").is_file():
-        record_evaluation(run_dir, {"checkpoint": result["checkpoint"], "data": data,
-                                    "n": result["n"], "patient_bootstrap": grouped,
-                                    "chosen": result["chosen"]})
+    if not ((run_dir / "config.yaml").is_file() and (run_dir / "report.json").is_file()):
+        return None
+    try:
+        return str(record_evaluation(run_dir, {"checkpoint": result["checkpoint"], "data": data,
+                                               "n": result["n"], "patient_bootstrap": grouped,
+                                               "chosen": result["chosen"]}))
+    except OSError:
+        return None
 
 
 def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "val", data=None,
@@ -226,9 +234,6 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         negative = next((c for c in classes if c != positive), "negative")
         del model
     where = f"--data {data}" if data else f"{split_dir} --on {on}"
-    for result in results:
-        if result["data"] == "all":
-            record_in_run(result, data=where, grouped=len(set(groups)) < len(groups))
     report = {"data": where, "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
               "tta": tta,
               "grouped_bootstrap": len(set(groups)) < len(groups), "results": results,

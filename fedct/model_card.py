@@ -212,7 +212,7 @@ def write_model_card(out: str | Path) -> Path:
     return target
 
 
-def record_evaluation(run_dir: Path, result: dict) -> None:
+def record_evaluation(run_dir: Path, result: dict) -> Path:
     """Keep an evaluation of one of this run's checkpoints (the newest per checkpoint and
     data), then rewrite the card."""
     path = run_dir / EVALUATIONS
@@ -220,4 +220,4 @@ def record_evaluation(run_dir: Path, result: dict) -> None:
                if (r["checkpoint"], r["data"]) != (result["checkpoint"], result["data"])]
     records.append(json_safe(result))
     atomic_write(path, lambda p: p.write_text(json.dumps(records, indent=2)))
-    write_model_card(run_dir)
+    return write_model_card(run_dir)

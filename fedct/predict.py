@@ -125,7 +125,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     model, meta = load_model(checkpoint)
     classes = list(meta["classes"])
     positive = classes[positive_index(classes, meta.get("positive"))]
-    negative = next((c for c in classes if c != positive), "negative")
+    negative = next(c for c in classes if c != positive) if len(classes) == 2 else f"not {positive}"
     cut, source = chosen_threshold(meta, threshold)
     size = int(meta["input_size"][-1])
     transform = make_transform(data_cfg={k: meta[k] for k in ("input_size", "mean", "std")},
@@ -163,6 +163,8 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     atomic_write(out, lambda p: p.write_text(_csv(rows)))
     if grouped:
         atomic_write(groups_out, lambda p: p.write_text(_csv(grouped)))
+    else:
+        groups_out.unlink(missing_ok=True)  # a replaced run's groups would no longer match
     report = {"checkpoint": str(checkpoint_paths(checkpoint)[0]), "positive": positive,
               "threshold": cut, "threshold_source": source, "images": len(rows),
               "positives": sum(r["decision"] == positive for r in rows), "skipped": skipped,

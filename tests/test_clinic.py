@@ -251,6 +251,7 @@ def test_federate_tracks_epsilon_per_client_and_writes_curves_and_card(split_dir
         summary = list(csv.DictReader(handle))
     assert [e.value for e in events.Scalars("val/auc")] == pytest.approx(
         [float(r["val_auc"]) for r in summary], rel=1e-5)
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([TINY["lr"]] * 2)
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Privacy" in card and f"| 0 | {report['epsilon']['0']:.3f} |" in card

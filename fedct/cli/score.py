@@ -58,6 +58,8 @@ def evaluate(
         return
     print_evaluation(console, report)
     console.print(f"wrote {report['out']}/metrics.json, roc.png, confusion.png, reliability.png")
+    for card in report["model_cards"]:
+        console.print(f"updated {card}", highlight=False)
     for name, explained in report.get("explanations", {}).items():
         print_explanations(console, name, explained)
 

@@ -27,7 +27,7 @@ from fedct.data.loading import make_loader
 from fedct.data.manifest import split_digest
 from fedct.errors import FedctError
 from fedct.federated import scaffold
-from fedct.federated.client import norm_keys
+from fedct.federated.client import norm_keys, round_lr
 from fedct.federated.protocol import ClientReply, Evaluation, Status, Weights
 from fedct.federated.setup import RunSetup
 from fedct.federated.strategies import RunningAverage, apply_strategy, check_update
@@ -192,7 +192,7 @@ class RoundServer:
                "fed_auc_bin_error": float("nan") if counts else federated.histogram.tie_bound(),
                "threshold": point["threshold"], "thr_acc": point["acc"],
                "thr_sensitivity": point["sensitivity"], "thr_specificity": point["specificity"],
-               "max_epsilon": self.max_epsilon(),
+               "max_epsilon": self.max_epsilon(), "lr": round_lr(config, round_number),
                "seconds": round(time.perf_counter() - started, 2)}
         append_summary(self.out, row)
         self.board.log(round_number, row, self.epsilon if config.dp else None)
