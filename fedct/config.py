@@ -109,6 +109,12 @@ class FederateConfig(TrainConfig):
     physical_batch_size: int = 32
     grad_sample_mode: str = "functorch"  # hooks | functorch
     accountant: str = "rdp"
+    # Flower only: SecAgg+ (the coordinator sees only the sum of the round's updates)
+    secure_aggregation: bool = False
+    secagg_shares: int = 0  # key shares per node; 0: one for every node of the round
+    secagg_threshold: float = 0.5  # shares to rebuild a key: a share of them (<= 1) or a count
+    secagg_clip: float = 8.0  # each example-weighted update value is clipped to +-this
+    secagg_max_weight: int = 1000  # the most examples a node may weigh in with
 
 
 THRESHOLD_RULES = "0.5 (or any number in (0, 1)), youden, eer, sens:X or spec:X"
@@ -292,6 +298,7 @@ def validate(config) -> None:
                              "statistics stay frozen); set freeze_bn false")
         if config.feature_views < 1:
             raise FedctError(f"feature_views {config.feature_views}: must be >= 1")
+        _check_secure(config)
         if config.strategy == "scaffold" and not config.server_lr > 0:
             raise FedctError(f"server_lr {config.server_lr}: must be > 0")
     if isinstance(config, PretrainConfig):
@@ -299,6 +306,23 @@ def validate(config) -> None:
             raise FedctError(f"epochs {config.epochs}: must be >= 1")
         if not 0 <= config.ema_decay < 1:
             raise FedctError(f"ema_decay {config.ema_decay}: must be in [0, 1)")
+
+
+def _check_secure(config) -> None:
+    if config.secagg_shares != 0 and config.secagg_shares < 3:
+        raise FedctError(f"secagg_shares {config.secagg_shares}: 0 (every node of the round) "
+                         "or at least 3")
+    threshold = config.secagg_threshold
+    if not (0 < threshold <= 1 or (threshold >= 2 and threshold == int(threshold))):
+        raise FedctError(f"secagg_threshold {threshold}: a share of the shares in (0, 1], or a "
+                         "whole count >= 2")
+    if config.secagg_shares and threshold >= config.secagg_shares:
+        raise FedctError(f"secagg_threshold {threshold}: must be below secagg_shares "
+                         f"{config.secagg_shares}")
+    if not (config.secagg_clip > 0 and math.isfinite(config.secagg_clip)):
+        raise FedctError(f"secagg_clip {config.secagg_clip}: must be a number > 0")
+    if config.secagg_max_weight < 1:
+        raise FedctError(f"secagg_max_weight {config.secagg_max_weight}: must be >= 1")
 
 
 def batch_for(n_examples: int, batch_size: int | str) -> int:

@@ -108,6 +108,10 @@ def federate(
     federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name in $FLWR_HOME/config.toml.")] = None,
     dry_run: Annotated[bool, typer.Option(help="flower: print the SuperLink, SuperNode and submit commands, run nothing.")] = False,
     certs: Annotated[Path | None, typer.Option(help="flower --dry-run: folder from `fedct certs` (TLS commands).")] = None,
+    secure_aggregation: Annotated[bool | None, typer.Option("--secure-aggregation/--no-secure-aggregation", help="flower: SecAgg+, the coordinator sees only the sum of each round's updates.")] = None,
+    secagg_shares: Annotated[int | None, typer.Option(help="SecAgg+: key shares per node; 0 = one for every node of the round. \\[default: 0]")] = None,
+    secagg_threshold: Annotated[float | None, typer.Option(help="SecAgg+: shares that rebuild a key, a share of them (<= 1) or a count. \\[default: 0.5]")] = None,
+    secagg_clip: Annotated[float | None, typer.Option(help="SecAgg+: each example-weighted update value is clipped to +-this. \\[default: 8]")] = None,
     clients: Annotated[int | None, typer.Option(help="flower without a split: how many clients (default: the nodes that answer).")] = None,
     round_timeout: Annotated[float, typer.Option(help="flower: seconds to wait for a round's replies.")] = ROUND_TIMEOUT_SECONDS,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard event files to RUN/tensorboard (curves.png and MODEL_CARD.md are always written).")] = None,
@@ -142,7 +146,9 @@ def federate(
                  "monitor": monitor, "threshold": threshold,
                  "target_epsilon": target_epsilon, "delta": delta, "max_grad_norm": max_grad_norm,
                  "noise_multiplier": noise_multiplier, "dp_train": dp_train,
-                 "feature_views": feature_views, "device": device, "tensorboard": tensorboard}
+                 "feature_views": feature_views, "device": device, "tensorboard": tensorboard,
+                 "secure_aggregation": secure_aggregation, "secagg_shares": secagg_shares,
+                 "secagg_threshold": secagg_threshold, "secagg_clip": secagg_clip}
     cfg, saved = resolve_config(FederateConfig, path=config, overrides=overrides, resume_dir=resume)
     if saved is not None:
         init, out = saved["init"], resume

@@ -21,10 +21,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedct.federated import protocol
+from fedct.federated import protocol, secure
 from fedct.federated.protocol import ClientReply, Evaluation, Hello, Status, Weights
+from fedct.federated.secure import secure_aggregation_mod
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[secure_aggregation_mod])
 server_app = ServerApp()
 
 
@@ -44,6 +45,11 @@ def train(msg: Message, context: Context) -> Message:
 
     set_threads()
     config, _ = protocol.split_run_config(dict(context.run_config))
+    if secure.is_secure_train(msg.content):  # the SecAgg+ mod masks what this returns
+        weights, spec, control = secure.decode_train(msg.content)
+        reply = node_round(dict(context.node_config), context.run_id, config, weights, spec,
+                           control=control)
+        return Message(secure.encode_reply(reply, weights, control, config), reply_to=msg)
     weights, spec, control = protocol.decode_train(msg.content)
     reply = node_round(dict(context.node_config), context.run_id, config, weights, spec,
                        control=control)
@@ -154,8 +160,12 @@ def main(grid: Grid, context: Context) -> None:
     console.print(f"fedct on Flower: {len(node_of)} nodes answered (clients {sorted(node_of)})")
     num_clients = extras.num_clients or len(node_of)
     schedule = sample_schedule(num_clients, config)
-    train_round = partial(train_on_nodes, grid, node_of, setup, schedule,
-                          planned_rounds(schedule, num_clients), extras.round_timeout)
+    if config.secure_aggregation:
+        train_round = partial(secure.train_on_nodes, grid, context, node_of, setup, schedule,
+                              planned_rounds(schedule, num_clients), extras.round_timeout)
+    else:
+        train_round = partial(train_on_nodes, grid, node_of, setup, schedule,
+                              planned_rounds(schedule, num_clients), extras.round_timeout)
     plan = eval_schedule(num_clients, config)
     run_rounds(setup, Path(extras.out), num_clients=num_clients, schedule=schedule,
                train_round=train_round, engine="flower", device=device,

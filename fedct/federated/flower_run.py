@@ -160,12 +160,19 @@ def dry_run_lines(split_dir: Path | None, out: Path, config, *, init: str,
     import yaml
 
     from fedct.config import to_dict
-    from fedct.federated.setup import resolve_input_size
+    from fedct.federated.setup import resolve_input_size, sample_schedule
 
     _, num_clients = _federation(split_dir, federation, clients)
     config, _ = resolve_input_size(config, init)
-    lines = role_commands(split_dir=split_dir, clients=num_clients or 2, federation=federation,
-                          certs=certs)
+    if config.secure_aggregation and num_clients:
+        sample_schedule(num_clients, config)  # refuses fewer than 3 clients a round
+    example_clients = 3 if config.secure_aggregation else 2
+    lines = role_commands(split_dir=split_dir, clients=num_clients or example_clients,
+                          federation=federation, certs=certs)
+    if config.secure_aggregation:
+        lines += ["# secure aggregation (SecAgg+): every node masks its update; the coordinator "
+                  "only ever holds the round's sum. Nothing to add on the nodes: the ClientApp "
+                  "carries Flower's SecAgg+ mod"]
     config_file = f"{Path(out).name or 'run'}-federate.yaml"
     options = yaml.safe_dump(to_dict(config), sort_keys=False).rstrip().splitlines()
     return lines + [

@@ -83,6 +83,7 @@ class ClientReply:
     steps: int = 0
     noise: float | None = None
     detail: str = ""
+    summed_securely: bool = False  # its update went into the round's secure sum, never alone
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def split_run_config(run_config: dict):
     config = build_config(FederateConfig, None,
                           {k: v for k, v in run_config.items() if k not in EXTRA_KEYS},
                           source="Flower run config")
-    extras = _from_values(RunExtras, {k: v for k, v in run_config.items() if k in EXTRA_KEYS})
+    extras = from_values(RunExtras, {k: v for k, v in run_config.items() if k in EXTRA_KEYS})
     return config, extras
 
 
@@ -142,14 +143,14 @@ def run_config_values(config, extras: RunExtras) -> dict:
     """The run config for `config` and `extras`, kebab-case, None values left out."""
     values = {kebab(f.name): getattr(config, f.name) for f in dataclasses.fields(config)
               if getattr(config, f.name) is not None}
-    values.update(_to_values(extras))
+    values.update(to_values(extras))
     return values
 
 
 # ------------------------------------------------------------------ dataclass <-> flat values
 
 
-def _to_values(obj) -> dict:
+def to_values(obj) -> dict:
     """A flat dataclass as record values: kebab-case keys, enums as their value, tuples as
     lists, None and empty tuples left out (their defaults come back)."""
     values = {}
@@ -165,8 +166,8 @@ def _to_values(obj) -> dict:
     return values
 
 
-def _from_values(cls, values, **given):
-    """The inverse of `_to_values`, coercing each value to its field's type."""
+def from_values(cls, values, **given):
+    """The inverse of `to_values`, coercing each value to its field's type."""
     hints = typing.get_type_hints(cls)
     kwargs = dict(given)
     for f in dataclasses.fields(cls):
@@ -190,11 +191,11 @@ def _from_values(cls, values, **given):
 def encode_hello(hello: Hello):
     from flwr.app import ConfigRecord, RecordDict
 
-    return RecordDict({"hello": ConfigRecord(_to_values(hello))})
+    return RecordDict({"hello": ConfigRecord(to_values(hello))})
 
 
 def decode_hello(content) -> Hello:
-    return _from_values(Hello, dict(content["hello"]))
+    return from_values(Hello, dict(content["hello"]))
 
 
 def encode_train(weights: Weights, spec: RoundSpec, control: Weights | None = None):
@@ -203,7 +204,7 @@ def encode_train(weights: Weights, spec: RoundSpec, control: Weights | None = No
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     content = {"arrays": ArrayRecord.from_torch_state_dict(weights),
-               "spec": ConfigRecord(_to_values(spec))}
+               "spec": ConfigRecord(to_values(spec))}
     if control:
         content["control"] = ArrayRecord.from_torch_state_dict(control)
     return RecordDict(content)
@@ -212,14 +213,14 @@ def encode_train(weights: Weights, spec: RoundSpec, control: Weights | None = No
 def decode_train(content) -> tuple[Weights, RoundSpec, Weights]:
     control = content["control"].to_torch_state_dict() if "control" in content else {}
     return (content["arrays"].to_torch_state_dict(),
-            _from_values(RoundSpec, dict(content["spec"])), control)
+            from_values(RoundSpec, dict(content["spec"])), control)
 
 
 def encode_reply(reply: ClientReply):
     """Node -> server: the reply, with the update's weights and metrics when it trained."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    content = {"reply": ConfigRecord(_to_values(reply))}
+    content = {"reply": ConfigRecord(to_values(reply))}
     if reply.update is not None:
         content["arrays"] = ArrayRecord.from_torch_state_dict(reply.update.weights)
         if reply.update.control:
@@ -238,14 +239,14 @@ def decode_reply(content) -> ClientReply:
                         metrics={k: float(v) for k, v in values.items()},
                         control=(content["control"].to_torch_state_dict()
                                  if "control" in content else {}))
-    return _from_values(ClientReply, dict(content["reply"]), update=update)
+    return from_values(ClientReply, dict(content["reply"]), update=update)
 
 
 def encode_evaluation(evaluation: Evaluation):
     from flwr.app import ConfigRecord, RecordDict
 
-    return RecordDict({"evaluation": ConfigRecord(_to_values(evaluation))})
+    return RecordDict({"evaluation": ConfigRecord(to_values(evaluation))})
 
 
 def decode_evaluation(content) -> Evaluation:
-    return _from_values(Evaluation, dict(content["evaluation"]))
+    return from_values(Evaluation, dict(content["evaluation"]))

@@ -65,7 +65,8 @@ PRIVACY_FIELDS = ["round", "client", "epsilon", "steps", "noise_multiplier", "st
 
 # A round's replies to (round, global weights, the server's SCAFFOLD control or {}), yielded
 # as they come (in client order, for bit-identical sums on both engines), so the server adds
-# each update to a running average and drops it.
+# each update to a running average and drops it. A secure round (Flower, SecAgg+) yields
+# replies without weights and returns the `SecureSum` of their updates instead.
 TrainRound = Callable[[int, Weights, Weights], Iterable[ClientReply]]
 
 
@@ -110,7 +111,7 @@ class RoundServer:
                running: RunningAverage) -> ClientReply:
         """Check one reply as it arrives and add its update to the round's running average;
         returns the reply without the weights (a failed check marks it rejected)."""
-        if reply.status is Status.TRAINED:
+        if reply.status is Status.TRAINED and not reply.summed_securely:
             problem = ("no update" if reply.update is None
                        else check_update(reply.update, global_weights, self.control()))
             if problem:
@@ -119,7 +120,8 @@ class RoundServer:
             self.view.message(f"round {round_number}: client {reply.client_id} "
                               f"{reply.status.value}: {reply.detail}")
             return reply
-        running.add(reply.update)
+        if not reply.summed_securely:  # a secure round's updates reach the server as a sum
+            running.add(reply.update)
         if reply.epsilon is not None:
             self.epsilon[reply.client_id] = reply.epsilon
         return dataclasses.replace(reply, update=dataclasses.replace(reply.update, weights={},
@@ -301,9 +303,18 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
             view.start_round(round_number, schedule[round_number - 1])
             running = RunningAverage(weights)
             replies = []
-            for reply in train_round(round_number, weights, server.control()):
+            arriving = iter(train_round(round_number, weights, server.control()))
+            while True:
+                try:
+                    reply = next(arriving)
+                except StopIteration as stop:  # a secure round returns the sum of its updates
+                    secure_sum = stop.value
+                    break
                 replies.append(server.accept(round_number, weights, reply, running))
                 view.client_finished(replies[-1])
+            if secure_sum is not None:
+                running.add_mean(secure_sum.weights, secure_sum.control,
+                                 examples=secure_sum.examples, count=secure_sum.count)
             weights = server.finish_round(round_number, weights, replies, running, started=started,
                                           evaluate_round=evaluate_round,
                                           asked=(eval_plan or [[]] * config.rounds)[round_number - 1],

@@ -87,6 +87,9 @@ def sample_schedule(num_clients: int, config: FederateConfig) -> list[list[int]]
     per_round = config.clients_per_round or max(1, round(config.fraction * num_clients))
     if per_round > num_clients:
         raise FedctError(f"clients_per_round {per_round}: the federation has {num_clients} clients")
+    if config.secure_aggregation and per_round < 3:
+        raise FedctError(f"secure_aggregation with {per_round} clients a round: needs at least "
+                         "3 (with two, each learns the other's update from the sum)")
     if per_round < config.min_clients:
         raise FedctError(f"{per_round} clients per round is below min_clients {config.min_clients}")
     rng = np.random.default_rng([config.seed, 7919])

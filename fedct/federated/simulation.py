@@ -41,6 +41,9 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
                  stop_after: int | None = None) -> dict:
     """Run (or resume) federated rounds; `stop_after` ends early after that round (for tests)."""
     console = Console(quiet=True) if quiet else (console or Console())
+    if config.secure_aggregation:
+        raise FedctError("secure_aggregation needs --engine flower: in one process the server "
+                         "holds every update anyway")
     config, note = resolve_input_size(config, init)
     if note:
         console.print(f"note: {note}", highlight=False)

@@ -78,6 +78,15 @@ class RunningAverage:
         self.examples += update.examples
         self.count += 1
 
+    def add_mean(self, weights: Weights, control: Weights, *, examples: int, count: int) -> None:
+        """Take a secure round's example-weighted mean in place of its updates, which the
+        server never sees one by one."""
+        for key, ref in self.reference.items():
+            self.sums[key] = (weights[key].to(torch.float64) * examples if ref.is_floating_point()
+                              else weights[key].clone())
+        self.control_sum = {k: v.to(torch.float64) * examples for k, v in control.items()}
+        self.examples, self.count = examples, count
+
     def result(self) -> Weights | None:
         if not self.count:
             return None

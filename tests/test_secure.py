@@ -1,0 +1,167 @@
+"""Secure aggregation: Flower's SecAgg+ around fedct's client and server steps.
+
+In process, a grid that hands each message to the real ClientApp (its SecAgg+ mod included)
+shows what reaches the coordinator: no update in the clear, only the mean, and that mean
+equal to the plain mean within the quantisation bound. On loopback, three SuperNodes.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+from fedct.config import FederateConfig, build_config
+from fedct.data.manifest import SplitOptions, run_split
+from fedct.errors import FedctError
+from fedct.federated import secure
+from fedct.federated.node import node_round
+from fedct.federated.setup import planned_rounds, prepare_setup, sample_schedule
+from fedct.federated.strategies import RunningAverage
+
+pytest.importorskip("flwr")
+CLIENTS = 3
+
+
+@pytest.fixture(scope="module")
+def split_dir(synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ssplit") / "split"
+    run_split(synth_dir / "dataset.csv", out, SplitOptions(scheme="iid", clients=CLIENTS, seed=0))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """The process identity Flower's messages read, as a SuperLink would set it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class LocalGrid:
+    """Delivers each message to the ClientApp of its node, in this process, and keeps every
+    reply the coordinator receives."""
+
+    def __init__(self, contexts: dict):
+        self.contexts = contexts
+        self.received = []
+        self.dead: set[int] = set()
+
+    def send_and_receive(self, messages, timeout=None):
+        from fedct.federated.flower_app import client_app
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node in self.dead:
+                continue
+            # a copy, as the network would deliver: Flower sends one content to every node
+            replies.append(client_app(copy.deepcopy(message), self.contexts[node]))
+        self.received += replies
+        return replies
+
+
+def local_federation(split_dir, tmp_path, config):
+    from flwr.app import Context, RecordDict
+
+    from fedct.federated.protocol import run_config_values, RunExtras
+
+    run_config = run_config_values(config, RunExtras(out=str(tmp_path / "out")))
+    contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(),
+                                 node_config={"client-id": k, "split": str(split_dir),
+                                              "state-dir": str(tmp_path / f"state{k}")},
+                                 run_config=run_config)
+                for k in range(CLIENTS)}
+    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    return LocalGrid(contexts), server, {k: 100 + k for k in range(CLIENTS)}
+
+
+def secure_round(grid, server, node_of, setup, weights, control):
+    schedule = sample_schedule(CLIENTS, setup.config)
+    rounds = secure.train_on_nodes(grid, server, node_of, setup, schedule,
+                                   planned_rounds(schedule, CLIENTS), 60.0, 1, weights, control)
+    replies = []
+    while True:
+        try:
+            replies.append(next(rounds))
+        except StopIteration as stop:
+            return replies, stop.value
+
+
+def bound(config, examples: list[int], largest: float) -> float:
+    """How far SecAgg+'s mean may lie from the exact one: each node's stochastic rounding
+    (at most one step of 2 clip / Q) over the sum of the quantised weights, plus the
+    rounding of each weight n / max_weight to a multiple of 1 / Q."""
+    q = 2 ** 22
+    ratios = [round(n / config.secagg_max_weight * q) / q for n in examples]
+    step = 2 * config.secagg_clip / q
+    return len(examples) * step / sum(ratios) + 2 * largest * max(0.5 / (r * q) for r in ratios)
+
+
+def test_coordinator_gets_only_the_mean_and_it_equals_the_plain_mean(split_dir, tmp_path):
+    config = build_config(FederateConfig, None, {**TINY, "secure_aggregation": True,
+                                                 "secagg_clip": 1.0})
+    setup = prepare_setup(config, init="none", split_dir=split_dir)
+    weights = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+    grid, server, node_of = local_federation(split_dir, tmp_path / "secure", setup.config)
+    replies, summed = secure_round(grid, server, node_of, setup, weights, {})
+
+    assert [r.client_id for r in replies] == [0, 1, 2]
+    assert all(r.summed_securely and r.update.weights == {} for r in replies)
+    for message in grid.received:  # setup, key shares, masked vectors, unmasking
+        assert all(len(record) == 0 for record in message.content.array_records.values())
+
+    plain = RunningAverage(weights)
+    examples, largest = [], 0.0
+    for k in range(CLIENTS):
+        spec = setup.round_spec(1, config.rounds)
+        reply = node_round({"client-id": k, "split": str(split_dir),
+                            "state-dir": str(tmp_path / f"plain{k}")}, 1, setup.config, weights,
+                           spec)
+        plain.add(reply.update)
+        examples.append(reply.update.examples)
+        largest = max(largest, max(float((reply.update.weights[n].double() - w.double()).abs().max())
+                                   for n, w in weights.items()))
+    assert summed.examples == sum(examples) and summed.count == CLIENTS
+    exact = plain.result()
+    gap = max(float((summed.weights[n].double() - exact[n].double()).abs().max())
+              for n in weights if weights[n].is_floating_point())
+    limit = bound(setup.config, examples, largest)
+    print(f"secure mean vs plain mean: {gap:.2e} (bound {limit:.2e})")
+    assert gap <= limit, (gap, limit)
+    assert limit < 1e-4
+
+
+def test_a_node_that_drops_out_after_masking_does_not_block_the_round(split_dir, tmp_path):
+    config = build_config(FederateConfig, None, {**TINY, "secure_aggregation": True})
+    setup = prepare_setup(config, init="none", split_dir=split_dir)
+    weights = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+    grid, server, node_of = local_federation(split_dir, tmp_path, setup.config)
+    send = grid.send_and_receive
+
+    def dies_after_masking(messages, timeout=None):
+        replies = send(messages, timeout)
+        if any("fitins.parameters" in m.content.array_records for m in messages):
+            grid.dead.add(node_of[2])  # its masked vector is in; it never unmasks
+        return replies
+
+    grid.send_and_receive = dies_after_masking
+    replies, summed = secure_round(grid, server, node_of, setup, weights, {})
+    assert summed is not None and summed.count == CLIENTS  # its update is in the sum
+    assert all(torch.isfinite(v).all() for v in summed.weights.values() if v.is_floating_point())
+
+
+def test_secure_aggregation_refuses_the_embedded_engine_and_two_clients(split_dir, tmp_path):
+    from fedct.federated.simulation import run_federate
+
+    config = build_config(FederateConfig, None, {**TINY, "secure_aggregation": True})
+    with pytest.raises(FedctError, match="needs --engine flower"):
+        run_federate(split_dir, tmp_path / "x", config, init="none", quiet=True)
+    with pytest.raises(FedctError, match="at least 3"):
+        sample_schedule(3, build_config(FederateConfig, None, {**TINY, "secure_aggregation": True,
+                                                                "clients_per_round": 2}))
+    with pytest.raises(FedctError, match="secagg_threshold"):
+        build_config(FederateConfig, None, {"secagg_threshold": 1.5})
+    assert np.isfinite(bound(config, [50, 60], 0.1))
