@@ -66,7 +66,7 @@ class LocalGrid:
 def local_federation(split_dir, tmp_path, config):
     from flwr.app import Context, RecordDict
 
-    from fedct.federated.protocol import run_config_values, RunExtras
+    from fedct.federated.protocol import RunExtras, run_config_values
 
     run_config = run_config_values(config, RunExtras(out=str(tmp_path / "out")))
     contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(),
@@ -165,3 +165,69 @@ def test_secure_aggregation_refuses_the_embedded_engine_and_two_clients(split_di
     with pytest.raises(FedctError, match="secagg_threshold"):
         build_config(FederateConfig, None, {"secagg_threshold": 1.5})
     assert np.isfinite(bound(config, [50, 60], 0.1))
+
+
+SECURE = {"model": "test_efficientnet", "image-size": 32, "batch-size": 16, "lr": 0.003,
+          "rounds": 1, "local-steps": 2, "seed": 3, "secure-aggregation": True, "secagg-clip": 1.0}
+
+
+@pytest.mark.slow
+def test_secure_flower_run_equals_the_embedded_run_within_the_bound(split_dir, tmp_path):
+    import yaml
+    from test_flower import Federation, run_embedded
+
+    from fedct.runs import read_checkpoint
+
+    plain = {k: v for k, v in SECURE.items() if not k.startswith("secure")
+             and not k.startswith("secagg")}
+    embedded = run_embedded(split_dir, tmp_path / "embedded", plain)
+    federation = Federation(tmp_path, split_dir, clients=CLIENTS)
+    try:
+        proc = federation.submit(split_dir, tmp_path / "run", settings=SECURE)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        federation.stop()
+    assert proc.returncode == 0, output
+    assert "3 nodes answered" in output
+    secured, _ = read_checkpoint(tmp_path / "run" / "final")
+    expected, _ = read_checkpoint(embedded / "final")
+    clients = yaml.safe_load((split_dir / "split.yaml").read_text())["clients"]
+    examples = [sum(c["train"].values()) for c in clients]
+    config = build_config(FederateConfig, None, {"secagg_clip": 1.0})
+    largest = max(float((secured[k].double() - expected[k].double()).abs().max())
+                  for k in expected if expected[k].is_floating_point())
+    limit = bound(config, examples, 1.0)
+    print(f"secure Flower run vs embedded run: {largest:.2e} (bound {limit:.2e})")
+    assert largest <= limit, (largest, limit)
+    for key in expected:
+        if not expected[key].is_floating_point():
+            assert torch.equal(secured[key], expected[key]) or key.endswith("num_batches_tracked")
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_does_not_block_a_secure_round(split_dir, tmp_path):
+    """Node 2 is killed the moment its training state is saved, as it masks its update: the
+    round completes on the others' key shares."""
+    import time
+
+    from test_flower import Federation
+
+    federation = Federation(tmp_path, split_dir, clients=CLIENTS)
+    try:
+        proc = federation.submit(split_dir, tmp_path / "run", "--round-timeout", "45",
+                                 settings=SECURE)
+        state = tmp_path / "state2"
+        deadline = time.monotonic() + 600
+        while not (state.is_dir() and any(state.rglob("*.pt"))):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "node 2 never trained"
+            time.sleep(0.05)
+        federation.kill("node2")
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        federation.stop()
+    assert proc.returncode == 0, output
+    rows = [line.split(",") for line in (tmp_path / "run" / "summary.csv").read_text()
+            .splitlines()[1:]]
+    assert rows[0][0] == "1" and int(rows[0][1]) >= 2, output  # its update in the sum, or not
+    assert (tmp_path / "run" / "final.safetensors").is_file()

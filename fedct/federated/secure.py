@@ -19,6 +19,7 @@ The server step then runs on the mean as on a plain round's average (`RunningAve
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -127,11 +128,13 @@ def decode_reply(fitres) -> ClientReply:
                       if k.startswith("metric-")}
     clipped = int(metrics.pop("secagg-clipped", 0))
     reply = protocol.from_values(ClientReply, metrics, update=None)
-    detail = reply.detail + (f"{clipped} values clipped to +-secagg_clip" if clipped else "")
+    if clipped:
+        print(f"warning: client {reply.client_id}: {clipped} values of its example-weighted "
+              "update were clipped to +-secagg_clip; raise secagg_clip", file=sys.stderr)
     if reply.summed_securely:  # the update's metrics, its weights only in the sum
-        return dataclasses.replace(reply, detail=detail,
-                                 update=Update({}, int(fitres.num_examples), update_metrics))
-    return dataclasses.replace(reply, detail=detail)
+        return dataclasses.replace(reply, update=Update({}, int(fitres.num_examples),
+                                                        update_metrics))
+    return reply
 
 
 @dataclass
@@ -174,7 +177,13 @@ def train_on_nodes(grid, context, node_of: dict[int, int], setup, schedule: list
     from flwr.server.workflow.constant import Key as WorkflowKey
 
     chosen = schedule[round_number - 1]
-    present = [k for k in chosen if k in node_of]
+    present = roll_call(grid, [k for k in chosen if k in node_of], node_of, timeout)
+    if len(present) < 3:  # with two, each would learn the other's update from the sum
+        for k in chosen:
+            yield ClientReply(k, None, status=Status.FAILED,
+                              detail="no secure round: fewer than 3 nodes answered"
+                              if k in present else "did not answer the roll call")
+        return None
     strategy = SecureRound({node_of[k]: encode_train(global_weights,
                                                      setup.round_spec(round_number, planned[k]),
                                                      control) for k in present})
@@ -197,9 +206,25 @@ def train_on_nodes(grid, context, node_of: dict[int, int], setup, schedule: list
         return None
     names = list(global_weights)
     mean = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in strategy.mean]
+    if not all(torch.isfinite(m).all() for m in mean):
+        print(f"round {round_number}: the securely summed mean has NaN or Inf; global model "
+              "unchanged", file=sys.stderr)
+        return None
     weights = {k: _moved(global_weights[k], change) for k, change in zip(names, mean, strict=False)}
     changes = dict(zip(list(control), mean[len(names):], strict=True))
     return SecureSum(weights, changes, sum(r.update.examples for r in summed), len(summed))
+
+
+def roll_call(grid, clients: list[int], node_of: dict[int, int], timeout: float) -> list[int]:
+    """The clients whose nodes answer now. Flower's SecAgg+ halts a round when a node it
+    sampled never answers its first stage, so the round takes only the nodes that answer."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    answers = grid.send_and_receive(
+        [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_of[k],
+                 message_type="query") for k in clients], timeout=timeout)
+    alive = {a.metadata.src_node_id for a in answers if not a.has_error()}
+    return [k for k in clients if node_of[k] in alive]
 
 
 def _moved(reference: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
