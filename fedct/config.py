@@ -113,7 +113,7 @@ class FederateConfig(TrainConfig):
     secure_aggregation: bool = False
     secagg_shares: int = 0  # key shares per node; 0: one for every node of the round
     secagg_threshold: float = 0.5  # shares to rebuild a key: a share of them (<= 1) or a count
-    secagg_clip: float = 8.0  # each example-weighted update value is clipped to +-this
+    secagg_clip: float = 1.0  # each example-weighted update value is clipped to +-this (measured)
     secagg_max_weight: int = 1000  # the most examples a node may weigh in with
 
 

@@ -100,13 +100,26 @@ def bound(config, examples: list[int], largest: float) -> float:
     return len(examples) * step / sum(ratios) + 2 * largest * max(0.5 / (r * q) for r in ratios)
 
 
-def test_coordinator_gets_only_the_mean_and_it_equals_the_plain_mean(split_dir, tmp_path):
-    config = build_config(FederateConfig, None, {**TINY, "secure_aggregation": True,
+PRIVATE = {"dp": True, "dp_train": "full", "target_epsilon": 5.0, "fedbn": True,
+           "strategy": "scaffold"}
+
+
+@pytest.mark.parametrize("extra", [{}, PRIVATE], ids=["fedavg", "dp-fedbn-scaffold"])
+def test_coordinator_gets_only_the_mean_and_it_equals_the_plain_mean(split_dir, tmp_path, extra):
+    from fedct.federated import scaffold
+    from fedct.federated.client import norm_keys
+
+    config = build_config(FederateConfig, None, {**TINY, **extra, "secure_aggregation": True,
                                                  "secagg_clip": 1.0})
     setup = prepare_setup(config, init="none", split_dir=split_dir)
     weights = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+    control = {}
+    if config.strategy == "scaffold":
+        local = norm_keys(setup.model) if config.fedbn else set()
+        control = scaffold.zero_control(setup.model,
+                                        scaffold.control_keys(setup.model, exclude=local))
     grid, server, node_of = local_federation(split_dir, tmp_path / "secure", setup.config)
-    replies, summed = secure_round(grid, server, node_of, setup, weights, {})
+    replies, summed = secure_round(grid, server, node_of, setup, weights, control)
 
     assert [r.client_id for r in replies] == [0, 1, 2]
     assert all(r.summed_securely and r.update.weights == {} for r in replies)
@@ -119,17 +132,22 @@ def test_coordinator_gets_only_the_mean_and_it_equals_the_plain_mean(split_dir, 
         spec = setup.round_spec(1, config.rounds)
         reply = node_round({"client-id": k, "split": str(split_dir),
                             "state-dir": str(tmp_path / f"plain{k}")}, 1, setup.config, weights,
-                           spec)
+                           spec, control=control)
+        assert reply.epsilon == replies[k].epsilon  # the same training, DP noise included
         plain.add(reply.update)
         examples.append(reply.update.examples)
-        largest = max(largest, max(float((reply.update.weights[n].double() - w.double()).abs().max())
-                                   for n, w in weights.items()))
+        largest = max(largest, *(float((reply.update.weights[n].double() - w.double()).abs().max())
+                                 for n, w in weights.items()),
+                      *(float(c.abs().max()) for c in reply.update.control.values()))
     assert summed.examples == sum(examples) and summed.count == CLIENTS
     exact = plain.result()
     gap = max(float((summed.weights[n].double() - exact[n].double()).abs().max())
               for n in weights if weights[n].is_floating_point())
+    for key, value in plain.control_sum.items():  # SCAFFOLD's control changes, summed securely
+        gap = max(gap, float((summed.control[key] - value / plain.examples).abs().max()))
     limit = bound(setup.config, examples, largest)
-    print(f"secure mean vs plain mean: {gap:.2e} (bound {limit:.2e})")
+    print(f"secure mean vs plain mean, {extra or 'fedavg'}: {gap:.2e} (bound {limit:.2e}, "
+          f"examples {examples}, largest change {largest:.3g})")
     assert gap <= limit, (gap, limit)
     assert limit < 1e-4
 

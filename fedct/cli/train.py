@@ -111,7 +111,7 @@ def federate(
     secure_aggregation: Annotated[bool | None, typer.Option("--secure-aggregation/--no-secure-aggregation", help="flower: SecAgg+, the coordinator sees only the sum of each round's updates.")] = None,
     secagg_shares: Annotated[int | None, typer.Option(help="SecAgg+: key shares per node; 0 = one for every node of the round. \\[default: 0]")] = None,
     secagg_threshold: Annotated[float | None, typer.Option(help="SecAgg+: shares that rebuild a key, a share of them (<= 1) or a count. \\[default: 0.5]")] = None,
-    secagg_clip: Annotated[float | None, typer.Option(help="SecAgg+: each example-weighted update value is clipped to +-this. \\[default: 8]")] = None,
+    secagg_clip: Annotated[float | None, typer.Option(help="SecAgg+: each example-weighted update value is clipped to +-this. \\[default: 1]")] = None,
     clients: Annotated[int | None, typer.Option(help="flower without a split: how many clients (default: the nodes that answer).")] = None,
     round_timeout: Annotated[float, typer.Option(help="flower: seconds to wait for a round's replies.")] = ROUND_TIMEOUT_SECONDS,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard event files to RUN/tensorboard (curves.png and MODEL_CARD.md are always written).")] = None,
