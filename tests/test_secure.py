@@ -249,3 +249,18 @@ def test_a_supernode_killed_mid_round_does_not_block_a_secure_round(split_dir, t
             .splitlines()[1:]]
     assert rows[0][0] == "1" and int(rows[0][1]) >= 2, output  # its update in the sum, or not
     assert (tmp_path / "run" / "final.safetensors").is_file()
+
+
+def test_dry_run_prints_the_secure_run(split_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedct.cli import app
+
+    result = CliRunner().invoke(app, ["federate", str(split_dir), "--init", "none", "--model",
+                                      "test_efficientnet", "--out", str(tmp_path / "run"),
+                                      "--engine", "flower", "--federation", "hospitals",
+                                      "--dry-run", "--secure-aggregation", "--secagg-clip", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "# secure aggregation (SecAgg+)" in result.output
+    assert "secure_aggregation: true" in result.output and "secagg_clip: 0.5" in result.output
+    assert result.output.count("flower-supernode") == CLIENTS
