@@ -112,6 +112,16 @@ class Federation:
                                 stderr=subprocess.STDOUT, text=True)
 
 
+def wait_until(proc: subprocess.Popen, ready, never: str, *, seconds: float,
+               poll: float = 0.05) -> None:
+    """Wait for `ready()` while the submitted run is alive (its output on failure)."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, never
+        time.sleep(poll)
+
+
 @pytest.fixture(scope="module")
 def split_dir(synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("flower-split") / "split"
@@ -246,11 +256,8 @@ def test_a_killed_supernode_does_not_stop_the_run(tmp_path, split_dir):
         # generous: a loaded 2-core machine takes ~20 s to start a ClientApp and train
         proc = federation.submit(split_dir, tmp_path / "run", "--round-timeout", "60")
         summary = tmp_path / "run" / "summary.csv"
-        deadline = time.monotonic() + 300
-        while not (summary.is_file() and len(summary.read_text().splitlines()) >= 2):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "round 1 never finished"
-            time.sleep(0.5)
+        wait_until(proc, lambda: summary.is_file() and len(summary.read_text().splitlines()) >= 2,
+                   "round 1 never finished", seconds=300)
         federation.kill("node1")
         output, _ = proc.communicate(timeout=600)
     finally:

@@ -226,20 +226,15 @@ def test_secure_flower_run_equals_the_embedded_run_within_the_bound(split_dir, t
 def test_a_supernode_killed_mid_round_does_not_block_a_secure_round(split_dir, tmp_path):
     """Node 2 is killed the moment its training state is saved, as it masks its update: the
     round completes on the others' key shares."""
-    import time
-
-    from test_flower import Federation
+    from test_flower import Federation, wait_until
 
     federation = Federation(tmp_path, split_dir, clients=CLIENTS)
     try:
         proc = federation.submit(split_dir, tmp_path / "run", "--round-timeout", "45",
                                  settings=SECURE)
         state = tmp_path / "state2"
-        deadline = time.monotonic() + 600
-        while not (state.is_dir() and any(state.rglob("*.pt"))):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "node 2 never trained"
-            time.sleep(0.05)
+        wait_until(proc, lambda: state.is_dir() and any(state.rglob("*.pt")),
+                   "node 2 never trained", seconds=600)
         federation.kill("node2")
         output, _ = proc.communicate(timeout=900)
     finally:
