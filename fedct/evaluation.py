@@ -84,12 +84,17 @@ def fresh_folder(base: Path) -> Path:
     return candidate
 
 
+def check_threshold(override: float | None) -> None:
+    """Refuse a --threshold outside (0, 1), before any inference."""
+    if override is not None and not 0 < override < 1:
+        raise FedctError(f"--threshold {override}: must lie in (0, 1)")
+
+
 def chosen_threshold(meta: dict, override: float | None) -> tuple[float, str]:
     """The threshold to score at, and where it came from: --threshold, else the one the
     training run chose on its validation data (stored in the sidecar), else 0.5."""
+    check_threshold(override)
     if override is not None:
-        if not 0 < override < 1:
-            raise FedctError(f"--threshold {override}: must lie in (0, 1)")
         return float(override), "--threshold"
     point = meta.get("operating_point")
     if point:
@@ -186,7 +191,7 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                  explain: str | Path | None = None, cam_layer: str | None = None) -> dict:
     if not checkpoints:
         raise FedctError("give at least one checkpoint")
-    chosen_threshold({}, threshold)  # a bad --threshold is refused before any inference
+    check_threshold(threshold)
     split = data_for(split_dir=split_dir, on=on, data=data)
     scopes = _scopes(split, per_client)  # checked before any inference
     out_dir = Path(out) if out else fresh_folder(

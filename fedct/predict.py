@@ -21,7 +21,7 @@ import torch
 from fedct.data.loading import ImageTensorDataset, decode_resized, make_loader, make_transform
 from fedct.data.sources import is_dicom, looks_like_image
 from fedct.errors import FedctError
-from fedct.evaluation import chosen_threshold, load_model
+from fedct.evaluation import check_threshold, chosen_threshold, load_model
 from fedct.metrics import positive_index
 from fedct.runs import atomic_write, checkpoint_paths
 from fedct.training import pick_device, predict, set_threads
@@ -115,7 +115,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     `skip_bad` is off."""
     if aggregate_rule not in AGGREGATES:
         raise FedctError(f"--aggregate {aggregate_rule!r}: choose from {', '.join(AGGREGATES)}")
-    chosen_threshold({}, threshold)
+    check_threshold(threshold)
     out = Path(out)
     groups_out = out.with_suffix(".groups.csv")
     for target in (out, groups_out):

@@ -124,12 +124,12 @@ def evaluate_on_flower(checkpoints: list, *, federation: str | None, on: str,
     """Score checkpoints on every node's own rows through the federation's SuperLink; the
     coordinator's ServerApp writes the `fedct evaluate` report into `out`."""
     from fedct.config import FederateConfig, build_config
-    from fedct.evaluation import chosen_threshold, fresh_folder
+    from fedct.evaluation import check_threshold, fresh_folder
     from fedct.federated.cross_site import ON
     from fedct.runs import checkpoint_paths, read_sidecar
 
     _federation(None, federation, clients)
-    chosen_threshold({}, threshold)
+    check_threshold(threshold)
     sizes = {tuple(read_sidecar(c)["input_size"]) for c in checkpoints}
     if len(sizes) != 1:
         raise FedctError(f"--engine flower: the checkpoints have different input sizes "

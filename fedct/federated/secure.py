@@ -103,8 +103,7 @@ def encode_reply(reply: ClientReply, global_weights: Weights, control: Weights, 
             problem = (f"{update.examples} examples, more than secagg_max_weight "
                        f"{config.secagg_max_weight}")
         if problem:
-            reply = ClientReply(reply.client_id, None, status=Status.REJECTED, detail=problem,
-                                epsilon=reply.epsilon, steps=reply.steps, noise=reply.noise)
+            reply = dataclasses.replace(reply, update=None, status=Status.REJECTED, detail=problem)
     trained = reply.status is Status.TRAINED
     changes = [(update.weights[k].double() - v.double()).numpy() if trained
                else np.zeros(tuple(v.shape)) for k, v in global_weights.items()]
