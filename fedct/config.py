@@ -165,7 +165,11 @@ def _coerce(name: str, value, hint, where: str):
                 raise ValueError(value)
             return int(value)
         if hint is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise FedctError(f"{where}: key '{name}' has value {value!r}, expected a finite "
+                                 "number")
+            return number
         return str(value)
     except (TypeError, ValueError):
         raise FedctError(f"{where}: key '{name}' has value {value!r}, expected {hint.__name__}") from None
@@ -205,6 +209,7 @@ def build_config(cls, path: str | Path | None = None, overrides: dict | None = N
 
 
 RESUME_MAY_CHANGE = ("device",)  # where it runs, not what it computes
+COMMANDS = {PretrainConfig: "pretrain", FederateConfig: "federate"}
 
 
 def resolve_config(cls, *, path: str | Path | None, overrides: dict,
@@ -219,7 +224,16 @@ def resolve_config(cls, *, path: str | Path | None, overrides: dict,
     saved_path = Path(resume_dir) / "config.yaml"
     if not saved_path.is_file():
         raise FedctError(f"{saved_path}: not found (is {resume_dir} a fedct run directory?)")
-    saved = yaml.safe_load(saved_path.read_text())
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise FedctError(f"{saved_path}: unreadable ({exc.__class__.__name__})") from None
+    command = COMMANDS[cls]
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise FedctError(f"{saved_path}: not a fedct run's config (no 'config' mapping)")
+    if saved.get("command") != command:
+        raise FedctError(f"--resume {resume_dir}: a `fedct {saved.get('command')}` run, not a "
+                         f"`fedct {command}` one; resume it with `fedct {saved.get('command')}`")
     given = build_config(cls, None, {**saved["config"], **{k: v for k, v in overrides.items()
                                                            if v is not None}})
     for key, value in dataclasses.asdict(given).items():

@@ -11,6 +11,7 @@ from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import LOCAL_VAL, Entry, Split, load_split
 from fedct.data.sources import check_files, read_dataset
 from fedct.errors import FedctError
+from fedct.locks import exclusive
 from fedct.metrics import (
     binary_metrics,
     bootstrap,
@@ -22,7 +23,7 @@ from fedct.metrics import (
 )
 from fedct.models import create_model, load_weights, make_dp_safe
 from fedct.operating_point import expected_calibration_error
-from fedct.runs import checkpoint_paths, json_safe, read_checkpoint
+from fedct.runs import checkpoint_paths, json_safe, read_checkpoint, refuse_overlap
 from fedct.training import pick_device, predict, set_threads
 
 SPLITS = ("train", "val", "test", LOCAL_VAL, "all")
@@ -40,9 +41,50 @@ def load_model(checkpoint: str | Path):
     return model, meta
 
 
-def checkpoint_name(checkpoint: str | Path) -> str:
-    weights, _ = checkpoint_paths(checkpoint)
-    return f"{weights.parent.name}/{weights.stem}"
+def checkpoint_names(checkpoints: list[str | Path]) -> list[str]:
+    """RUN/NAME for each checkpoint, with more of its path where two would share one (their
+    ROC curves and heat-map folders are kept apart by it); the same checkpoint twice is refused."""
+    weights = [checkpoint_paths(c)[0].resolve() for c in checkpoints]
+    for i, path in enumerate(weights):
+        if path in weights[:i]:
+            raise FedctError(f"{checkpoints[i]}: given twice")
+    depth = 2
+    while True:
+        names = ["/".join((*w.parent.parts[-(depth - 1):], w.stem)) for w in weights]
+        if len(set(names)) == len(names) or depth > max(len(w.parts) for w in weights):
+            return names
+        depth += 1
+
+
+def check_evaluation_outputs(out_dir: Path, names: list[str], *, split_dir, data,
+                             explain) -> None:
+    """Before any inference: results and heat maps go apart from the data they score (heat
+    maps inside it would be read as images next time), and no earlier heat maps are replaced."""
+    data_root = None
+    if data is not None:
+        data_root = Path(data) if Path(data).is_dir() else Path(data).parent
+    refuse_overlap(out_dir, {"dataset": data, "split": split_dir},
+                   roots={"dataset folder": data_root})
+    if explain is None:
+        return
+    refuse_overlap(Path(explain), {"dataset": data, "split": split_dir},
+                   roots={"dataset folder": data_root}, option="--explain")
+    for name in names:
+        folder = Path(explain) / name.replace("/", "-")
+        if folder.exists() and any(folder.iterdir()):
+            raise FedctError(f"--explain {explain}: {folder} exists and is not empty; choose "
+                             "another folder")
+
+
+def one_class_note(truth: np.ndarray, positive: str, negative: str) -> str | None:
+    """What one-class data (an external healthy cohort, say) can and cannot measure."""
+    if truth.all():
+        return (f"every image is {positive}: sensitivity is defined; specificity, NPV and "
+                "AUC are not (shown as -)")
+    if not truth.any():
+        return (f"no image is {positive}: specificity is defined; sensitivity, PPV, F1 and "
+                "AUC are not (shown as -)")
+    return None
 
 
 def data_for(*, split_dir, on, data) -> Split:
@@ -88,6 +130,11 @@ def check_threshold(override: float | None) -> None:
     """Refuse a --threshold outside (0, 1), before any inference."""
     if override is not None and not 0 < override < 1:
         raise FedctError(f"--threshold {override}: must lie in (0, 1)")
+
+
+def check_bootstrap(n_boot: int) -> None:
+    if n_boot < 0:
+        raise FedctError(f"--bootstrap {n_boot}: must be >= 0 (0: no intervals)")
 
 
 def chosen_threshold(meta: dict, override: float | None) -> tuple[float, str]:
@@ -162,25 +209,29 @@ def explain_split(model, images: SplitImages, split: Split, dataset, prob: np.nd
                                          image_size=int(dataset[0][0].shape[-1]),
                                          lesions=read_lesions(split.root))
     grays = [images.images[images.index[e.row.path]][0].numpy() for e in split.entries]
-    explainer.explain(dataset, grays, [e.row.path for e in split.entries], prob, device,
-                      truths=[e.row.label for e in split.entries])
-    return explainer.finish(f"Grad-CAM for {positive}, {folder.name}")
+    try:
+        explainer.explain(dataset, grays, [e.row.path for e in split.entries], prob, device,
+                          truths=[e.row.label for e in split.entries])
+        return explainer.finish(f"Grad-CAM for {positive}, {folder.name}")
+    finally:
+        explainer.discard()
 
 
 def record_in_run(result: dict, *, data: str, grouped: bool) -> str | None:
     """Add a pooled result to its run's evaluations and model card, when the checkpoint lies
-    in a fedct run directory that can be written (a read-only one keeps its card as it is);
-    returns the card's path."""
+    in a fedct run directory that can be written and no other process is writing (a
+    read-only or busy one keeps its card as it is); returns the card's path."""
     from fedct.model_card import record_evaluation
 
     run_dir = Path(result["path"]).parent
     if not ((run_dir / "config.yaml").is_file() and (run_dir / "report.json").is_file()):
         return None
     try:
-        return str(record_evaluation(run_dir, {"checkpoint": result["checkpoint"], "data": data,
-                                               "n": result["n"], "patient_bootstrap": grouped,
-                                               "chosen": result["chosen"]}))
-    except OSError:
+        with exclusive(run_dir):  # a run still writing keeps its card; it rewrites it at its end
+            return str(record_evaluation(run_dir, {
+                "checkpoint": result["checkpoint"], "data": data, "n": result["n"],
+                "patient_bootstrap": grouped, "chosen": result["chosen"]}))
+    except (OSError, FedctError):
         return None
 
 
@@ -191,28 +242,27 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                  explain: str | Path | None = None, cam_layer: str | None = None) -> dict:
     if not checkpoints:
         raise FedctError("give at least one checkpoint")
+    check_bootstrap(n_boot)
     check_threshold(threshold)
+    names = checkpoint_names(checkpoints)
     split = data_for(split_dir=split_dir, on=on, data=data)
     scopes = _scopes(split, per_client)  # checked before any inference
     out_dir = Path(out) if out else fresh_folder(
         checkpoint_paths(checkpoints[0])[0].parent / f"eval-{Path(data).stem if data else on}")
+    check_evaluation_outputs(out_dir, names, split_dir=split_dir, data=data, explain=explain)
     set_threads()
     dev = pick_device(device)
     results, curves, explained = [], {}, {}
     cache: dict[tuple, SplitImages] = {}
     groups = np.array([e.row.group for e in split.entries])
-    for checkpoint in checkpoints:
+    notes = set()
+    for checkpoint, name in zip(checkpoints, names, strict=True):
         model, meta = load_model(checkpoint)
-        name = checkpoint_name(checkpoint)
         classes = list(meta["classes"])
         unknown = sorted({e.row.label for e in split.entries} - set(classes))
         if unknown:
             raise FedctError(f"{checkpoint_paths(checkpoint)[0]}: trained for classes "
                              f"{classes}, but the data has {unknown[0]!r}")
-        for key in ("input_size", "mean", "std"):
-            if key not in meta:
-                raise FedctError(f"{checkpoint_paths(checkpoint)[1]}: missing key '{key}' (the "
-                                 "input size and normalisation to score with)")
         positive = classes[positive_index(classes, meta.get("positive") or split.positive)]
         size = int(meta["input_size"][-1])
         key = (size, tuple(classes))
@@ -231,16 +281,20 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                                     truth, prob, groups, scopes, threshold=threshold,
                                     n_boot=n_boot, seed=seed)
         curves[name] = (truth, prob)
+        negative = next((c for c in classes if c != positive), "negative")
+        note = one_class_note(truth, positive, negative)
+        if note:
+            notes.add(note)
         if explain:
             explained[name] = explain_split(model, cache[key], split, dataset, prob,
                                             Path(explain) / name.replace("/", "-"),
                                             cam_layer=cam_layer, positive=positive,
                                             target=classes.index(positive), device=dev)
-        negative = next((c for c in classes if c != positive), "negative")
         del model
     where = f"--data {data}" if data else f"{split_dir} --on {on}"
     report = {"data": where, "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
               "tta": tta,
               "grouped_bootstrap": len(set(groups)) < len(groups), "results": results,
+              "notes": sorted(notes),
               **({"explanations": explained} if explain else {})}
     return write_evaluation(out_dir, report, curves, negative)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,14 +166,19 @@ class BatchExplainer:
     layer_name: str
     layer: torch.nn.Module
     target: int
-    sheet: Explanations
+    sheet: Explanations  # writes into a hidden staging folder beside `destination`
+    destination: Path
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, *, folder: Path, layer_name: str | None,
                   positive: str, target: int, image_size: int,
                   lesions: dict[str, np.ndarray] | None = None) -> BatchExplainer:
         name, layer = cam_layer(model, layer_name, image_size=image_size)
-        return cls(model, name, layer, target, Explanations(folder, positive, lesions or {}))
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        return cls(model, name, layer, target, Explanations(staging, positive, lesions or {}),
+                   folder)
 
     def explain(self, dataset, grays: list[np.ndarray], names: list[str],
                 probabilities: np.ndarray, device: torch.device,
@@ -185,4 +193,14 @@ class BatchExplainer:
                                truths[i] if truths else None)
 
     def finish(self, title: str) -> dict:
-        return self.sheet.finish(layer=self.layer_name, title=title)
+        """Index and contact sheet, then the whole folder put in place at once (replacing an
+        earlier one): a run that fails half-way leaves no partial set of heat maps."""
+        summary = self.sheet.finish(layer=self.layer_name, title=title)
+        if self.destination.exists():
+            shutil.rmtree(self.destination)
+        os.replace(self.sheet.folder, self.destination)
+        return {**summary, "folder": str(self.destination)}
+
+    def discard(self) -> None:
+        """Remove the staging folder of a run that did not finish (nothing once finished)."""
+        shutil.rmtree(self.sheet.folder, ignore_errors=True)

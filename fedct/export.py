@@ -22,7 +22,7 @@ from fedct.data.sources import LUNG_WINDOW
 from fedct.errors import FedctError
 from fedct.evaluation import chosen_threshold, load_model
 from fedct.metrics import positive_index
-from fedct.runs import atomic_write, checkpoint_paths
+from fedct.runs import atomic_write, checkpoint_paths, refuse_overwriting_inputs
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest difference in any probability the export may show
@@ -115,7 +115,11 @@ def run_export(checkpoint: str | Path, *, fmt: str, out: str | Path, force: bool
         raise FedctError(f"--format onnx needs {', '.join(missing)}: pip install 'fedct[export]'")
     out = Path(out)
     sidecar = out.with_name(out.name + ".json")
+    refuse_overwriting_inputs({"--out": out, "--out's description": sidecar},
+                              checkpoint_paths(checkpoint))
     for target in (out, sidecar):
+        if target.is_dir():
+            raise FedctError(f"--out {out}: {target} is a folder; give a file path")
         if target.exists() and not force:
             raise FedctError(f"{target}: exists (use --force to replace it)")
     model, meta = load_model(checkpoint)

@@ -142,16 +142,22 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    drawn = 0
     for name, (truth, score) in curves.items():
         if truth.all() or not truth.any():
             continue
         fpr, tpr, _ = roc_curve(truth, score)
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(truth, score):.3f})")
+        drawn += 1
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    if drawn:
+        ax.legend(fontsize=7, loc="lower right")
+    else:  # one class in the data: no curve exists, and the figure says so
+        ax.text(0.5, 0.55, "no ROC curve: these data hold\nimages of one class only",
+                ha="center", va="center", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -37,12 +37,13 @@ def _trained(settings: dict) -> str:
     return f"{settings.get('freeze')} (freeze policy)"
 
 
-def _read(path: Path) -> dict | None:
+def _read(path: Path) -> dict | list | None:
+    """A run's own file, or None where it is missing or damaged: the card says what it can."""
     try:
         text = path.read_text()
-    except OSError:
+        return yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
         return None
-    return yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -51,8 +52,20 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _interval(point: float | None, low: float, high: float) -> str:
-    return f"{_fmt(point)} [{_fmt(low)}, {_fmt(high)}]" if math.isfinite(low) else _fmt(point)
+def _interval(point: float | None, low: float | None, high: float | None) -> str:
+    """A value with its interval; the interval is left out where it is undefined (null in
+    JSON: one class in the data, no bootstrap)."""
+    defined = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high))
+    return f"{_fmt(point)} [{_fmt(low)}, {_fmt(high)}]" if defined else _fmt(point)
+
+
+def _records(path: Path) -> list[dict]:
+    """The run's kept evaluations; a damaged file or record is passed over, never fatal."""
+    records = _read(path)
+    if not isinstance(records, list):
+        return []
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("chosen"), dict)
+            and {"checkpoint", "data", "n"} <= r.keys()]
 
 
 def auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, float]:
@@ -148,7 +161,7 @@ def _privacy(config: dict, report: dict) -> list[str]:
 
 
 def _evaluations(out: Path) -> list[str]:
-    records = _read(out / EVALUATIONS) or []
+    records = _records(out / EVALUATIONS)
     if not records:
         return ["None yet: `fedct evaluate` adds its results here (test metrics with a patient "
                 "bootstrap when groups are known).", ""]
@@ -159,7 +172,8 @@ def _evaluations(out: Path) -> list[str]:
 
         def cell(key, chosen=chosen, ci=ci):
             bounds = ci.get(key)
-            return _interval(chosen.get(key), *bounds) if bounds else _fmt(chosen.get(key))
+            return _interval(chosen.get(key), *bounds) if isinstance(bounds, list) \
+                and len(bounds) == 2 else _fmt(chosen.get(key))
         data = r["data"] + (" (patient bootstrap)" if r.get("patient_bootstrap") else "")
         lines.append(f"| {r['checkpoint']} | {data} | {r['n']} | {_fmt(chosen['threshold'])} | "
                      f"{cell('accuracy')} | {cell('sensitivity')} | {cell('specificity')} | {cell('auc')} |")
@@ -216,7 +230,7 @@ def record_evaluation(run_dir: Path, result: dict) -> Path:
     """Keep an evaluation of one of this run's checkpoints (the newest per checkpoint and
     data), then rewrite the card."""
     path = run_dir / EVALUATIONS
-    records = [r for r in (_read(path) or [])
+    records = [r for r in _records(path)
                if (r["checkpoint"], r["data"]) != (result["checkpoint"], result["data"])]
     records.append(json_safe(result))
     atomic_write(path, lambda p: p.write_text(json.dumps(records, indent=2)))

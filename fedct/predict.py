@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from fedct.data.loading import ImageTensorDataset, decode_resized, make_loader, make_transform
-from fedct.data.sources import is_dicom, looks_like_image
+from fedct.data.sources import is_dicom, looks_like_image, read_csv_rows
 from fedct.errors import FedctError
 from fedct.evaluation import check_threshold, chosen_threshold, load_model
 from fedct.metrics import positive_index
-from fedct.runs import atomic_write, checkpoint_paths
+from fedct.runs import atomic_write, checkpoint_paths, refuse_overlap, refuse_overwriting_inputs
 from fedct.training import pick_device, predict, set_threads
 
 AGGREGATES = ("mean", "max")
@@ -39,9 +39,10 @@ class Item:
     group: str = ""
 
 
-def collect(inputs: list[Path], *, group_column: str = "group") -> list[Item]:
+def collect(inputs: list[Path], *, group_column: str | None = None) -> list[Item]:
     """Images, folders (searched recursively), and CSV lists with a `path` column (relative
-    to the CSV's folder) and an optional group column; a DICOM file's group is its series."""
+    to the CSV's folder) and a group column (`group_column`, which must then be there; by
+    default `group` where present); a DICOM file's group is its series."""
     items: list[Item] = []
     for source in inputs:
         source = Path(source)
@@ -60,18 +61,14 @@ def collect(inputs: list[Path], *, group_column: str = "group") -> list[Item]:
             for item in items]
 
 
-def _read_list(source: Path, group_column: str) -> list[Item]:
-    with source.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if "path" not in columns:
-            raise FedctError(f"{source}: missing column 'path' (found: {', '.join(columns)})")
-        lines = [{k.strip(): (v or "").strip() for k, v in line.items() if k} for line in reader]
+def _read_list(source: Path, group_column: str | None) -> list[Item]:
+    _, lines = read_csv_rows(source, ("path",) + ((group_column,) if group_column else ()))
+    column = group_column or "group"
     items = []
     for line_no, line in enumerate(lines, start=2):
         if not line["path"]:
             raise FedctError(f"{source}:{line_no}: empty path")
-        items.append(Item(source.parent / line["path"], line["path"], line.get(group_column, "")))
+        items.append(Item(source.parent / line["path"], line["path"], line.get(column, "")))
     if not items:
         raise FedctError(f"{source}: no rows")
     return items
@@ -105,8 +102,33 @@ def aggregate(rows: list[dict], *, rule: str, threshold: float, positive: str,
     return out
 
 
+def check_outputs(checkpoint: str | Path, inputs: list[Path], items: list[Item], *, out: Path,
+                  groups_out: Path, explain: Path | None, force: bool) -> None:
+    """Before any inference: no output is an input (scans, lists, the checkpoint), heat maps
+    go nowhere near the scans (the next run would read them as scans), nothing is replaced
+    without --force."""
+    lists = [Path(i) for i in inputs if Path(i).suffix.lower() == ".csv"]
+    refuse_overwriting_inputs({"--out": out, "--out's groups": groups_out},
+                              [*checkpoint_paths(checkpoint), *lists, *(i.path for i in items)])
+    for target in (out, groups_out):
+        if target.is_dir():
+            raise FedctError(f"--out {out}: {target} is a folder; give the CSV file to write")
+        if target.exists() and not force:
+            raise FedctError(f"{target}: exists (use --force to replace it)")
+    if explain is not None:
+        folders = {f"input folder {i}": i for i in inputs if Path(i).is_dir()}
+        refuse_overlap(Path(explain), folders, option="--explain")
+        for item in items:
+            if Path(explain).resolve() in item.path.resolve().parents:
+                raise FedctError(f"--explain {explain}: holds the input {item.name}; choose a "
+                                 "folder apart from the scans")
+        if Path(explain).exists() and any(Path(explain).iterdir()) and not force:
+            raise FedctError(f"--explain {explain}: exists and is not empty (use --force to "
+                             "replace it)")
+
+
 def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggregate_rule: str = "mean",
-                group_column: str = "group", threshold: float | None = None, skip_bad: bool = False,
+                group_column: str | None = None, threshold: float | None = None, skip_bad: bool = False,
                 explain: Path | None = None, cam_layer: str | None = None, tta: bool = False,
                 device: str = "auto", force: bool = False,
                 on_batch: Callable[[int, int], None] | None = None) -> dict:
@@ -118,10 +140,9 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     check_threshold(threshold)
     out = Path(out)
     groups_out = out.with_suffix(".groups.csv")
-    for target in (out, groups_out):
-        if target.exists() and not force:
-            raise FedctError(f"{target}: exists (use --force to replace it)")
     items = collect(inputs, group_column=group_column)
+    check_outputs(checkpoint, inputs, items, out=out, groups_out=groups_out, explain=explain,
+                  force=force)
     model, meta = load_model(checkpoint)
     classes = list(meta["classes"])
     positive = classes[positive_index(classes, meta.get("positive"))]
@@ -134,6 +155,40 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     dev = pick_device(device)
     model.to(dev)
     explainer = _explainer(model, explain, cam_layer, positive, classes.index(positive), size)
+    try:
+        rows, skipped = _predict_batches(items, model, transform, size, classes.index(positive),
+                                         cut=cut, positive=positive, negative=negative, dev=dev,
+                                         tta=tta, skip_bad=skip_bad, explainer=explainer,
+                                         on_batch=on_batch)
+        if not rows:
+            raise FedctError(f"every one of the {len(items)} inputs was bad, nothing written "
+                             f"(first: {skipped[0]})")
+        explained = explainer.finish(f"Grad-CAM for {positive}, "
+                                     f"{checkpoint_paths(checkpoint)[0].name}") if explainer else None
+    finally:
+        if explainer:
+            explainer.discard()  # heat maps of a run that did not finish; none once finished
+    grouped = aggregate(rows, rule=aggregate_rule, threshold=cut, positive=positive,
+                        negative=negative)
+    atomic_write(out, lambda p: p.write_text(_csv(rows)))
+    if grouped:
+        atomic_write(groups_out, lambda p: p.write_text(_csv(grouped)))
+    else:
+        groups_out.unlink(missing_ok=True)  # a replaced run's groups would no longer match
+    report = {"checkpoint": str(checkpoint_paths(checkpoint)[0]), "positive": positive,
+              "threshold": cut, "threshold_source": source, "images": len(rows),
+              "positives": sum(r["decision"] == positive for r in rows), "skipped": skipped,
+              "out": str(out), "groups_out": str(groups_out) if grouped else None,
+              "aggregate": aggregate_rule, "predictions": rows, "groups": grouped}
+    if explained:
+        report["explanations"] = explained
+    return report
+
+
+def _predict_batches(items: list[Item], model, transform, size: int, target: int, *, cut: float,
+                     positive: str, negative: str, dev, tta: bool, skip_bad: bool, explainer,
+                     on_batch) -> tuple[list[dict], list[str]]:
+    """A row per readable item, and the problems of the items skipped."""
     rows, skipped = [], []
     for start in range(0, len(items), BATCH):
         batch, pixels = [], []
@@ -150,7 +205,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
             dataset = ImageTensorDataset(images, [0] * len(batch), transform)
             probs, _ = predict(model, make_loader(dataset, batch_size=BATCH, train=False, seed=0),
                                device=dev, channels_last=False, tta=tta)
-            column = probs[:, classes.index(positive)]
+            column = probs[:, target]
             rows += [{"path": item.name, "group": item.group, "probability": float(p),
                       "decision": positive if p >= cut else negative, "threshold": cut}
                      for item, p in zip(batch, column, strict=True)]
@@ -158,22 +213,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
                 explainer.explain(dataset, pixels, [i.name for i in batch], column, dev)
         if on_batch:
             on_batch(min(start + BATCH, len(items)), len(items))
-    grouped = aggregate(rows, rule=aggregate_rule, threshold=cut, positive=positive,
-                        negative=negative)
-    atomic_write(out, lambda p: p.write_text(_csv(rows)))
-    if grouped:
-        atomic_write(groups_out, lambda p: p.write_text(_csv(grouped)))
-    else:
-        groups_out.unlink(missing_ok=True)  # a replaced run's groups would no longer match
-    report = {"checkpoint": str(checkpoint_paths(checkpoint)[0]), "positive": positive,
-              "threshold": cut, "threshold_source": source, "images": len(rows),
-              "positives": sum(r["decision"] == positive for r in rows), "skipped": skipped,
-              "out": str(out), "groups_out": str(groups_out) if grouped else None,
-              "aggregate": aggregate_rule, "predictions": rows, "groups": grouped}
-    if explainer:
-        report["explanations"] = explainer.finish(f"Grad-CAM for {positive}, "
-                                                  f"{checkpoint_paths(checkpoint)[0].name}")
-    return report
+    return rows, skipped
 
 
 def _csv(rows: list[dict]) -> str:

@@ -23,6 +23,7 @@ from fedct.config import PretrainConfig, to_dict
 from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import Split, load_split, split_digest
 from fedct.errors import FedctError
+from fedct.locks import exclusive
 from fedct.metrics import positive_index, summary_metrics
 from fedct.models import apply_freeze, create_model, data_config
 from fedct.operating_point import ScoreHistogram, operating_point
@@ -85,6 +86,14 @@ def lopsided_warning(row: dict) -> str | None:
 def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                  resume: bool = False, force: bool = False, quiet: bool = False,
                  console: Console | None = None) -> dict:
+    """Train (or resume) a stage-1 run; the run directory is locked against a second writer."""
+    with exclusive(out):
+        return _pretrain(split_dir, out, config, resume=resume, force=force, quiet=quiet,
+                         console=console)
+
+
+def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *, resume: bool,
+              force: bool, quiet: bool, console: Console | None) -> dict:
     console = Console(quiet=True) if quiet else (console or Console())
     out = Path(out)
     split = load_split(split_dir)
@@ -132,9 +141,7 @@ def run_pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig,
     inputs = {"split": str(Path(split_dir).resolve()), "split_digest": split_digest(split)}
     if resume:
         check_resume_inputs(out, **inputs)
-        saved = load_resume(out)
-        if "model" not in saved:
-            raise FedctError(f"{out}: resume state from an older fedct; start the run anew")
+        saved = load_resume(out, ("model", "optimizer", "scheduler", "tracker", *state))
         model.load_state_dict(saved["model"])
         if ema:
             ema.module.load_state_dict(saved["ema"])

@@ -36,16 +36,32 @@ RESUME = "resume.pt"
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write through a temporary file in the same folder, then rename over the target. A
+    failure (a full disk, a read-only folder, a folder where the file should be) names the
+    target, never the temporary file, and leaves the target as it was."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     os.close(fd)
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_tensors(value, path: Path) -> None:
+    """torch.save through a Python file, so that a full disk is an OSError (torch's own
+    writer reports it as an opaque RuntimeError)."""
+    with Path(path).open("wb") as handle:
+        torch.save(value, handle)
 
 
 def json_safe(value):
@@ -80,32 +96,53 @@ def checkpoint_paths(name: str | Path) -> tuple[Path, Path]:
 
 
 def save_checkpoint(stem: Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Weights, then the sidecar; each carries a digest of the other (`fedct.sidecar`)."""
+    from fedct.sidecar import SIDECAR_DIGEST, WEIGHTS_DIGEST, file_digest, meta_digest
+
     weights, sidecar = checkpoint_paths(stem)
+    meta = {k: v for k, v in meta.items() if k != WEIGHTS_DIGEST}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write(sidecar, lambda p: p.write_text(to_json(meta)))
+    header = {"format": "pt", SIDECAR_DIGEST: meta_digest(meta)}
+    digest = {}
+
+    def write_weights(path: Path) -> None:
+        try:
+            save_file(tensors, str(path), metadata=header)
+        except SafetensorError as exc:  # a full disk surfaces here, not as an OSError
+            raise OSError(f"cannot write the checkpoint ({exc})") from None
+        digest[WEIGHTS_DIGEST] = file_digest(path)
+
+    atomic_write(weights, write_weights)
+    atomic_write(sidecar, lambda p: p.write_text(to_json({**meta, **digest})))
     return weights
 
 
-def read_sidecar(name: str | Path) -> dict:
-    """A checkpoint's sidecar alone: what it is, without loading its weights."""
+def read_sidecar(name: str | Path, *, whole_file: bool = False) -> dict:
+    """A checkpoint's sidecar alone, every field checked and its binding to the weights'
+    header verified (`whole_file`: the weights' own digest too)."""
+    from fedct.sidecar import check_binding, check_fields
+
     weights, sidecar = checkpoint_paths(name)
     if not weights.is_file():
         raise FedctError(f"{weights}: checkpoint not found")
     if not sidecar.is_file():
         raise FedctError(f"{sidecar}: checkpoint sidecar not found (a fedct checkpoint has both)")
     try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FedctError(f"{sidecar}: unreadable checkpoint sidecar ({exc.__class__.__name__})") from None
-    for key in ("architecture", "classes"):
-        if key not in meta:
-            raise FedctError(f"{sidecar}: missing key '{key}'")
+        meta = json.loads(sidecar.read_text(), parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FedctError(f"{sidecar}: unreadable checkpoint sidecar ({exc.__class__.__name__}: "
+                         f"{str(exc)[:120]})") from None
+    check_fields(meta, sidecar)
+    check_binding(meta, weights, sidecar, whole_file=whole_file)
     return meta
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def read_checkpoint(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    meta = read_sidecar(name)
+    meta = read_sidecar(name, whole_file=True)
     weights, _ = checkpoint_paths(name)
     try:
         state = load_file(str(weights))
@@ -191,7 +228,8 @@ def git_commit() -> str | None:
 
 
 def refuse_overlap(out: Path, inputs: dict[str, str | Path | None],
-                   roots: dict[str, str | Path | None] | None = None) -> None:
+                   roots: dict[str, str | Path | None] | None = None, *,
+                   option: str = "--out") -> None:
     """Refuse an output folder that is, holds or lies inside one of the `inputs` (--force
     would delete the input, or the output would become part of it), or is or holds one of
     the `roots` (a CSV dataset's folder: runs may sit inside it, never replace it)."""
@@ -204,8 +242,29 @@ def refuse_overlap(out: Path, inputs: dict[str, str | Path | None],
         source = Path(given).resolve()
         inside = inside_too and source.is_dir() and source in target.parents
         if target == source or target in source.parents or inside:
-            raise FedctError(f"--out {out}: is, holds or lies inside the {what} {given}; "
+            raise FedctError(f"{option} {out}: is, holds or lies inside the {what} {given}; "
                              "choose a folder apart from the inputs")
+
+
+def refuse_overwriting_inputs(outputs: dict[str, str | Path], inputs) -> None:
+    """The one rule for every file a command writes: it is never one of the command's inputs
+    (the same file by path, link or hard link), with or without --force."""
+    seen = {}
+    for given in inputs:
+        try:
+            stat = Path(given).stat()
+        except (OSError, TypeError):
+            continue
+        seen[(stat.st_dev, stat.st_ino)] = given
+    for what, out in outputs.items():
+        try:
+            stat = Path(out).stat()
+        except OSError:
+            continue
+        source = seen.get((stat.st_dev, stat.st_ino))
+        if source is not None:
+            raise FedctError(f"{what} {out}: is the input {source}; fedct never overwrites an "
+                             "input, even with --force (choose another path)")
 
 
 def prepare_run_dir(out: Path, *, resume: bool, force: bool,
@@ -242,7 +301,13 @@ def read_config(out: Path) -> dict:
     path = Path(out) / CONFIG
     if not path.is_file():
         raise FedctError(f"{path}: not found")
-    return yaml.safe_load(path.read_text())
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise FedctError(f"{path}: unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(doc, dict):
+        raise FedctError(f"{path}: not a fedct run's config")
+    return doc
 
 
 def check_resume_inputs(out: Path, **current: str | None) -> None:
@@ -289,17 +354,22 @@ def write_report(out: Path, report: dict) -> None:
 
 
 def save_resume(out: Path, state: dict) -> None:
-    atomic_write(Path(out) / RESUME, lambda p: torch.save(state, p))
+    atomic_write(Path(out) / RESUME, lambda p: save_tensors(state, p))
 
 
-def load_resume(out: Path) -> dict:
-    """The resume state, read with weights_only: a file that would run code is refused."""
+def load_resume(out: Path, required: tuple[str, ...] = ()) -> dict:
+    """The resume state, read with weights_only: a file that would run code is refused, and
+    one without the `required` keys is named as not a fedct resume state."""
     path = Path(out) / RESUME
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise FedctError(f"{path}: not a fedct resume state, refused ({first})") from None
     if not isinstance(state, dict):
         raise FedctError(f"{path}: not a fedct resume state, refused")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise FedctError(f"{path}: a resume state without '{missing[0]}' (from an older fedct, "
+                         "or damaged); start the run anew")
     return state

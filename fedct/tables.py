@@ -65,10 +65,9 @@ def print_federate(console: Console, report: dict, out) -> None:
 
 
 def _cell(metrics: dict, name: str) -> str:
-    value = metrics[name]
-    ci = metrics.get("ci95", {}).get(name)
-    text = "-" if value != value else f"{value:.3f}"
-    if ci and ci[0] == ci[0]:
+    ci = (metrics.get("ci95") or {}).get(name)
+    text = number(metrics[name])
+    if ci and ci[0] is not None and ci[0] == ci[0]:
         text += f"\n[dim]{ci[0]:.2f}-{ci[1]:.2f}[/]"
     return text
 
@@ -96,11 +95,14 @@ def print_evaluation(console: Console, report: dict) -> None:
         sources.add(f"{r['checkpoint']}: {m['source']}")
         table.add_row(r["checkpoint"], r["data"], str(r["n"]), f"{m['threshold']:.3f}",
                       *(_cell(m, c) for c in columns),
-                      f"{half['accuracy']:.3f} {half['sensitivity']:.2f}/{half['specificity']:.2f}",
-                      f"{y['threshold']:.2f}: {y['sensitivity']:.2f}/{y['specificity']:.2f}",
-                      f"{r['calibration']['ece']:.3f}")
+                      f"{number(half['accuracy'])} {number(half['sensitivity'])}/"
+                      f"{number(half['specificity'])}",
+                      f"{y['threshold']:.2f}: {number(y['sensitivity'])}/{number(y['specificity'])}",
+                      number(r["calibration"]["ece"]))
     console.print(table)
     console.print("thresholds: " + "; ".join(sorted(sources)), highlight=False)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
 
 
 def print_predictions(console: Console, report: dict, shown: int = 20) -> None:

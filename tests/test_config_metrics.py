@@ -103,8 +103,8 @@ def test_resume_keeps_the_saved_config_and_refuses_other_settings(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     saved = build_config(FederateConfig, None, {"rounds": 7, "lr": 0.01, "dp": True})
-    (run / "config.yaml").write_text(yaml.safe_dump({"config": dataclasses.asdict(saved),
-                                                      "init": "ckpt"}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"command": "federate", "init": "ckpt",
+                                                      "config": dataclasses.asdict(saved)}))
     config, doc = resolve_config(FederateConfig, path=None,
                                  overrides={"lr": 0.01, "device": "cpu", "mu": None},
                                  resume_dir=run)
@@ -113,6 +113,8 @@ def test_resume_keeps_the_saved_config_and_refuses_other_settings(tmp_path):
         resolve_config(FederateConfig, path=None, overrides={"dp": False}, resume_dir=run)
     with pytest.raises(FedctError, match="--config and --resume"):
         resolve_config(FederateConfig, path=tmp_path / "x.yaml", overrides={}, resume_dir=run)
+    with pytest.raises(FedctError, match="a `fedct federate` run, not a `fedct pretrain` one"):
+        resolve_config(PretrainConfig, path=None, overrides={}, resume_dir=run)
 
 
 def test_positive_class_and_monitor_rules():

@@ -116,12 +116,13 @@ def test_a_node_refuses_data_of_other_classes_and_a_missing_client_id(split_dir,
 def test_checkpoint_tracker_writes_best_when_the_monitor_is_always_nan(tmp_path):
     tracker = CheckpointTracker(tmp_path, "val_auc", keep_last=2)
     state = {"w": torch.zeros(2)}
-    assert tracker.save(1, state, {"architecture": "x", "classes": ["a"]}, {"auc": math.nan})
-    assert not tracker.save(2, state, {"architecture": "x", "classes": ["a"]}, {"auc": math.nan})
+    base = {"classes": ["a", "b"], "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}
+    assert tracker.save(1, state, {"architecture": "x", **base}, {"auc": math.nan})
+    assert not tracker.save(2, state, {"architecture": "x", **base}, {"auc": math.nan})
     assert read_checkpoint(tmp_path / "best")[1]["architecture"] == "x"
     assert tracker.best_step == 1
-    assert tracker.save(3, state, {"architecture": "y", "classes": ["a"]}, {"auc": 0.7})
-    assert tracker.save(4, state, {"architecture": "z", "classes": ["a"]}, {"auc": 0.7}) is False
+    assert tracker.save(3, state, {"architecture": "y", **base}, {"auc": 0.7})
+    assert tracker.save(4, state, {"architecture": "z", **base}, {"auc": 0.7}) is False
     assert sorted(p.name for p in tmp_path.glob("round-*.json")) == ["round-0003.json",
                                                                       "round-0004.json"]
     again = CheckpointTracker(tmp_path, "val_auc")

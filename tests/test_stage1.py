@@ -148,7 +148,8 @@ def test_freezing_policies():
 
 def test_checkpoint_round_trip_and_head_replacement(tmp_path):
     model = create_model("test_efficientnet", 3, pretrained="none")
-    meta = {"architecture": "test_efficientnet", "classes": ["a", "b", "c"], "stage": "pretrain"}
+    meta = {"architecture": "test_efficientnet", "classes": ["a", "b", "c"], "stage": "pretrain",
+            "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}
     save_checkpoint(tmp_path / "ck", model.state_dict(), meta)
     state, back = read_checkpoint(tmp_path / "ck.safetensors")
     assert back["classes"] == ["a", "b", "c"]
@@ -178,7 +179,8 @@ def test_errors_are_one_line(split_dir, tmp_path):
     assert unknown.exit_code == 2 and "epochz" in unknown.output
     model = create_model("test_efficientnet", 3, pretrained="none")
     save_checkpoint(tmp_path / "three", model.state_dict(),
-                    {"architecture": "test_efficientnet", "classes": ["a", "b", "c"]})
+                    {"architecture": "test_efficientnet", "classes": ["a", "b", "c"],
+                     "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})
     wrong = cli("evaluate", tmp_path / "three", "--split", split_dir, "--bootstrap", 0)
     assert wrong.exit_code == 2 and "trained for classes" in wrong.output
     missing = cli("evaluate", tmp_path / "nothing", "--split", split_dir)

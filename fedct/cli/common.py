@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from typing import Annotated
 
@@ -33,6 +34,7 @@ def one_line_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
+            refuse_non_finite(kwargs)
             return func(*args, **kwargs)
         except FedctError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
@@ -45,6 +47,14 @@ def one_line_errors(func):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def refuse_non_finite(options: dict) -> None:
+    """No command takes NaN or infinity for a number: click parses `nan` as a float, and a NaN
+    compares false with every bound a command checks."""
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FedctError(f"--{name.replace('_', '-')} {value}: must be a finite number")
 
 
 def _version(value: bool) -> None:
@@ -63,9 +73,12 @@ def main(
 
 def floats(text: str, option: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(","))
+        values = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise FedctError(f"{option} {text!r}: expected comma-separated numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise FedctError(f"{option} {text!r}: expected finite numbers")
+    return values
 
 
 def print_json(payload: dict) -> None:

@@ -95,7 +95,7 @@ def predict_command(
     inputs: Annotated[list[Path], typer.Argument(help="Images, folders (recursive), CSV lists with a path column, DICOM files or series folders.")],
     out: Annotated[Path, typer.Option("--out", help="CSV to write, a row per image (and OUT.groups.csv, a row per patient or series).")],
     aggregate: Annotated[str, typer.Option(click_type=click.Choice(("mean", "max")), help="Per patient or series: mean (keeps the slice threshold's scale) or max (any slice positive) probability.")] = "mean",
-    group_column: Annotated[str, typer.Option(help="CSV lists: the column naming each image's patient or series.")] = "group",
+    group_column: Annotated[str | None, typer.Option(help="CSV lists: the column naming each image's patient or series (must be there). \\[default: group, where present]")] = None,
     threshold: Annotated[float | None, typer.Option(help="Decide at this threshold instead of the checkpoint's stored one.")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable inputs and list them (otherwise the first stops the run, nothing written).")] = False,
     explain: Annotated[Path | None, typer.Option(help="Folder for Grad-CAM heat maps: a PNG per image and contact_sheet.png.")] = None,

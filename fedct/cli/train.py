@@ -19,7 +19,7 @@ from fedct.tables import print_federate, print_stage1
 @app.command()
 @one_line_errors
 def pretrain(
-    split_dir: Annotated[Path, typer.Argument(help="Split directory from `fedct split`.")],
+    split_dir: Annotated[Path | None, typer.Argument(help="Split directory from `fedct split` (with --resume: the run's own).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory to write.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with any option below (flags override it).")] = None,
     model: Annotated[str | None, typer.Option(help="timm architecture. \\[default: tf_efficientnet_lite0]")] = None,
@@ -55,10 +55,12 @@ def pretrain(
                  "batch_size": batch_size, "lr": lr, "image_size": image_size, "freeze": freeze,
                  "seed": seed, "threshold": threshold, "clients": clients, "rows": rows,
                  "device": device, "tensorboard": tensorboard}
-    cfg, _ = resolve_config(PretrainConfig, path=config, overrides=overrides, resume_dir=resume)
+    cfg, saved = resolve_config(PretrainConfig, path=config, overrides=overrides, resume_dir=resume)
+    if saved is not None and split_dir is None and saved.get("split"):
+        split_dir = Path(saved["split"])
     out = resume or out
-    if out is None:
-        raise FedctError("--out RUN_DIR is required (or --resume RUN_DIR)")
+    if out is None or split_dir is None:
+        raise FedctError("SPLIT_DIR and --out RUN_DIR are required (or --resume RUN_DIR)")
     report = run_pretrain(split_dir, out, cfg, resume=resume is not None, force=force,
                           quiet=quiet or json_out, console=console)
     if json_out:
@@ -150,8 +152,9 @@ def federate(
                  "secure_aggregation": secure_aggregation, "secagg_shares": secagg_shares,
                  "secagg_threshold": secagg_threshold, "secagg_clip": secagg_clip}
     cfg, saved = resolve_config(FederateConfig, path=config, overrides=overrides, resume_dir=resume)
-    if saved is not None:
+    if saved is not None:  # the run's own inputs: `fedct federate --resume RUN` is enough
         init, out = saved["init"], resume
+        split_dir = split_dir or (Path(saved["split"]) if saved.get("split") else None)
     if out is None or init is None:
         raise FedctError("--init CKPT and --out RUN_DIR are required (or --resume RUN_DIR)")
     if engine == "flower" and dry_run:

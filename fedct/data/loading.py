@@ -18,10 +18,29 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from fedct.data.sources import decode_image
+from fedct.errors import FedctError
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FEDCT_CACHE", Path.home() / ".cache" / "fedct"))
+    """$FEDCT_CACHE (unset or empty: ~/.cache/fedct), a folder for decoded images and features."""
+    configured = os.environ.get("FEDCT_CACHE", "")
+    if not configured:
+        return Path.home() / ".cache" / "fedct"
+    if Path(configured).exists() and not Path(configured).is_dir():
+        raise FedctError(f"FEDCT_CACHE={configured}: is a file, not a folder; set it to a "
+                         "writable folder")
+    return Path(configured)
+
+
+def write_cache(target: Path, value) -> None:
+    """Keep `value` in the cache; a cache that cannot be written is named as such."""
+    from fedct.runs import atomic_write, save_tensors
+
+    try:
+        atomic_write(target, lambda p: save_tensors(value, p))
+    except OSError as exc:
+        raise FedctError(f"FEDCT_CACHE {target.parent}: cannot write the cache "
+                         f"({exc.strerror or exc}); set FEDCT_CACHE to a writable folder") from None
 
 
 def file_stamp(stat: os.stat_result) -> str:
@@ -56,9 +75,7 @@ def load_images(paths: list[Path], size: int, *, use_cache: bool = True) -> torc
         arrays = list(pool.map(lambda p: decode_resized(p, size), paths))
     images = torch.from_numpy(np.stack(arrays)).unsqueeze(1).contiguous()
     if use_cache:
-        from fedct.runs import atomic_write
-
-        atomic_write(target, lambda p: torch.save(images, p))
+        write_cache(target, images)
     return images
 
 

@@ -81,6 +81,10 @@ class Split:
 def make_split(dataset: Dataset, options: SplitOptions) -> tuple[list[Entry], int]:
     """Assign every row a split and every training row a client."""
     rows = dataset.rows
+    if len(dataset.classes) < 2:
+        raise FedctError(f"{dataset.source}: one class only ({', '.join(dataset.classes)}): a "
+                         "classifier needs images of two or more classes to train (score a "
+                         "one-class set with `fedct evaluate --data`)")
     for label in dataset.classes:
         if not any(r.label == label for r in rows):
             raise FedctError(f"class {label!r} has no images")
@@ -147,9 +151,17 @@ def run_split(
     force: bool = False,
 ) -> tuple[Path, dict]:
     """Read, check, split and write a split directory atomically; returns it and its metadata."""
+    from fedct.locks import exclusive
+
+    with exclusive(out, "split"):
+        return _split(dataset_path, Path(out), options, group_pattern=group_pattern,
+                      positive=positive, skip_bad=skip_bad, force=force)
+
+
+def _split(dataset_path, out: Path, options: SplitOptions, *, group_pattern, positive, skip_bad,
+           force) -> tuple[Path, dict]:
     from fedct.runs import refuse_overlap
 
-    out = Path(out)
     source = Path(dataset_path)
     refuse_overlap(out, {"dataset": source},
                    roots={"dataset folder": source.parent if source.is_file() else None})
@@ -178,6 +190,7 @@ def run_split(
                       "min_per_client": options.min_per_client, "local_val": options.local_val},
     }
     meta.update(summarize(entries, dataset.classes, clients))
+    meta["manifest_digest"] = manifest_digest(entries)
     if all(r.group == r.path for r in dataset.rows):
         meta["warnings"] = [f"{dataset.source}: no patient column, so images are split one by one "
                             "and slices of one patient can land in two splits or clients (give a "
@@ -204,6 +217,17 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def manifest_digest(entries: list[Entry]) -> str:
+    """A digest of every manifest row, split and client included: split.yaml's record of
+    which image is in which split and client, in which order (an edit that moves test rows
+    into a client's training rows, or reorders what a client trains on, is refused)."""
+    digest = hashlib.sha256()
+    for e in entries:
+        digest.update(f"{e.row.path}\0{e.row.label}\0{e.row.group}\0{e.row.site}\0{e.split}"
+                      f"\0{'' if e.client is None else e.client}\n".encode())
+    return digest.hexdigest()
 
 
 def _write_manifest(path: Path, entries: list[Entry]) -> None:
@@ -248,28 +272,73 @@ def load_split(directory: str | Path, *, verify: bool = True) -> Split:
     for needed in (manifest, meta_path):
         if not needed.is_file():
             raise FedctError(f"{needed}: not found (is {directory} a `fedct split` output?)")
-    try:
-        meta = yaml.safe_load(meta_path.read_text()) or {}
-        root = Path(meta["dataset"]["root"])
-        classes = list(meta["classes"])
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
-        raise FedctError(f"{meta_path}: unreadable split metadata ({exc})") from None
-    entries = []
-    with manifest.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise FedctError(f"{manifest}: expected columns {','.join(COLUMNS)}")
-        for line_no, item in enumerate(reader, start=2):
-            if item["label"] not in classes:
-                raise FedctError(f"{manifest}:{line_no}: label {item['label']!r} not in split.yaml classes")
-            row = Row(path=item["path"], label=item["label"], group=item["group"], site=item["site"])
-            client = int(item["client"]) if item["client"] else None
-            entries.append(Entry(row=replace(row, split=item["split"]), split=item["split"], client=client))
+    meta, root, classes = _read_split_meta(meta_path)
+    entries = _read_manifest(manifest, classes, int(meta["partition"]["clients"]))
+    recorded = meta.get("manifest_digest")
+    if recorded is not None and recorded != manifest_digest(entries):
+        raise FedctError(f"{manifest}: edited since `fedct split` wrote it (its rows, splits or "
+                         f"clients differ from {SPLIT_YAML}'s digest); run `fedct split` again")
     split = Split(directory=directory, root=root, entries=entries, classes=classes,
                   positive=meta.get("positive"), meta=meta)
     if verify:
         verify_fingerprint(split)
     return split
+
+
+def _read_split_meta(path: Path) -> tuple[dict, Path, list[str]]:
+    """split.yaml with the fields every command relies on checked."""
+    try:
+        meta = yaml.safe_load(path.read_text()) or {}
+        root = Path(meta["dataset"]["root"])
+        classes = meta["classes"]
+        clients = meta["partition"]["clients"]
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise FedctError(f"{path}: unreadable split metadata ({exc.__class__.__name__}: "
+                         f"{str(exc)[:100]})") from None
+    if not (isinstance(classes, list) and len(classes) >= 2 and len(set(map(str, classes))) == len(classes)):
+        raise FedctError(f"{path}: key 'classes' is {classes!r}, expected two or more distinct names")
+    classes = [str(c) for c in classes]
+    if meta.get("positive") is not None and meta["positive"] not in classes:
+        raise FedctError(f"{path}: key 'positive' is {meta['positive']!r}, not one of {classes}")
+    if not (isinstance(clients, int) and not isinstance(clients, bool) and clients >= 0):
+        raise FedctError(f"{path}: key 'partition.clients' is {clients!r}, expected a count >= 0")
+    return meta, root, classes
+
+
+def _read_manifest(manifest: Path, classes: list[str], clients: int) -> list[Entry]:
+    """Every row checked: its label, split and client, a path inside the dataset, once."""
+    entries, seen = [], {}
+    try:
+        with manifest.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise FedctError(f"{manifest}: expected columns {','.join(COLUMNS)}")
+            lines = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FedctError(f"{manifest}: unreadable manifest ({exc.__class__.__name__})") from None
+    splits = (*partition.SPLITS, LOCAL_VAL)
+    for line_no, item in enumerate(lines, start=2):
+        where = f"{manifest}:{line_no}"
+        if any(v is None for v in item.values()) or None in item:
+            raise FedctError(f"{where}: expected {len(COLUMNS)} cells")
+        path = item["path"]
+        if not path or Path(path).is_absolute() or ".." in Path(path).parts:
+            raise FedctError(f"{where}: path {path!r} is empty or outside the dataset folder")
+        if path in seen:
+            raise FedctError(f"{where}: path {path!r} is listed again (first on line {seen[path]})")
+        seen[path] = line_no
+        if item["label"] not in classes:
+            raise FedctError(f"{where}: label {item['label']!r} not in split.yaml classes")
+        if item["split"] not in splits:
+            raise FedctError(f"{where}: split {item['split']!r}, expected one of {', '.join(splits)}")
+        client = item["client"]
+        if client and not (client.isdigit() and int(client) < clients):
+            raise FedctError(f"{where}: client {client!r}, expected a client number from 0 to "
+                             f"{clients - 1} or empty")
+        row = Row(path=path, label=item["label"], group=item["group"], site=item["site"],
+                  split=item["split"])
+        entries.append(Entry(row=row, split=item["split"], client=int(client) if client else None))
+    return entries
 
 
 def split_digest(split: Split) -> str:

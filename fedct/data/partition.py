@@ -43,7 +43,7 @@ def assign_splits(
     rows: list[Row], fractions: tuple[float, float, float], seed: int
 ) -> list[str]:
     """Stratified, group-aware train/val/test: each group goes where the largest deficit is."""
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+    if len(fractions) != 3 or not all(f >= 0 for f in fractions) or not abs(sum(fractions) - 1) <= 1e-6:
         raise FedctError(f"--fractions {fractions}: need three non-negative numbers summing to 1")
     rng = np.random.default_rng(seed)
     out = [""] * len(rows)
@@ -79,6 +79,8 @@ def assign_clients(
     """Partition the rows at `indices` over clients; returns row index -> client, and the count."""
     if scheme not in SCHEMES:
         raise FedctError(f"--scheme {scheme!r}: unknown (choose from {', '.join(SCHEMES)})")
+    if min_per_client < 0:
+        raise FedctError(f"--min-per-client {min_per_client}: must be >= 0")
     units = make_units(rows, indices)
     if scheme == "natural":
         return _natural(rows, units, by, clients, min_per_client)

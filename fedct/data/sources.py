@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from fedct.errors import FedctError
 
@@ -91,15 +92,30 @@ def looks_like_image(path: Path) -> bool:
     return path.suffix == "" and is_dicom(path)
 
 
+def read_csv_rows(source: Path, required: tuple[str, ...] = ("path",)) -> tuple[list[str], list[dict]]:
+    """A UTF-8 CSV's column names and rows (cells stripped); a one-line error naming the file
+    for text that is not UTF-8 or a missing column."""
+    try:
+        with source.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{k.strip(): (v if isinstance(v, str) else "").strip()
+                     for k, v in line.items() if k} for line in reader]
+    except UnicodeDecodeError as exc:
+        raise FedctError(f"{source}: not UTF-8 text (byte {exc.object[exc.start]:#x} at offset "
+                         f"{exc.start}); save the CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise FedctError(f"{source}: not a readable CSV ({exc})") from None
+    for column in required:
+        if column not in columns:
+            raise FedctError(f"{source}: missing column '{column}' (found: {', '.join(columns)})")
+    return columns, rows
+
+
 def _read_csv(source: Path) -> Dataset:
-    with source.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        if "path" not in columns:
-            raise FedctError(f"{source}: missing column 'path' (found: {', '.join(columns)})")
-        if "label" not in columns and "class" not in columns:
-            raise FedctError(f"{source}: missing column 'label' (or 'class')")
-        raw = [{k.strip(): (v or "").strip() for k, v in line.items() if k} for line in reader]
+    columns, raw = read_csv_rows(source)
+    if "label" not in columns and "class" not in columns:
+        raise FedctError(f"{source}: missing column 'label' (or 'class')")
     rows: list[Row] = []
     numeric: dict[str, str] = {}
     named: dict[str, str] = {}
@@ -231,6 +247,9 @@ def decode_image(path: str | Path, *, window: tuple[float, float] = LUNG_WINDOW)
         with Image.open(path) as image:
             image.load()
             return _to_gray_uint8(image)
+    except DecompressionBombError:
+        raise FedctError(f"{path}: image too large to be a CT slice (over "
+                         f"{Image.MAX_IMAGE_PIXELS * 2:,} pixels); refused unread") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise FedctError(f"{path}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
 
@@ -274,14 +293,31 @@ def _decode_dicom(path: Path, window: tuple[float, float]) -> np.ndarray:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as exc:  # pydicom raises many types for damaged files
         raise FedctError(f"{path}: cannot decode DICOM ({exc.__class__.__name__}: {exc})") from None
-    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if samples > 1:
+        return _dicom_colour(path, pixels, samples)
+    if pixels.ndim == 3:
         pixels = pixels[pixels.shape[0] // 2]
+    if pixels.ndim != 2:
+        raise FedctError(f"{path}: DICOM pixel data of shape {pixels.shape}, not a slice")
     hounsfield = pixels * float(getattr(ds, "RescaleSlope", 1)) + float(
         getattr(ds, "RescaleIntercept", 0)
     )
     level, width = window
     low = level - width / 2
     return (np.clip((hounsfield - low) / width, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _dicom_colour(path: Path, pixels: np.ndarray, samples: int) -> np.ndarray:
+    """A colour DICOM (a secondary capture: display values, not Hounsfield units) becomes
+    luminance like a colour PNG; a multi-frame one gives its middle frame."""
+    if pixels.ndim == 4:
+        pixels = pixels[pixels.shape[0] // 2]
+    if pixels.ndim != 3 or pixels.shape[-1] != samples or samples < 3:
+        raise FedctError(f"{path}: DICOM colour pixel data of shape {pixels.shape} "
+                         f"({samples} samples per pixel), not an RGB slice")
+    gray = pixels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.clip(gray + 0.5, 0, 255).astype(np.uint8) if pixels.max() <= 255 else _stretch(gray)
 
 
 def fingerprint(dataset: Dataset) -> str:

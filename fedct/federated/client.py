@@ -204,6 +204,9 @@ def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData
     and sits out when its next round would pass the target epsilon: the budget is the
     client's to keep, not the server's.
     """
+    if len(data.train) == 0:  # an empty client fails its part; the round goes on without it
+        return ClientReply(data.client_id, None, status=Status.FAILED,
+                           detail="no training rows"), state
     noise = None
     if config.dp:
         if "noise" not in state:

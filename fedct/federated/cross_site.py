@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedct.errors import FedctError
-from fedct.evaluation import checkpoint_name, score_checkpoint, write_evaluation
+from fedct.evaluation import checkpoint_names, score_checkpoint, write_evaluation
 from fedct.federated.protocol import Evaluation, RoundSpec, RunExtras, Status
 from fedct.federated.validation import histogram_of
 from fedct.metrics import positive_index
@@ -41,7 +41,7 @@ def report_of(checkpoints: list[str], replies: dict[str, list[Evaluation]], extr
               *, tta: bool) -> dict:
     """The `fedct evaluate` report of the nodes' evaluations of each checkpoint."""
     results, curves, negative, images = [], {}, "negative", 0
-    for checkpoint in checkpoints:
+    for checkpoint, name in zip(checkpoints, checkpoint_names(checkpoints), strict=True):
         meta = read_sidecar(checkpoint)  # the weights were read and sent by the ServerApp
         spec = spec_of(meta)
         answered = [e for e in replies[checkpoint] if e.status is Status.EVALUATED and e.examples]
@@ -58,14 +58,14 @@ def report_of(checkpoints: list[str], replies: dict[str, list[Evaluation]], extr
             scopes[name] = np.arange(start, start + len(client_truth))
             start += len(client_truth)
         pooled = sum(histograms.values(), ScoreHistogram.empty())
-        results += score_checkpoint(checkpoint_name(checkpoint),
+        results += score_checkpoint(name,
                                     str(checkpoint_paths(checkpoint)[0]), meta, spec.positive,
                                     truth, score, None, scopes,
                                     threshold=extras.eval_threshold or None,
                                     n_boot=extras.eval_bootstrap, seed=extras.eval_seed)
         results[-len(scopes)].update(auc_bin_error=pooled.tie_bound(),  # the "all" row
                                      nodes=_statuses(replies[checkpoint]))
-        curves[checkpoint_name(checkpoint)] = (truth, score)
+        curves[name] = (truth, score)
         negative = next((c for c in spec.classes if c != spec.positive), negative)
         images = max(images, len(truth))
     report = {"data": f"federation, each node's {ON[extras.eval_rows]} rows", "images": images,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedct.data.loading import ImageTensorDataset, cache_dir
+from fedct.data.loading import ImageTensorDataset, cache_dir, write_cache
 from fedct.federated.setup import freeze_policy
 from fedct.training import seed_everything
 
@@ -116,8 +116,6 @@ def compute_features(model: nn.Module, dataset: ImageTensorDataset, *, views: in
 def cached_features(model: nn.Module, dataset: ImageTensorDataset, config, *, seed: int,
                     device: torch.device) -> FeatureDataset:
     """The client's features for this backbone: from its cache folder, else computed once."""
-    from fedct.runs import atomic_write
-
     digest = hashlib.sha256(backbone_digest(model).encode())
     digest.update(repr((config.feature_views, seed, [getattr(config, k) for k in VIEW_RECIPE]))
                   .encode())
@@ -131,5 +129,5 @@ def cached_features(model: nn.Module, dataset: ImageTensorDataset, config, *, se
             target.unlink(missing_ok=True)
     features = compute_features(model, dataset, views=config.feature_views, seed=seed,
                                 device=device, channels_last=config.channels_last)
-    atomic_write(target, lambda path: torch.save(features, path))
+    write_cache(target, features)
     return FeatureDataset(features, dataset.labels)

@@ -20,6 +20,7 @@ from pathlib import Path
 from fedct import __version__
 from fedct.errors import FedctError
 from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS, RunExtras, run_config_values
+from fedct.locks import exclusive
 from fedct.runs import REPORT, prepare_run_dir
 
 FLWR_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
@@ -103,8 +104,9 @@ def run_on_flower(split_dir: Path | None, out: Path, config, *, init: str,
     config, note = resolve_input_size(config, init)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    if not resume:
-        prepare_run_dir(out, resume=False, force=force, **run_inputs(split, init))
+    if not resume:  # the coordinator's ServerApp holds the lock while it runs the rounds
+        with exclusive(out):
+            prepare_run_dir(out, resume=False, force=force, **run_inputs(split, init))
     values = run_config(config, init=init, out=out, split_dir=split_dir,
                         num_clients=num_clients, round_timeout=round_timeout, resume=resume)
     with tempfile.TemporaryDirectory(prefix="fedct-flower-app-") as app_dir:
@@ -124,11 +126,12 @@ def evaluate_on_flower(checkpoints: list, *, federation: str | None, on: str,
     """Score checkpoints on every node's own rows through the federation's SuperLink; the
     coordinator's ServerApp writes the `fedct evaluate` report into `out`."""
     from fedct.config import FederateConfig, build_config
-    from fedct.evaluation import check_threshold, fresh_folder
+    from fedct.evaluation import check_bootstrap, check_threshold, fresh_folder
     from fedct.federated.cross_site import ON
     from fedct.runs import checkpoint_paths, read_sidecar
 
     _federation(None, federation, clients)
+    check_bootstrap(n_boot)
     check_threshold(threshold)
     sizes = {tuple(read_sidecar(c)["input_size"]) for c in checkpoints}
     if len(sizes) != 1:

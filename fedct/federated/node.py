@@ -37,7 +37,7 @@ from fedct.federated.client import (
 from fedct.federated.protocol import ClientReply, Evaluation, RoundSpec, Weights
 from fedct.federated.setup import model_spec, place_model
 from fedct.models import build_model
-from fedct.runs import atomic_write
+from fedct.runs import atomic_write, save_tensors
 from fedct.training import pick_device
 
 
@@ -133,7 +133,7 @@ def node_round(node_config: dict, run_id: int, config: FederateConfig, global_we
     reply, state = run_client_round(model, global_weights, data, config, state,
                                     round_number=spec.round, planned_rounds=spec.planned_rounds,
                                     device=device, num_classes=len(spec.classes), control=control)
-    atomic_write(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda p: save_tensors(state, p))
     return reply
 
 

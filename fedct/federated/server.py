@@ -25,7 +25,6 @@ import torch
 from fedct.config import to_dict
 from fedct.data.loading import make_loader
 from fedct.data.manifest import split_digest
-from fedct.errors import FedctError
 from fedct.federated import scaffold
 from fedct.federated.client import norm_keys, round_lr
 from fedct.federated.protocol import ClientReply, Evaluation, Status, Weights
@@ -40,6 +39,7 @@ from fedct.federated.validation import (
     pool,
 )
 from fedct.federated.view import RoundView
+from fedct.locks import exclusive
 from fedct.metrics import summary_metrics
 from fedct.operating_point import ScoreHistogram, operating_point
 from fedct.runs import (
@@ -94,9 +94,8 @@ class RoundServer:
 
     def resume(self) -> tuple[Weights, dict]:
         """The committed round's global weights and the engine's saved state."""
-        saved = load_resume(self.out)
-        if "weights" not in saved:
-            raise FedctError(f"{self.out}: resume state from an older fedct; start the run anew")
+        saved = load_resume(self.out, ("weights", "server_state", "epsilon", "round", "tracker",
+                                       "extra"))
         self.server_state = saved["server_state"]
         self.epsilon = {int(k): v for k, v in saved["epsilon"].items()}
         self.round = int(saved["round"])
@@ -266,7 +265,20 @@ def run_rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[l
     engine's client states): saved with every round, restored in place on resume.
     `eval_plan` lists the clients that score the aggregated model after each round.
     `stop_after` ends the run after that round without finishing it (for tests).
+    The run directory is locked against a second writer while the rounds run.
     """
+    with exclusive(out):
+        return _rounds(setup, out, num_clients=num_clients, schedule=schedule,
+                       train_round=train_round, engine=engine, device=device, view=view,
+                       resume=resume, force=force, kept=kept, evaluate_round=evaluate_round,
+                       eval_plan=eval_plan, config_extra=config_extra, stop_after=stop_after)
+
+
+def _rounds(setup: RunSetup, out: Path, *, num_clients: int, schedule: list[list[int]],
+            train_round: TrainRound, engine: str, device: torch.device, view: RoundView,
+            resume: bool, force: bool, kept: dict | None, evaluate_round: EvaluateRound | None,
+            eval_plan: list[list[int]] | None, config_extra: dict | None,
+            stop_after: int | None) -> dict:
     config = setup.config
     out = prepare_run_dir(Path(out), resume=resume, force=force, **setup.inputs())
     server = RoundServer(out=out, setup=setup, view=view, device=device, engine=engine,
