@@ -23,7 +23,7 @@ from fedct.metrics import (
 )
 from fedct.models import create_model, load_weights, make_dp_safe
 from fedct.operating_point import expected_calibration_error
-from fedct.runs import checkpoint_paths, json_safe, read_checkpoint, refuse_overlap
+from fedct.runs import atomic_write, checkpoint_paths, json_safe, read_checkpoint, refuse_overlap
 from fedct.training import pick_device, predict, set_threads
 
 SPLITS = ("train", "val", "test", LOCAL_VAL, "all")
@@ -188,7 +188,8 @@ def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -
     cards = [record_in_run(r, data=report["data"], grouped=report["grouped_bootstrap"])
              for r in pooled]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(json_safe(report), indent=2))
+    atomic_write(out_dir / "metrics.json",
+                 lambda p: p.write_text(json.dumps(json_safe(report), indent=2)))
     plot_roc(curves, out_dir / "roc.png", f"ROC on {report['data']}")
     plot_confusion({f"{r['checkpoint']} @ {r['chosen']['threshold']:.2f}": r["chosen"]["confusion"]
                     for r in pooled}, out_dir / "confusion.png", positive, negative)

@@ -157,7 +157,8 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
         ax.legend(fontsize=7, loc="lower right")
     else:  # one class in the data: no curve exists, and the figure says so
         ax.text(0.5, 0.55, "no ROC curve: these data hold\nimages of one class only",
-                ha="center", va="center", fontsize=9)
+                ha="center", va="center", fontsize=9,
+                bbox={"facecolor": "white", "edgecolor": "0.6", "boxstyle": "round"})
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -336,6 +336,10 @@ def truncate_csv(path: Path, column: str, keep_through: int) -> None:
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
         fields = rows[0].keys() if rows else []
+    for line_no, row in enumerate(rows, start=2):
+        if not str(row.get(column) or "").isdigit():
+            raise FedctError(f"{path}:{line_no}: {column} {row.get(column)!r} is not a "
+                             "number (a damaged file; restore it or start the run anew)")
     kept = [r for r in rows if int(r[column]) <= keep_through]
 
     def write(p: Path) -> None:

@@ -9,6 +9,7 @@ LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_in1k.safetensors"
 # a federated run small enough for a unit test: a tiny timm model, 32 px, 2 rounds of 2 steps
 TINY = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
         "rounds": 2, "local_steps": 2}
+THRESHOLD = 0.45  # the operating point stored with the `checkpoint` fixture
 
 
 def require_shared(path: Path) -> None:
@@ -57,3 +58,23 @@ def write_node_csv(split_dir: Path, client_id: int, path: Path, rows: str = "tra
         for entry in split.select(clients=[client_id], split=rows):
             writer.writerow([entry.row.path, entry.row.label, entry.row.group])
     return target
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained tiny model (64 px) with a stored operating point: enough for the
+    mechanics of predict, export and the checks on its files."""
+    import torch
+
+    from fedct.models import create_model, data_config
+    from fedct.runs import checkpoint_meta, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 2, pretrained="none")
+    stem = tmp_path_factory.mktemp("ckpt") / "best"
+    meta = checkpoint_meta(architecture="test_efficientnet", classes=["CT_COVID", "CT_NonCOVID"],
+                           positive="CT_COVID", data_cfg=data_config(model, 64), stage="pretrain",
+                           operating_point={"threshold": THRESHOLD, "rule": "youden",
+                                            "source": "val"})
+    save_checkpoint(stem, model.state_dict(), meta)
+    return stem

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import THRESHOLD, TINY
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -17,30 +17,13 @@ from fedct.config import FederateConfig, build_config
 from fedct.data.sources import decode_image
 from fedct.evaluation import load_model
 from fedct.federated import simulation
-from fedct.models import create_model, data_config
-from fedct.runs import checkpoint_meta, save_checkpoint
 from fedct.tracking import TensorBoardLog
 
 runner = CliRunner()
-THRESHOLD = 0.45
 
 
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """An untrained tiny model with a stored operating point: enough for the mechanics."""
-    torch.manual_seed(0)
-    model = create_model("test_efficientnet", 2, pretrained="none")
-    stem = tmp_path_factory.mktemp("ckpt") / "best"
-    meta = checkpoint_meta(architecture="test_efficientnet", classes=["CT_COVID", "CT_NonCOVID"],
-                           positive="CT_COVID", data_cfg=data_config(model, 64), stage="pretrain",
-                           operating_point={"threshold": THRESHOLD, "rule": "youden",
-                                            "source": "val"})
-    save_checkpoint(stem, model.state_dict(), meta)
-    return stem
 
 
 def by_hand(stem, paths):

@@ -9,15 +9,14 @@ import random
 import re
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
 from fedct.cli import app
 from fedct.data.manifest import MANIFEST, SPLIT_YAML, load_split, manifest_digest
 from fedct.errors import FedctError
-from fedct.models import create_model, data_config
-from fedct.runs import checkpoint_meta, read_checkpoint, save_checkpoint
+from fedct.models import create_model
+from fedct.runs import read_checkpoint, save_checkpoint
 from fedct.sidecar import SIDECAR_DIGEST, WEIGHTS_DIGEST
 
 runner = CliRunner()
@@ -31,18 +30,6 @@ def one_line_error(result) -> bool:
     lines = [line for line in result.output.splitlines() if line.strip()]
     return result.exit_code == 2 and "Traceback" not in result.output and \
         sum(line.startswith("error:") for line in lines) == 1
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("test_efficientnet", 2, pretrained="none")
-    stem = tmp_path_factory.mktemp("ckpt") / "best"
-    meta = checkpoint_meta(architecture="test_efficientnet", classes=["CT_COVID", "CT_NonCOVID"],
-                           positive="CT_COVID", data_cfg=data_config(model, 64), stage="pretrain",
-                           operating_point={"threshold": 0.45, "rule": "youden", "source": "val"})
-    save_checkpoint(stem, model.state_dict(), meta)
-    return stem
 
 
 def copy_checkpoint(stem, target_dir, name="best"):
@@ -272,3 +259,41 @@ def test_a_duplicated_manifest_row_is_named(split_dir, tmp_path):
     (copy / MANIFEST).write_text("".join(lines + [lines[1]]))
     with pytest.raises(FedctError, match=f"manifest.csv:{len(lines) + 1}: path .* listed again"):
         load_split(copy)
+
+
+def test_fuzzed_files_through_evaluate_and_federate(checkpoint, split_dir, tmp_path):
+    """The commands themselves, not only the readers: each edit gives a one-line error
+    (exit 2, nothing written) or the result of the unedited file."""
+    import shutil
+
+    from conftest import TINY
+
+    rng = random.Random(2)
+    base = cli("evaluate", checkpoint, "--split", split_dir, "--bootstrap", 0, "--out",
+               tmp_path / "base", "--json")
+    assert base.exit_code == 0, base.output
+    expected = [r["chosen"]["confusion"] for r in json.loads(base.output)["results"]]
+    for trial in range(8):
+        stem = copy_checkpoint(checkpoint, tmp_path, f"e{trial}")
+        sidecar = stem.with_name(stem.name + ".json")
+        sidecar.write_text(random_edit(sidecar.read_text(), rng))
+        result = cli("evaluate", stem, "--split", split_dir, "--bootstrap", 0, "--out",
+                     tmp_path / f"e{trial}-out", "--json")
+        if result.exit_code == 0:
+            got = [r["chosen"]["confusion"] for r in json.loads(result.output)["results"]]
+            assert got == expected
+        else:
+            assert one_line_error(result), result.output
+            assert not (tmp_path / f"e{trial}-out").exists()
+    flags = [f for k, v in {**TINY, "rounds": 1}.items() for f in (f"--{k.replace('_', '-')}", v)]
+    for trial in range(8):
+        copy = tmp_path / f"split{trial}"
+        shutil.copytree(split_dir, copy)
+        manifest = copy / (MANIFEST if trial % 2 else SPLIT_YAML)
+        manifest.write_text(random_edit(manifest.read_text(), rng))
+        result = cli("federate", copy, "--init", "none", "--out", tmp_path / f"f{trial}",
+                     "--quiet", *flags)
+        assert result.exit_code in (0, 2) and "Traceback" not in result.output, result.output
+        if result.exit_code == 2:
+            assert one_line_error(result), result.output
+            assert not (tmp_path / f"f{trial}").exists()
