@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -43,7 +43,7 @@ SHARED = ROOT.parent / "shared"
 COVID = SHARED / "data" / "covid-ct" / "splits.csv"
 GROUPS = r"^(\d{4}\.\d{2}\.\d{2}\.\d+)-p|^(\d+)%|^(.+)\."  # the README's COVID-CT rule
 NATIVE = {"lite0": 224, "lite1": 240, "lite2": 260}
-C_GRID = np.logspace(-4, 1, 11)
+C_GRID = np.logspace(-4, 3, 15)
 
 
 def features_of(name: str, size: int, split) -> tuple[np.ndarray, float]:
@@ -59,16 +59,12 @@ def features_of(name: str, size: int, split) -> tuple[np.ndarray, float]:
     return out, time.perf_counter() - tick
 
 
-def probe(seed: int) -> object:
-    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000,
-                                                              random_state=seed))
-
-
 def nested_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int):
     """A probe whose C is chosen by grouped 3-fold cross-validation on (x, y) alone."""
     inner = list(StratifiedGroupKFold(3, shuffle=True, random_state=seed).split(x, y, groups))
     model = make_pipeline(StandardScaler(), LogisticRegressionCV(
-        Cs=C_GRID, cv=inner, scoring="roc_auc", max_iter=5000, random_state=seed))
+        Cs=C_GRID, l1_ratios=(0.0,), cv=inner, scoring="roc_auc", max_iter=5000,
+        random_state=seed, use_legacy_attributes=True))
     return model.fit(x, y)
 
 
@@ -119,8 +115,8 @@ def main() -> int:
         groups = np.array([e.row.group for e in split.entries])
         is_train = np.array([e.split == "train" for e in split.entries])
         for name in args.models.split(","):
-            for size_name in args.sizes.split(","):
-                size = NATIVE[name] if size_name == "native" else int(size_name)
+            sizes = [NATIVE[name] if s == "native" else int(s) for s in args.sizes.split(",")]
+            for size in dict.fromkeys(sizes):  # lite0's native size is 224: once
                 x, seconds = features_of(name, size, split)
                 cv = cross_validate(x, y, groups, args.folds, args.seed)
                 val = official_val(x, y, groups, is_train, args.seed)

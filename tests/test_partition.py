@@ -127,6 +127,11 @@ def test_local_val_is_carved_from_each_client():
     (SplitOptions(scheme="shards", classes_per_client=3), "classes-per-client"),
     (SplitOptions(scheme="natural", clients=3), "gives 4 clients"),
     (SplitOptions(fractions=(0.5, 0.2, 0.2)), "fractions"),
+    (SplitOptions(fractions=(float("nan"), 0.5, 0.5)), "fractions"),
+    (SplitOptions(min_per_client=-1), "min-per-client"),
+    (SplitOptions(folds=5, fold=5), "a fold from 0 to 4"),
+    (SplitOptions(folds=1), "at least 2 folds"),
+    (SplitOptions(fold=2), "give --folds K too"),
 ])
 def test_bad_options_are_named(options, message):
     with pytest.raises(FedctError, match=message):
@@ -139,3 +144,20 @@ def test_empty_class_and_keep_split_errors():
         make_split(dataset(rows, classes=("neg", "pos", "other")), SplitOptions())
     with pytest.raises(FedctError, match="split value ''"):
         make_split(dataset(rows), SplitOptions(keep_split=True))
+
+
+def test_cross_validation_folds_cover_train_and_val_once_and_keep_patients_whole():
+    rows = make_rows(patients=100)
+    folds = [make_split(dataset(rows), SplitOptions(folds=4, fold=i, clients=2, seed=3))[0]
+             for i in range(4)]
+    tests = [{e.row.path for e in entries if e.split == "test"} for entries in folds]
+    assert all(t == tests[0] for t in tests) and tests[0]  # test rows stay where they were
+    vals = [{e.row.path for e in entries if e.split == "val"} for entries in folds]
+    pooled = {e.row.path for e in folds[0] if e.split != "test"}
+    assert set().union(*vals) == pooled and sum(map(len, vals)) == len(pooled)
+    for entries, val in zip(folds, vals, strict=True):
+        check_invariants(rows, entries, 2)
+        val_groups = {e.row.group for e in entries if e.split == "val"}
+        assert not val_groups & {e.row.group for e in entries if e.split == "train"}
+        positives = sum(e.row.label == "pos" for e in entries if e.split == "val") / len(val)
+        assert 0.3 < positives < 0.7  # stratified: about the pooled share (one half)

@@ -49,6 +49,8 @@ def split(
     local_val: Annotated[float, typer.Option(help="Share of each client's training groups kept as its local validation.")] = 0.0,
     fractions: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.15,0.15",
     keep_split: Annotated[bool, typer.Option(help="Keep the dataset's own split column.")] = False,
+    folds: Annotated[int, typer.Option(help="Cross-validation: cut train + val into this many patient-grouped, stratified folds (test stays test).")] = 0,
+    fold: Annotated[int, typer.Option(help="With --folds: the fold (0-based) that becomes val.")] = 0,
     group_pattern: Annotated[str | None, typer.Option(help="Regex on file names giving the patient id (first group).")] = None,
     positive: Annotated[str | None, typer.Option(help="Name of the positive class (default: guessed, e.g. CT_COVID).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same manifest.")] = 0,
@@ -68,7 +70,7 @@ def split(
         fractions=floats(fractions, "--fractions"), keep_split=keep_split,
         clients=clients if clients is not None or scheme == "natural" else 5, scheme=scheme,
         alpha=alpha, classes_per_client=classes_per_client, by=by, min_per_client=min_per_client,
-        local_val=local_val, seed=seed,
+        local_val=local_val, seed=seed, folds=folds, fold=fold,
     )
     path, meta = run_split(dataset, out, options, group_pattern=group_pattern, positive=positive,
                            skip_bad=skip_bad, force=force)

@@ -50,6 +50,8 @@ class SplitOptions:
     min_per_client: int = 1
     local_val: float = 0.0
     seed: int = 0
+    folds: int = 0  # > 1: cross-validation, train + val cut into this many folds
+    fold: int = 0  # the fold that is val
 
 
 @dataclass
@@ -98,6 +100,10 @@ def make_split(dataset: Dataset, options: SplitOptions) -> tuple[list[Entry], in
         splits = [r.split for r in rows]
     else:
         splits = partition.assign_splits(rows, options.fractions, options.seed)
+    if options.fold and not options.folds:
+        raise FedctError(f"--fold {options.fold}: give --folds K too")
+    if options.folds:
+        splits = partition.assign_fold(rows, splits, options.folds, options.fold, options.seed)
     train = [i for i, s in enumerate(splits) if s == "train"]
     for label in dataset.classes:
         if not any(rows[i].label == label for i in train):
@@ -184,7 +190,8 @@ def _split(dataset_path, out: Path, options: SplitOptions, *, group_pattern, pos
         "positive": dataset.positive,
         "seed": options.seed,
         "split": {"mode": "kept" if options.keep_split else "stratified",
-                  "fractions": None if options.keep_split else list(options.fractions)},
+                  "fractions": None if options.keep_split else list(options.fractions),
+                  **({"folds": options.folds, "fold": options.fold} if options.folds else {})},
         "partition": {"scheme": options.scheme, "clients": clients, "alpha": options.alpha,
                       "classes_per_client": options.classes_per_client, "by": options.by,
                       "min_per_client": options.min_per_client, "local_val": options.local_val},

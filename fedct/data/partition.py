@@ -39,6 +39,30 @@ def make_units(rows: list[Row], indices: list[int] | None = None) -> list[Unit]:
     return units
 
 
+def assign_fold(rows: list[Row], splits: list[str], folds: int, fold: int,
+                seed: int) -> list[str]:
+    """Cross-validation: the train and val rows pooled, cut into `folds` folds stratified by
+    label with no group in two folds (scikit-learn's StratifiedGroupKFold), fold `fold`
+    (0-based) as val and the rest as train; test rows stay test."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if folds < 2 or not 0 <= fold < folds:
+        raise FedctError(f"--folds {folds} --fold {fold}: need at least 2 folds and a fold "
+                         f"from 0 to {folds - 1}")
+    pool = [i for i, s in enumerate(splits) if s in ("train", "val")]
+    groups = [rows[i].group for i in pool]
+    if len(set(groups)) < folds:
+        raise FedctError(f"--folds {folds}: only {len(set(groups))} groups (patients) in the "
+                         "train and val rows")
+    cutter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    labels = [rows[i].label for i in pool]
+    held = list(cutter.split(np.zeros(len(pool)), labels, groups))[fold][1]
+    out = ["train" if s in ("train", "val") else s for s in splits]
+    for j in held:
+        out[pool[j]] = "val"
+    return out
+
+
 def assign_splits(
     rows: list[Row], fractions: tuple[float, float, float], seed: int
 ) -> list[str]:
