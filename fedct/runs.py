@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import json
 import os
 import pickle
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from fedct import __version__
 from fedct.errors import FedctError
@@ -119,7 +121,8 @@ def save_checkpoint(stem: Path, state: dict[str, torch.Tensor], meta: dict) -> P
 
 def read_sidecar(name: str | Path, *, whole_file: bool = False) -> dict:
     """A checkpoint's sidecar alone, every field checked and its binding to the weights'
-    header verified (`whole_file`: the weights' own digest too)."""
+    header verified (`whole_file`: the weights' own digest too; `read_checkpoint` checks
+    that on the bytes it loads)."""
     from fedct.sidecar import check_binding, check_fields
 
     weights, sidecar = checkpoint_paths(name)
@@ -142,12 +145,20 @@ def _refuse_constant(name: str):
 
 
 def read_checkpoint(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    meta = read_sidecar(name, whole_file=True)
-    weights, _ = checkpoint_paths(name)
+    """Weights and sidecar, the weights file read once: its bytes are hashed against the
+    sidecar's digest and then decoded."""
+    from fedct.sidecar import WEIGHTS_DIGEST
+
+    meta = read_sidecar(name)
+    weights, sidecar = checkpoint_paths(name)
     try:
-        state = load_file(str(weights))
+        data = weights.read_bytes()
+        state = load_bytes(data)
     except (SafetensorError, OSError) as exc:
         raise FedctError(f"{weights}: unreadable checkpoint ({exc.__class__.__name__})") from None
+    if WEIGHTS_DIGEST in meta and hashlib.sha256(data).hexdigest() != meta[WEIGHTS_DIGEST]:
+        raise FedctError(f"{weights}: not the weights {sidecar.name} was saved with (their "
+                         "digest differs)")
     return state, meta
 
 
