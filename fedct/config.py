@@ -46,6 +46,7 @@ class TrainConfig:
     aug_flip: bool = True
     aug_brightness: float = 0.2
     aug_contrast: float = 0.2
+    erase_prob: float = 0.0  # random erasing: chance that a rectangle of a training image is blanked
     channels_last: bool = True
     amp: bool = True  # bfloat16 autocast, only on CUDA
     device: str = "auto"  # auto | cpu | cuda
@@ -62,6 +63,10 @@ class PretrainConfig(TrainConfig):
     min_lr: float = 1e-6
     patience: int = 0  # early stopping; 0 = off
     ema_decay: float = 0.0  # > 0: validate and checkpoint an EMA of the weights (timm ModelEmaV3)
+    mixup_alpha: float = 0.0  # > 0: timm Mixup of each batch with its reverse, Beta(alpha, alpha)
+    cutmix_alpha: float = 0.0  # > 0: timm CutMix (with mixup too: one of them per batch)
+    mix_prob: float = 1.0  # share of batches mixed
+    average_last: int = 0  # > 1: also write RUN/averaged, the mean of the last K epochs' weights
     monitor: str = "val_auc"  # val_auc | val_acc | val_loss | val_balanced_acc
     clients: list[int] | None = None  # pretrain on these clients' training rows only
     rows: str | None = None  # or on rows whose site/client equals this value
@@ -115,6 +120,30 @@ class FederateConfig(TrainConfig):
     secagg_threshold: float = 0.5  # shares to rebuild a key: a share of them (<= 1) or a count
     secagg_clip: float = 1.0  # each example-weighted update value is clipped to +-this (measured)
     secagg_max_weight: int = 1000  # the most examples a node may weigh in with
+
+
+@dataclass
+class SelfSupConfig:
+    """Stage 0: self-supervised pretraining (BYOL) of a backbone on unlabelled images."""
+
+    model: str = "tf_efficientnet_lite0"
+    pretrained: str = "hub"  # hub | none | path to weights or a fedct checkpoint
+    image_size: int = 224
+    batch_size: int = 32
+    epochs: int = 40
+    lr: float = 3e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    warmup_epochs: float = 2.0
+    min_lr: float = 1e-6
+    target_decay: float = 0.99  # the target network's EMA decay, raised to 1 over the run
+    projection_dim: int = 128
+    hidden_dim: int = 1024
+    crop_scale_min: float = 0.25  # views are crops of at least this share of the image
+    channels_last: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
 
 
 THRESHOLD_RULES = "0.5 (or any number in (0, 1)), youden, eer, sens:X or spec:X"
@@ -209,7 +238,7 @@ def build_config(cls, path: str | Path | None = None, overrides: dict | None = N
 
 
 RESUME_MAY_CHANGE = ("device",)  # where it runs, not what it computes
-COMMANDS = {PretrainConfig: "pretrain", FederateConfig: "federate"}
+COMMANDS = {PretrainConfig: "pretrain", FederateConfig: "federate", SelfSupConfig: "selfsup"}
 
 
 def resolve_config(cls, *, path: str | Path | None, overrides: dict,
@@ -252,6 +281,9 @@ def validate(config) -> None:
         value = getattr(config, key, None)
         if value is not None and value not in allowed:
             raise FedctError(f"{key} {value!r}: choose from {', '.join(allowed)}")
+    if isinstance(config, SelfSupConfig):
+        _check_selfsup(config)
+        return
     parse_rule(config.threshold)
     freeze = config.freeze
     if freeze not in ("full", "head") and not (
@@ -268,17 +300,14 @@ def validate(config) -> None:
             raise FedctError(f"{key} {getattr(config, key)}: must be >= {least}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise FedctError(f"lr {config.lr}: must be a number > 0")
-    if not 0 < config.layer_decay <= 1:
-        raise FedctError(f"layer_decay {config.layer_decay}: must be in (0, 1]")
+    _check_ranges(config, {"erase_prob": "[0, 1]", "layer_decay": "(0, 1]"})
     if isinstance(config, FederateConfig):
         if config.rounds < 1:
             raise FedctError(f"rounds {config.rounds}: must be >= 1")
         if not 0 <= config.min_lr <= config.lr:
             raise FedctError(f"min_lr {config.min_lr}: must be in [0, lr {config.lr}]")
-        if not 0 < config.fraction <= 1:
-            raise FedctError(f"fraction {config.fraction}: must be in (0, 1]")
-        if not 0 < config.eval_fraction <= 1:
-            raise FedctError(f"eval_fraction {config.eval_fraction}: must be in (0, 1]")
+        _check_ranges(config, {"fraction": "(0, 1]", "eval_fraction": "(0, 1]",
+                               "fedrs_alpha": "(0, 1]", "fedlc_tau": "(0, inf)"})
         if config.val == "pooled" and config.monitor.startswith("fed_"):
             raise FedctError(f"monitor {config.monitor}: needs federated val (val: federated "
                              "or both)")
@@ -303,10 +332,6 @@ def validate(config) -> None:
             raise FedctError(f"max_grad_norm {config.max_grad_norm}: must be a number > 0")
         if config.noise_multiplier < 0:
             raise FedctError(f"noise_multiplier {config.noise_multiplier}: must be >= 0")
-        if not config.fedlc_tau > 0:
-            raise FedctError(f"fedlc_tau {config.fedlc_tau}: must be > 0")
-        if not 0 < config.fedrs_alpha <= 1:
-            raise FedctError(f"fedrs_alpha {config.fedrs_alpha}: must be in (0, 1]")
         if config.dp and config.dp_train == "norms" and config.freeze_bn:
             raise FedctError("freeze_bn: dp_train norms trains the norms' scale and shift (their "
                              "statistics stay frozen); set freeze_bn false")
@@ -318,8 +343,33 @@ def validate(config) -> None:
     if isinstance(config, PretrainConfig):
         if config.epochs < 1:
             raise FedctError(f"epochs {config.epochs}: must be >= 1")
-        if not 0 <= config.ema_decay < 1:
-            raise FedctError(f"ema_decay {config.ema_decay}: must be in [0, 1)")
+        _check_ranges(config, {"ema_decay": "[0, 1)", "mixup_alpha": "[0, inf)",
+                               "cutmix_alpha": "[0, inf)", "mix_prob": "(0, 1]"})
+        if config.balance == "loss" and (config.mixup_alpha or config.cutmix_alpha):
+            raise FedctError("balance loss: class-weighted loss and mixup/cutmix's soft targets "
+                             "do not combine; use balance sampler")
+        if config.average_last < 0 or config.average_last > config.epochs:
+            raise FedctError(f"average_last {config.average_last}: must be in 0..epochs "
+                             f"({config.epochs})")
+
+
+def _check_ranges(config, ranges: dict[str, str]) -> None:
+    """Each key's value inside its interval, written as in the error: "(0, 1]", "[0, inf)"."""
+    for key, interval in ranges.items():
+        value = getattr(config, key)
+        low, high = (float(end) for end in interval[1:-1].split(","))
+        if not ((low < value if interval[0] == "(" else low <= value)
+                and (value < high if interval[-1] == ")" else value <= high)):
+            raise FedctError(f"{key} {value}: must be in {interval}")
+
+
+def _check_selfsup(config: SelfSupConfig) -> None:
+    for key, least in (("epochs", 1), ("batch_size", 2), ("image_size", 8),
+                       ("projection_dim", 1), ("hidden_dim", 1)):
+        if getattr(config, key) < least:
+            raise FedctError(f"{key} {getattr(config, key)}: must be >= {least}")
+    _check_ranges(config, {"target_decay": "(0, 1]", "crop_scale_min": "(0, 1]"})
+    _check_ranges(config, {"lr": "(0, inf)", "min_lr": f"[0, {config.lr}]"})
 
 
 def _check_secure(config) -> None:

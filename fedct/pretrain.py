@@ -27,6 +27,7 @@ from fedct.locks import exclusive
 from fedct.metrics import positive_index, summary_metrics
 from fedct.models import apply_freeze, create_model, data_config
 from fedct.operating_point import ScoreHistogram, operating_point
+from fedct.recipes import average_states, batch_mix, mixed_loss
 from fedct.runs import (
     SUMMARY,
     CheckpointTracker,
@@ -36,7 +37,9 @@ from fedct.runs import (
     checkpoint_paths,
     load_resume,
     prepare_run_dir,
+    read_checkpoint,
     read_sidecar,
+    save_checkpoint,
     save_resume,
     truncate_csv,
     write_config,
@@ -126,7 +129,8 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                                seed=config.seed, balance=config.balance,
                                num_classes=len(split.classes))
     val_loader = make_loader(val_set, batch_size=config.batch_size * 2, train=False, seed=0)
-    loss_fn = make_loss(config, labels, len(split.classes))
+    mix = batch_mix(config, len(split.classes))
+    loss_fn = mixed_loss() if mix else make_loss(config, labels, len(split.classes))
     optimizer = make_optimizer(model, config)
     steps_per_epoch = len(train_loader)
     scheduler = cosine_with_warmup(
@@ -135,7 +139,19 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
         min_lr_ratio=config.min_lr / config.lr)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
     scored = ema.module if ema else model  # the weights that are validated and checkpointed
-    tracker = CheckpointTracker(out, config.monitor)
+    averaging = config.average_last > 1
+    tracker = CheckpointTracker(out, config.monitor, keep_last=config.average_last if averaging
+                                else 0, prefix="epoch")
+    index = positive_index(split.classes, positive)
+
+    def score_val(weights) -> tuple[dict, dict]:
+        """Val metrics at 0.5 and the operating point chosen on val."""
+        probs, truth = predict(weights, val_loader, device=device, tta=config.tta,
+                               channels_last=config.channels_last, amp=config.amp)
+        metrics = summary_metrics(probs, truth, index)
+        metrics["loss"] = mean_loss(probs, truth)
+        return metrics, operating_point(config.threshold,
+                                        ScoreHistogram.of(truth == index, probs[:, index]), "val")
     board = TensorBoardLog(out, enabled=config.tensorboard)
     state = {"epoch": 0, "bad_epochs": 0}
     inputs = {"split": str(Path(split_dir).resolve()), "split_digest": split_digest(split)}
@@ -178,17 +194,11 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
             result = train_epoch(model, train_loader, optimizer, loss_fn, device=device,
                                  scheduler=scheduler, grad_clip=config.grad_clip, amp=config.amp,
                                  channels_last=config.channels_last,
-                                 on_step=partial(after_step, epoch=epoch))
+                                 on_step=partial(after_step, epoch=epoch), mix=mix)
             seconds = time.perf_counter() - tick
             train_seconds += seconds
             train_examples += result["examples"]
-            probs, truth = predict(scored, val_loader, device=device, tta=config.tta,
-                                   channels_last=config.channels_last, amp=config.amp)
-            index = positive_index(split.classes, positive)
-            metrics = summary_metrics(probs, truth, index)
-            metrics["loss"] = mean_loss(probs, truth)
-            point = operating_point(config.threshold,
-                                    ScoreHistogram.of(truth == index, probs[:, index]), "val")
+            metrics, point = score_val(scored)
             row = {"epoch": epoch, "train_loss": result["loss"], "val_loss": metrics["loss"],
                    "val_acc": metrics["acc"], "val_auc": metrics["auc"],
                    "val_sensitivity": metrics["sensitivity"],
@@ -217,6 +227,15 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                 console.print(f"early stop after epoch {epoch}: {config.monitor} has not improved "
                               f"for {config.patience} epochs")
                 break
+    averaged = (average_last_epochs(out, scored, state["epoch"], config.average_last, score_val,
+                                    meta=partial(checkpoint_meta, architecture=config.model,
+                                                 classes=split.classes, positive=positive,
+                                                 data_cfg=dcfg, stage="pretrain"))
+                if averaging else None)
+    if averaged:
+        console.print(f"averaged epochs {averaged['epochs'][0]}-{averaged['epochs'][-1]}: val acc "
+                      f"{averaged['val_acc']:.3f}, AUC {averaged['val_auc']:.3f} "
+                      f"({out / 'averaged'})", highlight=False)
     best_meta = read_sidecar(out / "best")
     lopsided = lopsided_warning(best_meta["metrics"])
     if lopsided:
@@ -226,6 +245,7 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
         "monitor": config.monitor, "best": best_meta["metrics"],
         "operating_point": best_meta["operating_point"],
         "last": history[-1] if history else None,
+        "averaged": averaged,
         "train_images": len(train_rows), "val_images": len(val_rows),
         "decode_seconds": round(decode_seconds, 2),
         "train_seconds": round(train_seconds, 2),
@@ -234,3 +254,22 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
     }
     finish_run(out, report, board)
     return report
+
+
+def average_last_epochs(out: Path, scored: torch.nn.Module, last_epoch: int, count: int,
+                        score_val, meta) -> dict:
+    """Write RUN/averaged, the mean of the last `count` epochs' checkpointed weights, scored
+    on val like an epoch; returns its val row. `scored` is left holding the mean."""
+    epochs = list(range(max(1, last_epoch - count + 1), last_epoch + 1))
+    states = [read_checkpoint(out / f"epoch-{e:04d}")[0] for e in epochs]
+    scored.load_state_dict(average_states(states))
+    metrics, point = score_val(scored)
+    row = {"epochs": epochs, "val_loss": metrics["loss"], "val_acc": metrics["acc"],
+           "val_auc": metrics["auc"], "val_sensitivity": metrics["sensitivity"],
+           "val_specificity": metrics["specificity"], "threshold": point["threshold"],
+           "thr_acc": point["acc"], "thr_sensitivity": point["sensitivity"],
+           "thr_specificity": point["specificity"]}
+    save_checkpoint(out / "averaged", scored.state_dict(),
+                    meta(epoch=last_epoch, averaged_epochs=epochs, metrics=row,
+                         operating_point=point))
+    return row

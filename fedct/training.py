@@ -107,10 +107,12 @@ def train_epoch(
     max_steps: int | None = None,
     penalty: Callable[[nn.Module], torch.Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict:
     """One pass (or `max_steps` optimiser steps) of local training; returns loss and counts.
 
-    `penalty` adds a term to the loss (FedProx's proximal term). With an Opacus optimiser,
+    `penalty` adds a term to the loss (FedProx's proximal term); `mix` turns a batch and its
+    labels into mixed images and soft targets (`fedct.recipes.BatchMix`). With an Opacus optimiser,
     clipping and noise happen inside `optimizer.step()`, and skipped physical steps of a
     BatchMemoryManager do not count as steps.
     """
@@ -122,8 +124,11 @@ def train_epoch(
             continue
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
+        targets = labels
+        if mix is not None:
+            images, targets = mix(images, labels)
         with _autocast(device, amp):
-            loss = loss_fn(model(images), labels)
+            loss = loss_fn(model(images), targets)
             if penalty is not None:
                 loss = loss + penalty(model)
         optimizer.zero_grad(set_to_none=True)

@@ -77,8 +77,12 @@ def test_pretrain_and_evaluate_end_to_end(split_dir, tmp_path):
     assert json.loads(everything.stdout)["images"] == len(load_split(split_dir).entries)
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "layer_decay": 0.8}],
-                         ids=["plain", "ema+layer-decay"])
+MIXED = {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8, "erase_prob": 0.5,
+         "average_last": 2}
+
+
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "layer_decay": 0.8}, MIXED],
+                         ids=["plain", "ema+layer-decay", "mix+erase+average"])
 def test_same_seed_same_numbers_and_resume_equals_uninterrupted(split_dir, tmp_path, monkeypatch,
                                                                 extra):
     from fedct import pretrain as stage1
@@ -113,6 +117,56 @@ def test_same_seed_same_numbers_and_resume_equals_uninterrupted(split_dir, tmp_p
     assert len(resumed_rows) == 4
     strip_seconds = [r.rsplit(",", 1)[0] for r in resumed_rows], [r.rsplit(",", 1)[0] for r in full_rows]
     assert strip_seconds[0] == strip_seconds[1]
+    if config.average_last:
+        averaged, meta = read_checkpoint(tmp_path / "c" / "averaged")
+        epochs = [read_checkpoint(tmp_path / "c" / f"epoch-{e:04d}")[0] for e in (2, 3)]
+        key = next(k for k in averaged if averaged[k].is_floating_point() and averaged[k].ndim > 1)
+        assert torch.allclose(averaged[key], (epochs[0][key] + epochs[1][key]) / 2)
+        assert meta["averaged_epochs"] == [2, 3]
+        report = json.loads((tmp_path / "c" / "report.json").read_text())
+        assert report["averaged"]["epochs"] == [2, 3] and 0 <= report["averaged"]["val_auc"] <= 1
+        assert not (tmp_path / "c" / "epoch-0001.safetensors").exists()
+
+
+def test_batch_mix_keeps_an_odd_example_and_soft_targets_sum_to_one():
+    from fedct.recipes import BatchMix
+
+    torch.manual_seed(0)
+    mix = BatchMix(mixup_alpha=0.4, cutmix_alpha=0.0, prob=1.0, label_smoothing=0.0,
+                   num_classes=2)
+    images = torch.rand(5, 3, 8, 8)
+    labels = torch.tensor([0, 1, 0, 1, 1])  # the even four mix 0 with 3 and 1 with 2
+    mixed, targets = mix(images.clone(), labels)
+    assert mixed.shape == images.shape and targets.shape == (5, 2)
+    assert torch.allclose(targets.sum(1), torch.ones(5))
+    assert torch.equal(mixed[4], images[4]) and targets[4].tolist() == [0.0, 1.0]
+    lam = targets[0, 0]
+    assert 0 < lam < 1 and torch.allclose(targets[1], torch.stack([1 - lam, lam]))
+    assert torch.allclose(mixed[1], lam * images[1] + (1 - lam) * images[2], atol=1e-6)
+    single, target = mix(images[:1].clone(), labels[:1])
+    assert torch.equal(single, images[:1]) and target.tolist() == [[1.0, 0.0]]
+
+
+def test_average_states_by_hand():
+    from fedct.recipes import average_states
+
+    first = {"w": torch.tensor([1.0, 3.0]), "steps": torch.tensor(4)}
+    second = {"w": torch.tensor([3.0, 5.0]), "steps": torch.tensor(8)}
+    averaged = average_states([first, second])
+    assert averaged["w"].tolist() == [2.0, 4.0] and averaged["steps"].item() == 8
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"mixup_alpha": -1}, "mixup_alpha -1.0: must be in [0, inf)"),
+    ({"mix_prob": 0}, "mix_prob 0.0: must be in (0, 1]"),
+    ({"erase_prob": 1.5}, "erase_prob 1.5: must be in [0, 1]"),
+    ({"average_last": 20}, "average_last 20: must be in 0..epochs (3)"),
+    ({"mixup_alpha": 0.2, "balance": "loss"}, "balance loss: class-weighted loss and mixup"),
+])
+def test_recipe_options_are_checked(extra, message):
+    with pytest.raises(FedctError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        build_config(PretrainConfig, None, {**TINY, **extra})
 
 
 def test_layer_decay_gives_earlier_blocks_smaller_lr():

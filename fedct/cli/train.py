@@ -71,6 +71,55 @@ def pretrain(
 
 @app.command()
 @one_line_errors
+def selfsup(
+    inputs: Annotated[list[Path] | None, typer.Argument(help="Images, folders (searched recursively) or CSV lists with a path column; labels are ignored.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory to write.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with any option below (flags override it).")] = None,
+    model: Annotated[str | None, typer.Option(help="timm architecture. \\[default: tf_efficientnet_lite0]")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="Start: hub, none, or a weights file / fedct checkpoint. \\[default: hub]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs. \\[default: 40]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (pairs of views). \\[default: 32]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine, warm-up). \\[default: 3e-4]")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels. \\[default: 224]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed. \\[default: 0]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
+) -> None:
+    """Stage 0: self-supervised pretraining (BYOL) of a backbone on unlabelled images.
+
+    Writes config.yaml, summary.csv (loss per epoch), backbone.safetensors (a plain timm
+    state dict, rewritten every epoch) and report.json. Start stage 1 from it with
+    `fedct pretrain --pretrained RUN/backbone.safetensors`.
+
+    Example: fedct selfsup scans/ --out runs/stage0 --pretrained
+    ../shared/weights/tf_efficientnet_lite0_in1k.safetensors --image-size 128
+    """
+    from fedct.config import SelfSupConfig, resolve_config
+    from fedct.selfsup import run_selfsup
+
+    overrides = {"model": model, "pretrained": pretrained, "epochs": epochs,
+                 "batch_size": batch_size, "lr": lr, "image_size": image_size, "seed": seed,
+                 "device": device}
+    cfg, saved = resolve_config(SelfSupConfig, path=config, overrides=overrides, resume_dir=resume)
+    if saved is not None and not inputs:
+        inputs = [Path(p) for p in saved.get("inputs") or []]
+    out = resume or out
+    if out is None or not inputs:
+        raise FedctError("INPUTS and --out RUN_DIR are required (or --resume RUN_DIR)")
+    report = run_selfsup(inputs, out, cfg, resume=resume is not None, force=force,
+                         quiet=quiet or json_out, console=console)
+    if json_out:
+        print_json(report)
+    elif not quiet:
+        console.print(f"{report['epochs']} epochs on {report['images']} images, final BYOL loss "
+                      f"{report['final_loss']:.3f}: {report['backbone']}", highlight=False)
+
+
+@app.command()
+@one_line_errors
 def federate(
     split_dir: Annotated[Path | None, typer.Argument(help="Split directory from `fedct split` (optional on a Flower coordinator that holds no data).")] = None,
     init: Annotated[str | None, typer.Option(help="Stage 1 checkpoint (RUN/best), or hub / none / a weights file with --model.")] = None,

@@ -100,6 +100,9 @@ def make_transform(*, data_cfg: dict, train: bool, config) -> v2.Compose:
         v2.Lambda(lambda x: x.expand(3, -1, -1)),
         v2.Normalize(mean=data_cfg["mean"], std=data_cfg["std"]),
     ]
+    if train and config.augment and config.erase_prob > 0:
+        # after normalising, so 0 is the mean grey and all three channels stay equal
+        steps.append(v2.RandomErasing(p=config.erase_prob, value=0))
     return v2.Compose(steps)
 
 
