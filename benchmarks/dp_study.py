@@ -1,4 +1,4 @@
-"""DP that keeps accuracy (issue 13): head / norms / full at epsilon 1, 3 and 8 on COVID-CT.
+"""DP that keeps accuracy: head / norms / full at epsilon 1, 3 and 8 on COVID-CT.
 
     python benchmarks/dp_study.py --work DIR [--phase tune grid] [--table-only]
 

@@ -1,4 +1,4 @@
-"""Label skew: FedAvg, FedProx, SCAFFOLD and the local prior corrections (issue 12).
+"""Label skew: FedAvg, FedProx, SCAFFOLD and the local prior corrections.
 
     python benchmarks/label_skew_study.py --work DIR [--part synth covid] [--draws 1 2 3]
                                           [--all-draws NAME ...] [--rounds 10]

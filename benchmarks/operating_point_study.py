@@ -1,4 +1,4 @@
-"""Federated validation and the operating point on COVID-CT (issue 11).
+"""Federated validation and the operating point on COVID-CT.
 
     python benchmarks/operating_point_study.py --work DIR [--rounds 20] [--local-epochs 2]
                                                [--threshold eer] [--rules youden eer]
