@@ -1,7 +1,7 @@
 """Which ImageNet backbone and input size give the strongest frozen features on COVID-CT?
 
     python benchmarks/backbone_probe.py [--models lite0,lite1,lite2] [--sizes 128,224,native]
-                                        [--folds 5] [--seed 0]
+                                        [--folds 5] [--seed 0] [--weights FILE]
 
 For each backbone and size: the pre-logit features of every official train + val image
 (fedct's own decode, resize and normalisation; the official test images are not used),
@@ -12,6 +12,8 @@ train + val images, grouped by the README's COVID-CT group rule (the medRxiv pap
 mean fold AUC and accuracy (threshold 0.5) with their spread across folds, and, for
 contrast with earlier figures, the probe trained on official train and scored on official
 val with a Hanley-McNeil interval. Needs ../shared (COVID-CT and the ImageNet weights).
+`--weights FILE` probes other weights of the one model named, e.g. the backbone
+`fedct selfsup` wrote (RUN/backbone.safetensors).
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ NATIVE = {"lite0": 224, "lite1": 240, "lite2": 260}
 C_GRID = np.logspace(-4, 3, 15)
 
 
-def features_of(name: str, size: int, split) -> tuple[np.ndarray, float]:
+def features_of(name: str, size: int, split, weights: Path | None = None):
     """Pre-logit features of every image, and the seconds they took."""
-    weights = SHARED / "weights" / f"tf_efficientnet_{name}_in1k.safetensors"
+    weights = weights or SHARED / "weights" / f"tf_efficientnet_{name}_in1k.safetensors"
     model = create_model(f"tf_efficientnet_{name}", 2, pretrained=str(weights))
     images = SplitImages(split, size)
     dataset = images.dataset(split.entries, make_transform(data_cfg=data_config(model, size),
@@ -97,7 +99,10 @@ def main() -> int:
     parser.add_argument("--sizes", default="128,224,native")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", type=Path, help="other weights for the one model named")
     args = parser.parse_args()
+    if args.weights and "," in args.models:
+        parser.error("--weights needs exactly one --models")
     if not COVID.is_file():
         print(f"needs {COVID}", file=sys.stderr)
         return 1
@@ -117,13 +122,14 @@ def main() -> int:
         for name in args.models.split(","):
             sizes = [NATIVE[name] if s == "native" else int(s) for s in args.sizes.split(",")]
             for size in dict.fromkeys(sizes):  # lite0's native size is 224: once
-                x, seconds = features_of(name, size, split)
+                x, seconds = features_of(name, size, split, args.weights)
                 cv = cross_validate(x, y, groups, args.folds, args.seed)
                 val = official_val(x, y, groups, is_train, args.seed)
                 rows.append((name, size, cv, val, seconds))
                 print(f"{name} {size}: fold AUC {cv['auc'][0]:.3f} +- {cv['auc'][1]:.3f}",
                       file=sys.stderr, flush=True)
-    print(f"\n### Linear probe on frozen ImageNet features, COVID-CT train + val "
+    source = f"{args.weights}" if args.weights else "ImageNet"
+    print(f"\n### Linear probe on frozen {source} features, COVID-CT train + val "
           f"({len(y)} images, {len(set(groups))} source groups), {args.folds}-fold grouped "
           f"cross-validation, seed {args.seed}\n")
     print("| backbone | input | fold AUC (mean +- sd) | fold accuracy at 0.5 | median C "
