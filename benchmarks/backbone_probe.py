@@ -61,6 +61,19 @@ def features_of(name: str, size: int, split, weights: Path | None = None):
     return out, time.perf_counter() - tick
 
 
+def train_val(tmp: Path):
+    """COVID-CT's official train + val rows (a split made in `tmp`), their labels (1 for the
+    positive class, else 0) and source groups."""
+    split_dir = tmp / "split"
+    run_split(COVID, split_dir, SplitOptions(keep_split=True, clients=1, seed=1),
+              group_pattern=GROUPS)
+    split = load_split(split_dir)
+    split = split.subset([e for e in split.entries if e.split in ("train", "val")])
+    positive = split.classes.index(split.positive)
+    y = np.array([int(split.classes.index(e.row.label) == positive) for e in split.entries])
+    return split, y, np.array([e.row.group for e in split.entries])
+
+
 def nested_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int):
     """A probe whose C is chosen by grouped 3-fold cross-validation on (x, y) alone."""
     inner = list(StratifiedGroupKFold(3, shuffle=True, random_state=seed).split(x, y, groups))
@@ -110,14 +123,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("FEDCT_CACHE", str(Path(tmp) / "cache"))
-        split_dir = Path(tmp) / "split"
-        run_split(COVID, split_dir, SplitOptions(keep_split=True, clients=1, seed=1),
-                  group_pattern=GROUPS)
-        split = load_split(split_dir)
-        split = split.subset([e for e in split.entries if e.split in ("train", "val")])
-        positive = split.classes.index(split.positive)
-        y = np.array([int(split.classes.index(e.row.label) == positive) for e in split.entries])
-        groups = np.array([e.row.group for e in split.entries])
+        split, y, groups = train_val(Path(tmp))
         is_train = np.array([e.split == "train" for e in split.entries])
         for name in args.models.split(","):
             sizes = [NATIVE[name] if s == "native" else int(s) for s in args.sizes.split(",")]

@@ -39,13 +39,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from backbone_probe import COVID, GROUPS, NATIVE, features_of
+from backbone_probe import COVID, NATIVE, features_of, train_val
 from opacus.accountants.utils import get_noise_multiplier
 from scipy.stats import norm
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-from fedct.data.manifest import SplitOptions, load_split, run_split
 from fedct.metrics import roc_auc
 from fedct.training import set_threads
 
@@ -173,15 +172,8 @@ def main() -> int:
     size = NATIVE[args.model] if args.size == "native" else int(args.size)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("FEDCT_CACHE", str(Path(tmp) / "cache"))
-        split_dir = Path(tmp) / "split"
-        run_split(COVID, split_dir, SplitOptions(keep_split=True, clients=1, seed=1),
-                  group_pattern=GROUPS)
-        split = load_split(split_dir)
-        split = split.subset([e for e in split.entries if e.split in ("train", "val")])
-        positive = split.classes.index(split.positive)
-        y = np.array([1 if split.classes.index(e.row.label) == positive else -1
-                      for e in split.entries])
-        groups = np.array([e.row.group for e in split.entries])
+        split, positive, groups = train_val(Path(tmp))
+        y = np.where(positive == 1, 1, -1)
         features, _ = features_of(args.model, size, split, args.weights)
     rows = study(prepare(features), y, groups, args)
     source = args.weights or "ImageNet"
