@@ -76,6 +76,17 @@ def check_evaluation_outputs(out_dir: Path, names: list[str], *, split_dir, data
                              "another folder")
 
 
+def tta_note(name: str, meta: dict, tta: bool) -> str | None:
+    """A note when the stored threshold was chosen on scores of another kind than these."""
+    if bool(meta.get("tta")) == tta:
+        return None
+    if tta:
+        return (f"{name}: its threshold was chosen on val scored without --tta; these scores "
+                "are mirrored, so the threshold may sit elsewhere on them")
+    return (f"{name}: its threshold was chosen on val scored with test-time mirroring; add "
+            "--tta to score it the way it was chosen")
+
+
 def one_class_note(truth: np.ndarray, positive: str, negative: str) -> str | None:
     """What one-class data (an external healthy cohort, say) can and cannot measure."""
     if truth.all():
@@ -269,6 +280,9 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         key = (size, tuple(classes))
         if key not in cache:
             cache[key] = SplitImages(split, size, classes=classes)
+        note = tta_note(name, meta, tta) if threshold is None else None
+        if note:
+            notes.add(note)
         dcfg = {"input_size": meta["input_size"], "mean": meta["mean"], "std": meta["std"]}
         dataset = cache[key].dataset(split.entries, make_transform(data_cfg=dcfg, train=False,
                                                                    config=None))

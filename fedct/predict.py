@@ -21,7 +21,7 @@ import torch
 from fedct.data.loading import ImageTensorDataset, decode_resized, make_loader, make_transform
 from fedct.data.sources import is_dicom, looks_like_image, read_csv_rows
 from fedct.errors import FedctError
-from fedct.evaluation import check_threshold, chosen_threshold, load_model
+from fedct.evaluation import check_threshold, chosen_threshold, load_model, tta_note
 from fedct.metrics import positive_index
 from fedct.runs import atomic_write, checkpoint_paths, refuse_overlap, refuse_overwriting_inputs
 from fedct.training import pick_device, predict, set_threads
@@ -175,11 +175,13 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
         atomic_write(groups_out, lambda p: p.write_text(_csv(grouped)))
     else:
         groups_out.unlink(missing_ok=True)  # a replaced run's groups would no longer match
+    note = tta_note(checkpoint_paths(checkpoint)[0].name, meta, tta) if threshold is None else None
     report = {"checkpoint": str(checkpoint_paths(checkpoint)[0]), "positive": positive,
               "threshold": cut, "threshold_source": source, "images": len(rows),
               "positives": sum(r["decision"] == positive for r in rows), "skipped": skipped,
               "out": str(out), "groups_out": str(groups_out) if grouped else None,
-              "aggregate": aggregate_rule, "predictions": rows, "groups": grouped}
+              "aggregate": aggregate_rule, "predictions": rows, "groups": grouped,
+              "notes": [note] if note else []}
     if explained:
         report["explanations"] = explained
     return report

@@ -216,7 +216,7 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                 f"spec {metrics['specificity']:.3f} ({seconds:.1f}s)", highlight=False)
             meta = checkpoint_meta(architecture=config.model, classes=split.classes,
                                    positive=positive, data_cfg=dcfg, stage="pretrain",
-                                   epoch=epoch, metrics=row, operating_point=point)
+                                   tta=config.tta, epoch=epoch, metrics=row, operating_point=point)
             improved = tracker.save(epoch, scored.state_dict(), meta, metrics)
             state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
             state["epoch"] = epoch
@@ -230,7 +230,8 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
     averaged = (average_last_epochs(out, scored, state["epoch"], config.average_last, score_val,
                                     meta=partial(checkpoint_meta, architecture=config.model,
                                                  classes=split.classes, positive=positive,
-                                                 data_cfg=dcfg, stage="pretrain"))
+                                                 data_cfg=dcfg, stage="pretrain",
+                                                 tta=config.tta))
                 if averaging else None)
     if averaged:
         console.print(f"averaged epochs {averaged['epochs'][0]}-{averaged['epochs'][-1]}: val acc "

@@ -163,11 +163,13 @@ def read_checkpoint(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def checkpoint_meta(*, architecture: str, classes: list[str], positive: str | None,
-                    data_cfg: dict, stage: str, **extra) -> dict:
-    """A checkpoint's sidecar: what `fedct evaluate` and a later stage need to rebuild it."""
+                    data_cfg: dict, stage: str, tta: bool = False, **extra) -> dict:
+    """A checkpoint's sidecar: what `fedct evaluate` and a later stage need to rebuild it;
+    `tta` records that its threshold was chosen on mirrored val scores."""
     return {"architecture": architecture, "classes": list(classes), "positive": positive,
             "input_size": data_cfg["input_size"], "mean": data_cfg["mean"], "std": data_cfg["std"],
-            "interpolation": data_cfg.get("interpolation", "bicubic"), "stage": stage, **extra}
+            "interpolation": data_cfg.get("interpolation", "bicubic"), "stage": stage,
+            **({"tta": True} if tta else {}), **extra}
 
 
 @dataclass

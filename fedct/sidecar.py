@@ -80,8 +80,9 @@ def check_fields(meta, sidecar: Path) -> dict:
     if meta.get("interpolation") is not None and meta["interpolation"] not in (
             "bicubic", "bilinear", "nearest"):
         raise bad("interpolation", "bicubic, bilinear or nearest")
-    if "dp_safe" in meta and not isinstance(meta["dp_safe"], bool):
-        raise bad("dp_safe", "true or false")
+    for flag in ("dp_safe", "tta"):
+        if flag in meta and not isinstance(meta[flag], bool):
+            raise bad(flag, "true or false")
     point = meta.get("operating_point")
     if point is not None:
         if not isinstance(point, dict) or not _number(point.get("threshold")) \

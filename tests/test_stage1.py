@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -128,10 +129,34 @@ def test_same_seed_same_numbers_and_resume_equals_uninterrupted(split_dir, tmp_p
         assert not (tmp_path / "c" / "epoch-0001.safetensors").exists()
 
 
+def test_a_threshold_chosen_with_tta_is_scored_with_tta_or_noted(split_dir, tmp_path):
+    from fedct import pretrain as stage1
+    from fedct.evaluation import run_evaluate
+    from fedct.predict import run_predict
+
+    config = build_config(PretrainConfig, None, {**TINY, "epochs": 1, "tta": True})
+    stage1.run_pretrain(split_dir, tmp_path / "run", config, quiet=True)
+    _, meta = read_checkpoint(tmp_path / "run" / "best")
+    assert meta["tta"] is True
+    plain = run_evaluate([tmp_path / "run" / "best"], split_dir=split_dir, on="val", n_boot=0,
+                         out=tmp_path / "e1")
+    assert any("chosen on val scored with test-time mirroring; add --tta" in n
+               for n in plain["notes"])
+    mirrored = run_evaluate([tmp_path / "run" / "best"], split_dir=split_dir, on="val",
+                            n_boot=0, tta=True, out=tmp_path / "e2")
+    assert not any("tta" in n for n in mirrored["notes"])
+    scans = sorted(load_split(split_dir).root.rglob("*.png"))[:2]
+    predicted = run_predict(tmp_path / "run" / "best", scans, out=tmp_path / "p.csv")
+    assert predicted["notes"] and "add --tta" in predicted["notes"][0]
+    assert not run_predict(tmp_path / "run" / "best", scans, out=tmp_path / "q.csv",
+                           tta=True)["notes"]
+
+
 def test_batch_mix_keeps_an_odd_example_and_soft_targets_sum_to_one():
     from fedct.recipes import BatchMix
 
     torch.manual_seed(0)
+    np.random.seed(0)  # timm draws the mixing weight from numpy's global generator
     mix = BatchMix(mixup_alpha=0.4, cutmix_alpha=0.0, prob=1.0, label_smoothing=0.0,
                    num_classes=2)
     images = torch.rand(5, 3, 8, 8)

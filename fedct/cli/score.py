@@ -122,6 +122,8 @@ def predict_command(
                              force=force, on_batch=callback)
     for problem in report["skipped"]:
         err_console.print(f"skipped: {problem}", highlight=False, soft_wrap=True)
+    for note in report["notes"]:
+        err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
     if json_out:
         print_json(report)
         return

@@ -153,7 +153,7 @@ class RunSetup:
         config = self.config
         return checkpoint_meta(architecture=self.spec.architecture, classes=self.classes,
                                positive=self.positive, data_cfg=self.data_cfg, stage="federate",
-                               engine=engine, fedbn=config.fedbn, dp=config.dp,
+                               engine=engine, fedbn=config.fedbn, dp=config.dp, tta=config.tta,
                                dp_safe=self.spec.groupnorm)
 
     def inputs(self) -> dict:
