@@ -66,7 +66,7 @@ class PretrainConfig(TrainConfig):
     mixup_alpha: float = 0.0  # > 0: timm Mixup of each batch with its reverse, Beta(alpha, alpha)
     cutmix_alpha: float = 0.0  # > 0: timm CutMix (with mixup too: one of them per batch)
     mix_prob: float = 1.0  # share of batches mixed
-    average_last: int = 0  # > 1: also write RUN/averaged, the mean of the last K epochs' weights
+    average_last: int = 0  # > 0: also write RUN/averaged, the mean of the last K epochs' weights
     monitor: str = "val_auc"  # val_auc | val_acc | val_loss | val_balanced_acc
     clients: list[int] | None = None  # pretrain on these clients' training rows only
     rows: str | None = None  # or on rows whose site/client equals this value
@@ -368,8 +368,8 @@ def _check_selfsup(config: SelfSupConfig) -> None:
                        ("projection_dim", 1), ("hidden_dim", 1)):
         if getattr(config, key) < least:
             raise FedctError(f"{key} {getattr(config, key)}: must be >= {least}")
-    _check_ranges(config, {"target_decay": "(0, 1]", "crop_scale_min": "(0, 1]"})
-    _check_ranges(config, {"lr": "(0, inf)", "min_lr": f"[0, {config.lr}]"})
+    _check_ranges(config, {"target_decay": "(0, 1]", "crop_scale_min": "(0, 1]",
+                           "lr": "(0, inf)", "min_lr": f"[0, {config.lr}]"})
 
 
 def _check_secure(config) -> None:

@@ -76,6 +76,14 @@ def select_training_rows(split: Split, config: PretrainConfig):
     return rows
 
 
+def val_row(metrics: dict, point: dict) -> dict:
+    """An epoch's val columns: metrics at 0.5, then at the operating point chosen on val."""
+    return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_auc": metrics["auc"],
+            "val_sensitivity": metrics["sensitivity"], "val_specificity": metrics["specificity"],
+            "threshold": point["threshold"], "thr_acc": point["acc"],
+            "thr_sensitivity": point["sensitivity"], "thr_specificity": point["specificity"]}
+
+
 def lopsided_warning(row: dict) -> str | None:
     """A note when a model calls most of one class wrong at 0.5, however good its AUC."""
     for name, other in (("sensitivity", "positives"), ("specificity", "negatives")):
@@ -139,7 +147,7 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
         min_lr_ratio=config.min_lr / config.lr)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
     scored = ema.module if ema else model  # the weights that are validated and checkpointed
-    averaging = config.average_last > 1
+    averaging = config.average_last > 0
     tracker = CheckpointTracker(out, config.monitor, keep_last=config.average_last if averaging
                                 else 0, prefix="epoch")
     index = positive_index(split.classes, positive)
@@ -199,13 +207,7 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
             train_seconds += seconds
             train_examples += result["examples"]
             metrics, point = score_val(scored)
-            row = {"epoch": epoch, "train_loss": result["loss"], "val_loss": metrics["loss"],
-                   "val_acc": metrics["acc"], "val_auc": metrics["auc"],
-                   "val_sensitivity": metrics["sensitivity"],
-                   "val_specificity": metrics["specificity"],
-                   "threshold": point["threshold"], "thr_acc": point["acc"],
-                   "thr_sensitivity": point["sensitivity"],
-                   "thr_specificity": point["specificity"],
+            row = {"epoch": epoch, "train_loss": result["loss"], **val_row(metrics, point),
                    "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(seconds, 2)}
             append_summary(out, row)
             board.log(epoch, row)
@@ -265,11 +267,7 @@ def average_last_epochs(out: Path, scored: torch.nn.Module, last_epoch: int, cou
     states = [read_checkpoint(out / f"epoch-{e:04d}")[0] for e in epochs]
     scored.load_state_dict(average_states(states))
     metrics, point = score_val(scored)
-    row = {"epochs": epochs, "val_loss": metrics["loss"], "val_acc": metrics["acc"],
-           "val_auc": metrics["auc"], "val_sensitivity": metrics["sensitivity"],
-           "val_specificity": metrics["specificity"], "threshold": point["threshold"],
-           "thr_acc": point["acc"], "thr_sensitivity": point["sensitivity"],
-           "thr_specificity": point["specificity"]}
+    row = {"epochs": epochs, **val_row(metrics, point)}
     save_checkpoint(out / "averaged", scored.state_dict(),
                     meta(epoch=last_epoch, averaged_epochs=epochs, metrics=row,
                          operating_point=point))

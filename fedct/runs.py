@@ -97,6 +97,14 @@ def checkpoint_paths(name: str | Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], header: dict, *,
+                      what: str = "the checkpoint") -> None:
+    try:
+        save_file(tensors, str(path), metadata=header)
+    except SafetensorError as exc:  # a full disk surfaces here, not as an OSError
+        raise OSError(f"cannot write {what} ({exc})") from None
+
+
 def save_checkpoint(stem: Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
     """Weights, then the sidecar; each carries a digest of the other (`fedct.sidecar`)."""
     from fedct.sidecar import SIDECAR_DIGEST, WEIGHTS_DIGEST, file_digest, meta_digest
@@ -108,10 +116,7 @@ def save_checkpoint(stem: Path, state: dict[str, torch.Tensor], meta: dict) -> P
     digest = {}
 
     def write_weights(path: Path) -> None:
-        try:
-            save_file(tensors, str(path), metadata=header)
-        except SafetensorError as exc:  # a full disk surfaces here, not as an OSError
-            raise OSError(f"cannot write the checkpoint ({exc})") from None
+        write_safetensors(path, tensors, header)
         digest[WEIGHTS_DIGEST] = file_digest(path)
 
     atomic_write(weights, write_weights)

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -41,6 +39,7 @@ from fedct.runs import (
     save_resume,
     truncate_csv,
     write_config,
+    write_safetensors,
 )
 from fedct.tracking import write_report
 from fedct.training import (
@@ -74,7 +73,7 @@ class Byol(nn.Module):
         self.target.requires_grad_(False)
 
     def loss(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """The symmetric BYOL loss, 2 - 2 cos per view pair, in [0, 4]."""
+        """The symmetric BYOL loss: (2 - 2 cos) for each view predicting the other, in [0, 8]."""
         online = self.predictor(self.projector(self.backbone(torch.cat([first, second]))))
         with torch.no_grad():
             self.target.eval()  # its norms use their moving statistics, like BYOL's target
@@ -162,7 +161,7 @@ def _selfsup(inputs: list[Path], out: Path, config: SelfSupConfig, *, resume: bo
     scheduler = cosine_with_warmup(optimizer, total_steps=total,
                                    warmup_steps=int(config.warmup_epochs * len(loader)),
                                    min_lr_ratio=config.min_lr / config.lr)
-    inputs_digest = {"inputs": [str(p.resolve()) for p in inputs], "images": len(paths)}
+    provenance = {"inputs": [str(p.resolve()) for p in inputs], "images": len(paths)}
     state = {"epoch": 0, "step": 0}
     if resume:
         check_resume_inputs(out, images=len(paths))
@@ -174,7 +173,7 @@ def _selfsup(inputs: list[Path], out: Path, config: SelfSupConfig, *, resume: bo
         truncate_csv(out / SUMMARY, "epoch", state["epoch"])
         console.print(f"resuming {out} after epoch {state['epoch']}")
     else:
-        write_config(out, to_dict(config), command="selfsup", extra=inputs_digest)
+        write_config(out, to_dict(config), command="selfsup", extra=provenance)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     seconds = 0.0
     loss = float("nan")
@@ -221,10 +220,5 @@ def save_backbone(out: Path, backbone: nn.Module, config: SelfSupConfig, *, epoc
               "fedct_architecture": config.model, "fedct_epoch": str(epoch),
               "fedct_images": str(images), "fedct_data_config": json.dumps(data_cfg)}
 
-    def write(path: Path) -> None:
-        try:
-            save_file(tensors, str(path), metadata=header)
-        except SafetensorError as exc:  # a full disk surfaces here, not as an OSError
-            raise OSError(f"cannot write the backbone ({exc})") from None
-
-    atomic_write(out / BACKBONE, write)
+    atomic_write(out / BACKBONE, lambda path: write_safetensors(path, tensors, header,
+                                                                 what="the backbone"))

@@ -25,7 +25,7 @@ def test_byol_loss_is_bounded_and_the_target_moves_by_ema_only():
     model = Byol(backbone, hidden=8, width=4)
     first = torch.rand(4, 3, 32, 32)
     loss = model.loss(first, first.clone())
-    assert 0 <= float(loss.detach()) <= 4
+    assert 0 <= float(loss.detach()) <= 8
     before = next(model.target["projector"].parameters()).clone()
     with torch.no_grad():
         for p in model.projector.parameters():
@@ -44,7 +44,7 @@ def test_selfsup_trains_resumes_exactly_and_stage1_starts_from_it(synth_dir, tmp
     config = build_config(SelfSupConfig, None, TINY)
     images = synth_dir / "dataset.csv"  # labels in it are ignored
     report = selfsup.run_selfsup([images], tmp_path / "a", config, quiet=True)
-    assert report["epochs"] == 2 and report["images"] == 160 and 0 <= report["final_loss"] <= 4
+    assert report["epochs"] == 2 and report["images"] == 160 and 0 <= report["final_loss"] <= 8
     rows = (tmp_path / "a" / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss") and len(rows) == 3
     backbone_file = tmp_path / "a" / "backbone.safetensors"

@@ -26,7 +26,7 @@ from fedct.federated.setup import freeze_policy
 from fedct.training import seed_everything
 
 VIEW_RECIPE = ("augment", "aug_scale_min", "aug_rotation", "aug_flip", "aug_brightness",
-               "aug_contrast", "image_size")
+               "aug_contrast", "erase_prob", "image_size")
 
 
 class FeatureDataset(Dataset):
