@@ -21,7 +21,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check fedct tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check fedct tests benchmarks

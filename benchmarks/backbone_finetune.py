@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedct.config import PretrainConfig, build_config
+from fedct.config import PretrainConfig
+from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, run_split
 from fedct.pretrain import run_pretrain
 

@@ -27,7 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedct.config import FederateConfig, PretrainConfig, build_config
+from fedct.config import FederateConfig, PretrainConfig
+from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, run_split
 from fedct.federated.simulation import run_federate
 from fedct.pretrain import run_pretrain

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.federated import client as client_module
 from fedct.federated.setup import prepare_setup
 from fedct.training import set_threads

@@ -37,7 +37,8 @@ from pathlib import Path
 import yaml
 from label_skew_study import COVID, COVID_SETTINGS, WEIGHTS, common_settings, covid_inputs
 
-from fedct.config import FederateConfig, batch_for, build_config
+from fedct.config import FederateConfig, batch_for
+from fedct.configure import build_config
 from fedct.data.manifest import load_split
 from fedct.evaluation import run_evaluate
 from fedct.federated.simulation import run_federate

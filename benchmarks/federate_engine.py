@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import SplitOptions, load_split, run_split
 from fedct.data.synthetic import write_synthetic

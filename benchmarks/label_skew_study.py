@@ -38,7 +38,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from fedct.config import FederateConfig, PretrainConfig, build_config
+from fedct.config import FederateConfig, PretrainConfig
+from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, run_split
 from fedct.data.synthetic import write_synthetic
 from fedct.federated.simulation import run_federate

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedct.config import FederateConfig, PretrainConfig, build_config
+from fedct.config import FederateConfig, PretrainConfig
+from fedct.configure import build_config
 from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import SplitOptions, load_split, run_split
 from fedct.evaluation import load_model

@@ -19,9 +19,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fedct.config import FederateConfig, build_config
-from fedct.federated import protocol, scaffold
+from fedct.config import FederateConfig
+from fedct.configure import build_config
+from fedct.federated import protocol
 from fedct.federated.protocol import ClientReply, RoundSpec, Update
+from fedct.federated.strategies import scaffold
 from fedct.models import ModelSpec, build_model
 from fedct.training import make_optimizer, set_threads
 

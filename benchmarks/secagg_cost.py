@@ -42,7 +42,8 @@ def prepare(work: Path, nodes: int) -> Path:
 
 
 def small_config(secure_on: bool):
-    from fedct.config import FederateConfig, build_config
+    from fedct.config import FederateConfig
+    from fedct.configure import build_config
 
     return build_config(FederateConfig, None, {**{k.replace("-", "_"): v
                                                   for k, v in SETTINGS.items()},
@@ -90,11 +91,12 @@ def bytes_per_round(split: Path, nodes: int, work: Path, config,
     args = (node_of, setup, schedule, planned_rounds(schedule, nodes), 600.0, 1, weights, {})
     server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     if secure_on:
-        list(secure.train_on_nodes(CountingGrid(), server, *args))
+        secure.train_on_nodes(CountingGrid(), server, *args)
         return sent[0], float("nan"), float("nan")
+    replies = train_on_nodes(CountingGrid(), *args, accept=lambda reply: reply).replies
     changes = [(max(float((r.update.weights[k].double() - w.double()).abs().max())
                     for k, w in weights.items() if w.is_floating_point()), r.update.examples)
-               for r in train_on_nodes(CountingGrid(), *args)]
+               for r in replies]
     return (sent[0], max(c for c, _ in changes),
             max(c * n / config.secagg_max_weight for c, n in changes))
 
@@ -126,7 +128,8 @@ def main() -> None:
                         help="instead: the update scale of a plain run of CONFIG from INIT")
     args = parser.parse_args()
     if args.scale:
-        from fedct.config import FederateConfig, build_config
+        from fedct.config import FederateConfig
+        from fedct.configure import build_config
         from fedct.data.manifest import load_split
 
         split = Path(args.scale[0])

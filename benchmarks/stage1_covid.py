@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fedct.config import PretrainConfig, build_config
+from fedct.config import PretrainConfig
+from fedct.configure import build_config
 from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import SplitOptions, load_split, run_split
 from fedct.evaluation import run_evaluate

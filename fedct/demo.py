@@ -11,7 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedct.config import FederateConfig, PretrainConfig, build_config
+from fedct.config import FederateConfig, PretrainConfig
+from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, run_split
 from fedct.data.synthetic import write_synthetic
 from fedct.errors import FedctError

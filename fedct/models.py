@@ -245,6 +245,15 @@ class FrozenStatsNorm(nn.Module):
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, FrozenStatsNorm)
 
 
+def norm_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of normalisation layers: what FedBN keeps local."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            keys.update(f"{name}.{k}" for k in module.state_dict())
+    return keys
+
+
 def freeze_statistics(model: nn.Module) -> nn.Module:
     """Replace every affine BatchNorm (timm's BatchNormAct2d too) by a FrozenStatsNorm."""
     for parent in list(model.modules()):
@@ -365,4 +374,13 @@ def build_model(spec: ModelSpec, *, pretrained: str = "none") -> nn.Module:
     if spec.freeze == "norms" and not spec.groupnorm:
         freeze_statistics(model)
     apply_freeze(model, spec.freeze, freeze_bn=spec.freeze_bn)
+    return model
+
+
+def place_model(model: nn.Module, config, device) -> nn.Module:
+    """The model on its device in the run's memory format: the server and every node alike,
+    so a score computed on either is the same to the last bit."""
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     return model

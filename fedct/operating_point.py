@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedct.config import THRESHOLD_RULES as RULES
 from fedct.errors import FedctError
+
+RULES = "0.5 (or any number in (0, 1)), youden, eer, sens:X or spec:X"
 
 BINS = 2000
 LOGIT_RANGE = 10.0

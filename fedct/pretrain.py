@@ -24,34 +24,26 @@ from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import Split, load_split, split_digest
 from fedct.errors import FedctError
 from fedct.locks import exclusive
-from fedct.metrics import positive_index, summary_metrics
+from fedct.metrics import positive_index
 from fedct.models import apply_freeze, create_model, data_config
-from fedct.operating_point import ScoreHistogram, operating_point
+from fedct.operating_point import operating_point
 from fedct.recipes import average_states, batch_mix, mixed_loss
+from fedct.records import RunRecorder, score
 from fedct.runs import (
-    SUMMARY,
-    CheckpointTracker,
-    append_summary,
     check_resume_inputs,
     checkpoint_meta,
     checkpoint_paths,
-    load_resume,
     prepare_run_dir,
     read_checkpoint,
     read_sidecar,
     save_checkpoint,
-    save_resume,
-    truncate_csv,
     write_config,
 )
-from fedct.tracking import TensorBoardLog, finish_run
 from fedct.training import (
     cosine_with_warmup,
     make_loss,
     make_optimizer,
-    mean_loss,
     pick_device,
-    predict,
     seed_everything,
     set_threads,
     train_epoch,
@@ -148,32 +140,27 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
     scored = ema.module if ema else model  # the weights that are validated and checkpointed
     averaging = config.average_last > 0
-    tracker = CheckpointTracker(out, config.monitor, keep_last=config.average_last if averaging
-                                else 0, prefix="epoch")
+    recorder = RunRecorder(out, monitor=config.monitor, keep_last=config.average_last
+                           if averaging else 0, prefix="epoch", tensorboard=config.tensorboard)
     index = positive_index(split.classes, positive)
 
     def score_val(weights) -> tuple[dict, dict]:
         """Val metrics at 0.5 and the operating point chosen on val."""
-        probs, truth = predict(weights, val_loader, device=device, tta=config.tta,
-                               channels_last=config.channels_last, amp=config.amp)
-        metrics = summary_metrics(probs, truth, index)
-        metrics["loss"] = mean_loss(probs, truth)
-        return metrics, operating_point(config.threshold,
-                                        ScoreHistogram.of(truth == index, probs[:, index]), "val")
-    board = TensorBoardLog(out, enabled=config.tensorboard)
+        metrics, histogram = score(weights, val_loader, device=device, config=config,
+                                   positive_index=index)
+        return metrics, operating_point(config.threshold, histogram, "val")
+
     state = {"epoch": 0, "bad_epochs": 0}
     inputs = {"split": str(Path(split_dir).resolve()), "split_digest": split_digest(split)}
     if resume:
         check_resume_inputs(out, **inputs)
-        saved = load_resume(out, ("model", "optimizer", "scheduler", "tracker", *state))
+        saved = recorder.resume(("model", "optimizer", "scheduler", *state))
         model.load_state_dict(saved["model"])
         if ema:
             ema.module.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        tracker.load_state_dict(saved["tracker"])
         state = {k: saved[k] for k in state}
-        truncate_csv(out / SUMMARY, "epoch", state["epoch"])
         console.print(f"resuming {out} after epoch {state['epoch']}")
     else:
         write_config(out, to_dict(config), command="pretrain",
@@ -209,8 +196,6 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
             metrics, point = score_val(scored)
             row = {"epoch": epoch, "train_loss": result["loss"], **val_row(metrics, point),
                    "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(seconds, 2)}
-            append_summary(out, row)
-            board.log(epoch, row)
             history.append(row)
             progress.console.print(
                 f"epoch {epoch}/{config.epochs}: train loss {result['loss']:.3f}, val acc "
@@ -219,12 +204,13 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
             meta = checkpoint_meta(architecture=config.model, classes=split.classes,
                                    positive=positive, data_cfg=dcfg, stage="pretrain",
                                    tta=config.tta, epoch=epoch, metrics=row, operating_point=point)
-            improved = tracker.save(epoch, scored.state_dict(), meta, metrics)
+            improved = recorder.record(epoch, row, weights=scored.state_dict(), meta=meta,
+                                       metrics=metrics)
             state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
             state["epoch"] = epoch
-            save_resume(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "tracker": tracker.state_dict(),
-                              **state, **({"ema": ema.module.state_dict()} if ema else {})})
+            recorder.commit({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(),
+                             **state, **({"ema": ema.module.state_dict()} if ema else {})})
             if config.patience and state["bad_epochs"] >= config.patience:
                 console.print(f"early stop after epoch {epoch}: {config.monitor} has not improved "
                               f"for {config.patience} epochs")
@@ -242,9 +228,9 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
     best_meta = read_sidecar(out / "best")
     lopsided = lopsided_warning(best_meta["metrics"])
     if lopsided:
-        console.print(f"warning: best epoch {tracker.best_step}: {lopsided}", highlight=False)
+        console.print(f"warning: best epoch {recorder.best_step}: {lopsided}", highlight=False)
     report = {
-        "stage": "pretrain", "run": str(out), "best_epoch": tracker.best_step,
+        "stage": "pretrain", "run": str(out), "best_epoch": recorder.best_step,
         "monitor": config.monitor, "best": best_meta["metrics"],
         "operating_point": best_meta["operating_point"],
         "last": history[-1] if history else None,
@@ -255,7 +241,7 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
         "train_images_per_second": round(train_examples / train_seconds, 2) if train_seconds else None,
         "device": str(device),
     }
-    finish_run(out, report, board)
+    recorder.finish(report)
     return report
 
 

@@ -77,6 +77,18 @@ def cosine_between(start: float, end: float, progress: float) -> float:
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def round_lr(config, round_number: int) -> float:
+    """The clients' lr in a federated round: constant, or cosine from `lr` in round 1 to
+    `min_lr` in the last.
+
+    A constant lr leaves the last rounds as noisy as the first; decaying it lets the
+    global model settle, as the cosine schedule does for a central run's epochs.
+    """
+    if config.lr_schedule != "cosine" or config.rounds <= 1:
+        return config.lr
+    return cosine_between(config.lr, config.min_lr, (round_number - 1) / (config.rounds - 1))
+
+
 def cosine_with_warmup(optimizer, *, total_steps: int, warmup_steps: int,
                        min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:

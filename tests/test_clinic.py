@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from fedct import export as export_module
 from fedct.cli import app
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.data.sources import decode_image
 from fedct.evaluation import load_model
 from fedct.federated import simulation

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from fedct.config import FederateConfig, PretrainConfig, build_config
+from fedct.config import FederateConfig, PretrainConfig
+from fedct.configure import build_config
 from fedct.errors import FedctError
 from fedct.metrics import binary_metrics, bootstrap, roc_auc, summary_metrics, youden_threshold
 
@@ -98,7 +99,7 @@ def test_every_example_config_is_valid(path):
 
 
 def test_resume_keeps_the_saved_config_and_refuses_other_settings(tmp_path):
-    from fedct.config import resolve_config
+    from fedct.configure import resolve_config
 
     run = tmp_path / "run"
     run.mkdir()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import TINY, write_node_csv
 
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.federated import protocol
 from fedct.federated.protocol import (
     ClientReply,
@@ -77,7 +78,7 @@ def test_run_config_round_trip_keeps_every_option():
 
 def test_a_node_with_its_own_data_trains_as_the_split_node_does(split_dir, tmp_path):
     from fedct.federated.node import node_round
-    from fedct.federated.setup import model_spec
+    from fedct.federated.run_model import model_spec
     from fedct.models import build_model
 
     config = build_config(FederateConfig, None, {**TINY, "dp": True, "dp_train": "full"})
@@ -177,7 +178,7 @@ def test_layout_rules():
 
 
 def test_running_average_is_the_examples_weighted_mean_and_keeps_no_update():
-    from fedct.federated.strategies import RunningAverage
+    from fedct.federated.strategies.base import RunningAverage
 
     reference = {"w": torch.zeros(3), "steps": torch.tensor(0)}
     updates = [Update({"w": torch.full((3,), float(v)), "steps": torch.tensor(v)}, n)

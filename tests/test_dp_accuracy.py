@@ -9,7 +9,8 @@ from conftest import TINY
 from typer.testing import CliRunner
 
 from fedct.cli import app
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.data.loading import cache_dir
 from fedct.data.manifest import SplitOptions, load_split, run_split
 from fedct.federated import client as client_module

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,14 +12,18 @@ from conftest import TINY
 from typer.testing import CliRunner
 
 from fedct.cli import app
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, load_split, run_split
 from fedct.federated import client as client_module
 from fedct.federated import simulation
 from fedct.federated.protocol import Update
-from fedct.federated.setup import model_spec, prepare_setup, sample_schedule
-from fedct.federated.strategies import aggregate, check_update, weighted_average
+from fedct.federated.run_model import model_spec
+from fedct.federated.setup import prepare_setup, sample_schedule
+from fedct.federated.strategies import aggregate
+from fedct.federated.strategies.base import check_update, weighted_average
 from fedct.runs import read_checkpoint
+from fedct.training import round_lr
 
 runner = CliRunner()
 
@@ -43,7 +48,7 @@ def test_fedavg_is_weighted_by_examples():
     g = {"w": torch.zeros(2), "n": torch.tensor(1)}
     a = Update({"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, 1, {})
     b = Update({"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}, 3, {})
-    new, _ = aggregate(g, [a, b], strategy="fedavg", config=config(), server_state={})
+    new, _ = aggregate(g, [a, b], config=config(strategy="fedavg"))
     assert torch.allclose(new["w"], torch.tensor([3.25, 6.5]))
     assert int(new["n"]) == 5  # integer buffers take the maximum
 
@@ -52,17 +57,17 @@ def test_adaptive_strategies_by_hand():
     cfg = config(server_lr=0.1, beta1=0.9, beta2=0.99, tau=0.001, server_momentum=0.9)
     g = {"w": torch.tensor([1.0])}
     ups = [Update({"w": torch.tensor([3.0])}, 1, {})]  # delta = +2
-    new, state = aggregate(g, ups, strategy="fedavgm", config=cfg, server_state={})
+    new, state = aggregate(g, ups, config=replace(cfg, strategy="fedavgm"), server_state={})
     assert new["w"].item() == pytest.approx(1 + 0.1 * 2)
-    new2, _ = aggregate(new, [Update({"w": new["w"] + 2}, 1, {})], strategy="fedavgm",
-                        config=cfg, server_state=state)
+    new2, _ = aggregate(new, [Update({"w": new["w"] + 2}, 1, {})],
+                        config=replace(cfg, strategy="fedavgm"), server_state=state)
     assert new2["w"].item() == pytest.approx(1.2 + 0.1 * (0.9 * 2 + 2))
     m = 0.1 * 2
     v = 0.99 * 0.001**2 + 0.01 * 4
-    adam, _ = aggregate(g, ups, strategy="fedadam", config=cfg, server_state={})
+    adam, _ = aggregate(g, ups, config=replace(cfg, strategy="fedadam"), server_state={})
     assert adam["w"].item() == pytest.approx(1 + 0.1 * m / (v**0.5 + 0.001), rel=1e-5)
     v_yogi = 0.001**2 - 0.01 * 4 * np.sign(0.001**2 - 4)
-    yogi, _ = aggregate(g, ups, strategy="fedyogi", config=cfg, server_state={})
+    yogi, _ = aggregate(g, ups, config=replace(cfg, strategy="fedyogi"), server_state={})
     assert yogi["w"].item() == pytest.approx(1 + 0.1 * m / (v_yogi**0.5 + 0.001), rel=1e-5)
 
 
@@ -173,10 +178,10 @@ def test_fedprox_pulls_clients_towards_the_global_model(split_dir, tmp_path, mon
 
 def test_cosine_schedule_decays_the_client_lr_over_the_rounds(split_dir, tmp_path, monkeypatch):
     cosine = config(lr=1e-3, min_lr=1e-5, rounds=5, lr_schedule="cosine")
-    lrs = [client_module.round_lr(cosine, r) for r in range(1, 6)]
+    lrs = [round_lr(cosine, r) for r in range(1, 6)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)
     assert lrs[2] == pytest.approx((1e-3 + 1e-5) / 2) and lrs == sorted(lrs, reverse=True)
-    assert client_module.round_lr(config(lr=1e-3, rounds=5), 5) == 1e-3
+    assert round_lr(config(lr=1e-3, rounds=5), 5) == 1e-3
 
     used = []
     real = client_module.make_optimizer

@@ -20,7 +20,8 @@ import pytest
 import torch
 from conftest import write_node_csv
 
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, run_split
 from fedct.federated.simulation import run_federate
 from fedct.runs import read_checkpoint
@@ -235,11 +236,12 @@ def test_flower_with_dp_fedbn_scaffold_and_hospital_data_equals_embedded(tmp_pat
 
 def test_a_coordinator_without_data_over_tls_equals_embedded(tmp_path, split_dir, embedded):
     """No split and no image on the coordinator: the classes come from the starting
-    checkpoint, the clients validate, and the best round is chosen on federated val."""
+    checkpoint, the clients validate, and the best round is chosen on federated val; the
+    server keeps the round's updates for a robust strategy (FedMedian) as in process."""
     from fedct.federated.certs import make_certificates
 
     make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
-    settings = {**SETTINGS, "threshold": "youden", "seed": 4}
+    settings = {**SETTINGS, "threshold": "youden", "seed": 4, "strategy": "fedmedian"}
     init = str(embedded / "final")
     expected = run_embedded(split_dir, tmp_path / "embedded", {**settings, "val": "federated"},
                             init=init)

@@ -9,13 +9,15 @@ from conftest import TINY
 from typer.testing import CliRunner
 
 from fedct.cli import app
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, run_split
 from fedct.errors import FedctError
-from fedct.federated import scaffold, simulation
+from fedct.federated import simulation
 from fedct.federated.local_loss import LocalLoss
 from fedct.federated.protocol import Update
-from fedct.federated.strategies import RunningAverage, check_update
+from fedct.federated.strategies import scaffold
+from fedct.federated.strategies.base import RunningAverage, check_update
 from fedct.runs import load_resume, read_checkpoint
 
 

@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from fedct.cli import app
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, run_split
 from fedct.errors import FedctError
 from fedct.federated.simulation import run_federate
@@ -233,8 +234,25 @@ def test_help_shows_defaults_choices_and_argument_help():
 
     federate = shown("federate")
     assert "[default: 10]" in federate and "[default: the --init checkpoint's, else 224]" in federate
-    assert "[fedavg|fedprox|fedavgm|fedadam|fedyogi|scaffold]" in federate
-    assert "[ce|balanced-softmax|fedlc|fedrs]" in federate and "[head|norms|full]" in federate
+    assert ("One of: fedavg, fedprox, fedavgm, fedadam, fedyogi, scaffold, fedmedian, "
+            "fedtrimmedavg. [default: fedavg]") in federate
+    assert "One of: ce, balanced-softmax, fedlc, fedrs. [default: ce]" in federate
+    assert "One of: head, norms, full. [default: head]" in federate
+    assert "--dp --no-dp Differentially private" in federate
+    # every config field is a flag of its command, generated with its default
+    from dataclasses import fields
+
+    from fedct.config import FederateConfig, PretrainConfig, SelfSupConfig
+    for command, cls in (("federate", FederateConfig), ("pretrain", PretrainConfig),
+                         ("selfsup", SelfSupConfig)):
+        text = federate if command == "federate" else shown(command)
+        for field in fields(cls):
+            assert f"--{field.name.replace('_', '-')} " in text, (command, field.name)
+    assert "--secagg-max-weight INTEGER SecAgg+: the most examples a node may weigh in with. " \
+        "[default: 1000]" in federate
+    trimmed = cli("federate", "x", "--init", "none", "--out", "y", "--strategy",
+                  "fedtrimmedavg", "--trim-beta", "0.7")
+    assert trimmed.exit_code == 2 and "trim_beta 0.7: must be in [0, 0.5)" in trimmed.output
     assert "Split directory from `fedct split` (optional on a Flower coordinator" in federate
     assert "[iid|dirichlet|shards|quantity|natural]" in shown("split")
     assert "[train|val|test|local_val|all]" in shown("evaluate")

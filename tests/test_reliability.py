@@ -1,18 +1,22 @@
 """Fault injection: a run killed at any write of a round or epoch resumes to the same result.
 
-Every write a run makes goes through `runs.atomic_write` or a CSV append; the tests number
-those writes in an uninterrupted run, then for each write of the second round (epoch) start
-a fresh run that dies just before it, resume it, and compare weights, the privacy
-accountants and the CSVs with the uninterrupted run.
+Every write a run makes goes through `runs.atomic_write` or a CSV append. A run is killed
+just after it commits its first round (epoch): that directory is the snapshot. A resume of
+a copy of the snapshot numbers the writes of the second step (its CSV truncations
+included); then for each of those writes a fresh copy is resumed, dies just before it, is
+resumed again, and its weights, privacy accountants and CSVs are compared with an
+uninterrupted run's.
 """
 
 import csv
+import shutil
 
 import pytest
 import torch
 
-from fedct import runs
-from fedct.config import FederateConfig, PretrainConfig, build_config
+from fedct import records, runs
+from fedct.config import FederateConfig, PretrainConfig
+from fedct.configure import build_config
 from fedct.federated import server as server_module
 from fedct.federated.simulation import run_federate
 from fedct.pretrain import run_pretrain
@@ -53,10 +57,33 @@ class WriteLog:
             raise Killed(name)
 
 
-def second_step_writes(names: list[str]) -> range:
-    """1-based numbers of the writes after the first resume.pt up to the second one."""
-    ends = [i + 1 for i, name in enumerate(names) if name == RESUME]
-    return range(ends[0] + 1, ends[1] + 1)
+def snapshot_and_kill_points(monkeypatch, appends: dict, run, tmp_path) -> tuple[list, range]:
+    """(the whole run's write names, the kill points of a resumed second step), leaving
+    the snapshot (first step committed) in tmp_path / "snapshot"."""
+    with monkeypatch.context() as patch:
+        log = WriteLog(patch, appends)
+        run(tmp_path / "whole", resume=False)
+    first_commit = log.names.index(RESUME) + 1
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        WriteLog(patch, appends, die_at=first_commit + 1)
+        run(tmp_path / "snapshot", resume=False)
+    shutil.copytree(tmp_path / "snapshot", tmp_path / "resumed")
+    with monkeypatch.context() as patch:
+        resumed = WriteLog(patch, appends)
+        run(tmp_path / "resumed", resume=True)
+    return resumed.names, range(1, resumed.names.index(RESUME) + 2)
+
+
+def killed_and_resumed(monkeypatch, appends: dict, run, tmp_path, die_at: int):
+    """A copy of the snapshot, resumed, killed before write `die_at`, resumed again."""
+    out = tmp_path / f"killed-{die_at}"
+    shutil.copytree(tmp_path / "snapshot", out)
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        WriteLog(patch, appends, die_at=die_at)
+        run(out, resume=True)
+    (out / ".last.safetensors.k1ll3d").write_bytes(b"half a write")  # as SIGKILL leaves it
+    run(out, resume=True)
+    return out
 
 
 def rows(path) -> list[dict]:
@@ -68,7 +95,7 @@ def rows(path) -> list[dict]:
 
 FEDERATE = {"model": "test_efficientnet", "image_size": 32, "batch_size": 16, "lr": 3e-3,
             "rounds": 2, "local_steps": 2, "dp": True, "target_epsilon": 4.0}
-FEDERATE_APPENDS = {(server_module, "append_summary"): "summary.csv",
+FEDERATE_APPENDS = {(records, "append_summary"): "summary.csv",
                     (server_module, "append_rows"): None}  # privacy.csv, clients.csv
 
 
@@ -86,22 +113,19 @@ def split_dir(synth_dir, tmp_path_factory):
 def test_federated_run_killed_at_every_write_of_a_round_resumes_exactly(split_dir, tmp_path,
                                                                          monkeypatch):
     config = build_config(FederateConfig, None, FEDERATE)
-    with monkeypatch.context() as patch:
-        log = WriteLog(patch, FEDERATE_APPENDS)
-        run_federate(split_dir, tmp_path / "whole", config, init="none", quiet=True)
+
+    def run(out, resume):
+        run_federate(split_dir, out, config, init="none", quiet=True, resume=resume)
+
+    names, points = snapshot_and_kill_points(monkeypatch, FEDERATE_APPENDS, run, tmp_path)
     whole = tmp_path / "whole"
     expected, _ = read_checkpoint(whole / "final")
-    writes = second_step_writes(log.names)
     assert {"summary.csv", "privacy.csv", "clients.csv", "last.safetensors", RESUME} <= {
-        log.names[k - 1] for k in writes}
-    for die_at in writes:
-        out = tmp_path / f"killed-{die_at}"
-        with monkeypatch.context() as patch, pytest.raises(Killed):
-            WriteLog(patch, FEDERATE_APPENDS, die_at=die_at)
-            run_federate(split_dir, out, config, init="none", quiet=True)
-        (out / ".last.safetensors.k1ll3d").write_bytes(b"half a write")  # as SIGKILL leaves it
-        run_federate(split_dir, out, config, init="none", quiet=True, resume=True)
-        what = f"killed before write {die_at} ({log.names[die_at - 1]})"
+        names[k - 1] for k in points}
+    for die_at in [None, *points]:
+        out = (tmp_path / "resumed" if die_at is None
+               else killed_and_resumed(monkeypatch, FEDERATE_APPENDS, run, tmp_path, die_at))
+        what = f"killed before write {die_at} ({names[die_at - 1] if die_at else 'none'})"
         final, _ = read_checkpoint(out / "final")
         assert all(torch.equal(final[k], expected[k]) for k in expected), what
         assert rows(out / "summary.csv") == rows(whole / "summary.csv"), what
@@ -116,23 +140,21 @@ def test_federated_run_killed_at_every_write_of_a_round_resumes_exactly(split_di
 
 def test_stage1_killed_at_every_write_of_an_epoch_resumes_exactly(split_dir, tmp_path,
                                                                  monkeypatch):
-    import fedct.pretrain as pretrain_module
-
-    appends = {(pretrain_module, "append_summary"): "summary.csv"}
+    appends = {(records, "append_summary"): "summary.csv"}
     config = build_config(PretrainConfig, None, {"model": "test_efficientnet", "pretrained": "none",
                                                  "image_size": 32, "batch_size": 16,
                                                  "epochs": 2, "ema_decay": 0.9})
-    with monkeypatch.context() as patch:
-        log = WriteLog(patch, appends)
-        run_pretrain(split_dir, tmp_path / "whole", config, quiet=True)
+
+    def run(out, resume):
+        run_pretrain(split_dir, out, config, quiet=True, resume=resume)
+
+    names, points = snapshot_and_kill_points(monkeypatch, appends, run, tmp_path)
     expected, _ = read_checkpoint(tmp_path / "whole" / "last")
-    for die_at in second_step_writes(log.names):
-        out = tmp_path / f"killed-{die_at}"
-        with monkeypatch.context() as patch, pytest.raises(Killed):
-            WriteLog(patch, appends, die_at=die_at)
-            run_pretrain(split_dir, out, config, quiet=True)
-        run_pretrain(split_dir, out, config, quiet=True, resume=True)
-        what = f"killed before write {die_at} ({log.names[die_at - 1]})"
+    assert {"summary.csv", "last.safetensors", RESUME} <= {names[k - 1] for k in points}
+    for die_at in [None, *points]:
+        out = (tmp_path / "resumed" if die_at is None
+               else killed_and_resumed(monkeypatch, appends, run, tmp_path, die_at))
+        what = f"killed before write {die_at} ({names[die_at - 1] if die_at else 'none'})"
         last, _ = read_checkpoint(out / "last")
         assert all(torch.equal(last[k], expected[k]) for k in expected), what
         assert rows(out / "summary.csv") == rows(tmp_path / "whole" / "summary.csv"), what

@@ -12,13 +12,14 @@ import pytest
 import torch
 from conftest import TINY
 
-from fedct.config import FederateConfig, build_config
+from fedct.config import FederateConfig
+from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, run_split
 from fedct.errors import FedctError
 from fedct.federated import secure
 from fedct.federated.node import node_round
 from fedct.federated.setup import planned_rounds, prepare_setup, sample_schedule
-from fedct.federated.strategies import RunningAverage
+from fedct.federated.strategies.base import RunningAverage
 
 pytest.importorskip("flwr")
 CLIENTS = 3
@@ -80,14 +81,9 @@ def local_federation(split_dir, tmp_path, config):
 
 def secure_round(grid, server, node_of, setup, weights, control):
     schedule = sample_schedule(CLIENTS, setup.config)
-    rounds = secure.train_on_nodes(grid, server, node_of, setup, schedule,
+    result = secure.train_on_nodes(grid, server, node_of, setup, schedule,
                                    planned_rounds(schedule, CLIENTS), 60.0, 1, weights, control)
-    replies = []
-    while True:
-        try:
-            replies.append(next(rounds))
-        except StopIteration as stop:
-            return replies, stop.value
+    return result.replies, result.secure_sum
 
 
 def bound(config, examples: list[int], largest: float) -> float:
@@ -106,18 +102,16 @@ PRIVATE = {"dp": True, "dp_train": "full", "target_epsilon": 5.0, "fedbn": True,
 
 @pytest.mark.parametrize("extra", [{}, PRIVATE], ids=["fedavg", "dp-fedbn-scaffold"])
 def test_coordinator_gets_only_the_mean_and_it_equals_the_plain_mean(split_dir, tmp_path, extra):
-    from fedct.federated import scaffold
-    from fedct.federated.client import norm_keys
+    from fedct.federated import strategies
+    from fedct.models import norm_keys
 
     config = build_config(FederateConfig, None, {**TINY, **extra, "secure_aggregation": True,
                                                  "secagg_clip": 1.0})
     setup = prepare_setup(config, init="none", split_dir=split_dir)
     weights = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
-    control = {}
-    if config.strategy == "scaffold":
-        local = norm_keys(setup.model) if config.fedbn else set()
-        control = scaffold.zero_control(setup.model,
-                                        scaffold.control_keys(setup.model, exclude=local))
+    strategy = strategies.get(config.strategy)
+    local = norm_keys(setup.model) if config.fedbn else set()
+    control = strategy.message(strategy.ready_state({}, setup.model, local_keys=local))
     grid, server, node_of = local_federation(split_dir, tmp_path / "secure", setup.config)
     replies, summed = secure_round(grid, server, node_of, setup, weights, control)
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedct.cli import app
-from fedct.config import SelfSupConfig, build_config
+from fedct.config import SelfSupConfig
+from fedct.configure import build_config
 from fedct.errors import FedctError
 from fedct.models import create_model
 

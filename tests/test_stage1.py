@@ -10,7 +10,8 @@ from conftest import COVID_CSV, LITE0_WEIGHTS, require_shared
 from typer.testing import CliRunner
 
 from fedct.cli import app
-from fedct.config import PretrainConfig, build_config
+from fedct.config import PretrainConfig
+from fedct.configure import build_config
 from fedct.data.manifest import load_split
 from fedct.errors import FedctError
 from fedct.models import apply_freeze, create_model, make_dp_safe

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from fedct import runs
 from fedct.cli import app
-from fedct.config import FederateConfig, PretrainConfig, build_config
+from fedct.config import FederateConfig, PretrainConfig
+from fedct.configure import build_config
 from fedct.data.manifest import MANIFEST, SPLIT_YAML, _write_manifest, load_split, manifest_digest
 from fedct.federated import simulation
 from fedct.locks import exclusive, lock_path

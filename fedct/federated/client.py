@@ -13,16 +13,15 @@ from fedct import privacy
 from fedct.config import batch_for
 from fedct.data.loading import ImageTensorDataset, SplitImages, make_loader
 from fedct.data.manifest import LOCAL_VAL, Entry
-from fedct.errors import FedctError
-from fedct.federated import features, scaffold
+from fedct.federated import features, strategies
 from fedct.federated.local_loss import local_loss
 from fedct.federated.protocol import ClientReply, Evaluation, Status, Update, Weights
-from fedct.models import NORM_LAYERS
+from fedct.models import norm_keys
 from fedct.operating_point import ScoreHistogram
 from fedct.training import (
-    cosine_between,
     make_optimizer,
     predict,
+    round_lr,
     seed_everything,
     train_epoch,
 )
@@ -48,15 +47,6 @@ def derive_seed(*parts: int) -> int:
     """A stable 63-bit seed from (run seed, round, client): resumes replay the same randomness."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def norm_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of normalisation layers: what FedBN keeps local."""
-    keys = set()
-    for name, module in model.named_modules():
-        if isinstance(module, NORM_LAYERS):
-            keys.update(f"{name}.{k}" for k in module.state_dict())
-    return keys
 
 
 def new_client_state(config) -> dict:
@@ -100,23 +90,9 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
                          train=True, seed=seed, balance="none" if config.dp else config.balance,
                          num_classes=num_classes, drop_last=False if config.dp else None)
     optimizer = make_optimizer(model, config, lr=round_lr(config, round_number))
-    penalty = proximal = None
-    if config.strategy == "fedprox" and config.mu > 0:
-        anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        if config.dp:  # Opacus keeps only the privatised data gradient: pull after each step
-            proximal = attach_proximal_pull(model, optimizer, anchor, config.mu)
-        else:
-            def penalty(_: nn.Module) -> torch.Tensor:  # the shared model's names
-                return 0.5 * config.mu * sum(((p - anchor[n]) ** 2).sum()
-                                             for n, p in model.named_parameters() if n in anchor)
-
-    correction = None
-    if config.strategy == "scaffold":
-        if not control:
-            raise FedctError("strategy scaffold: the server sent no control variate")
-        own_control = state.get("control") or {k: torch.zeros_like(v) for k, v in control.items()}
-        lrs = scaffold.learning_rates(model, optimizer)
-        correction = scaffold.attach_correction(model, optimizer, control, own_control)
+    hook = strategies.get(config.strategy).client_hook(model, optimizer, config,
+                                                       control=control or {}, state=state)
+    penalty = hook.penalty if hook else None
     target_steps = privacy.steps_per_round(len(data.train), config)
     loss_sum, seen, steps = 0.0, 0, 0
 
@@ -142,14 +118,11 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
         state["epsilon"] = privacy.epsilon_of(state["accountant"], config)
     else:
         run_epochs(loader, optimizer)
-    if proximal is not None:
-        proximal.remove()
     weights = privacy.strip_prefix({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     control_change: Weights = {}
-    if correction is not None:
-        correction.remove()
-        state["control"], control_change = scaffold.client_control_update(
-            global_weights, weights, control, own_control, steps=steps, lrs=lrs)
+    if hook is not None:
+        kept, control_change = hook.finish(global_weights, weights, steps)
+        state.update(kept)
     if config.fedbn:
         keep = norm_keys(model)
         state["norms"] = {k: v for k, v in weights.items() if k in keep}
@@ -160,39 +133,6 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
         metrics["epsilon"] = state["epsilon"]
     return Update(weights=weights, examples=len(data.train), metrics=metrics,
                   control=control_change), state
-
-
-def attach_proximal_pull(model: nn.Module, optimizer: torch.optim.Optimizer,
-                         anchor: Weights, mu: float):
-    """FedProx under DP: after every (privatised) step, w -= lr * mu * (w - w_global).
-
-    Opacus replaces each gradient by the clipped, noised sum of per-example gradients, so a
-    proximal term in the loss would be lost; applied after the step (registered on the plain
-    optimiser, which the DP optimiser calls after noising) it is post-processing, and for
-    plain SGD it is exactly the term's gradient step.
-    """
-    params = dict(model.named_parameters())
-    targets = {id(params[n]): value for n, value in anchor.items()}
-
-    @torch.no_grad()
-    def after_step(opt, args, kwargs) -> None:
-        for group in opt.param_groups:
-            for param in group["params"]:
-                if id(param) in targets:
-                    param.sub_(param - targets[id(param)], alpha=group["lr"] * mu)
-
-    return optimizer.register_step_post_hook(after_step)
-
-
-def round_lr(config, round_number: int) -> float:
-    """The clients' lr in a round: constant, or cosine from `lr` in round 1 to `min_lr` in the last.
-
-    A constant lr leaves the last rounds as noisy as the first; decaying it lets the
-    global model settle, as the cosine schedule does for a central run's epochs.
-    """
-    if config.lr_schedule != "cosine" or config.rounds <= 1:
-        return config.lr
-    return cosine_between(config.lr, config.min_lr, (round_number - 1) / (config.rounds - 1))
 
 
 def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData, config,

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedct.data.loading import ImageTensorDataset, cache_dir, write_cache
-from fedct.federated.setup import freeze_policy
+from fedct.federated.run_model import freeze_policy
 from fedct.training import seed_everything
 
 VIEW_RECIPE = ("augment", "aug_scale_min", "aug_rotation", "aug_flip", "aug_brightness",

@@ -3,7 +3,7 @@
 The ClientApp decodes the server's message (`protocol`), runs `node.node_round` (the
 embedded engine's client step on the node's own images) and encodes the reply. The
 ServerApp builds the run's setup (`prepare_setup`), finds which node is which client, and
-hands `run_rounds` (the embedded engine's server loop) a round that sends and receives
+hands the run driver (`engine.run_rounds`) a `FlowerTransport`, which sends and receives
 Flower messages. Only weights and metrics cross the network.
 
 Run config (kebab-case, written by `fedct federate --engine flower`): every FederateConfig
@@ -14,16 +14,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedct.federated import protocol, secure
-from fedct.federated.protocol import ClientReply, Evaluation, Hello, Status, Weights
+from fedct.federated.protocol import (
+    ClientReply,
+    Evaluation,
+    Hello,
+    RoundResult,
+    Status,
+    Weights,
+)
 from fedct.federated.secure import secure_aggregation_mod
+
+if TYPE_CHECKING:  # the ClientApp loads this module: torch and the server only where used
+    from fedct.federated.engine import Accept
+    from fedct.federated.setup import RunSetup
 
 client_app = ClientApp(mods=[secure_aggregation_mod])
 server_app = ServerApp()
@@ -83,9 +95,10 @@ def discover_nodes(grid: Grid, expected: int, wait: float) -> dict[int, int]:
 
 def train_on_nodes(grid: Grid, node_of: dict[int, int], setup, schedule: list[list[int]],
                    planned: dict[int, int], timeout: float, round_number: int,
-                   global_weights: Weights, control: Weights) -> Iterator[ClientReply]:
-    """One round's replies from the scheduled clients' nodes, in client order, each decoded
-    only when the server takes it; a silent node counts as failed."""
+                   global_weights: Weights, control: Weights,
+                   accept: Accept) -> RoundResult:
+    """One round over the scheduled clients' nodes: each reply decoded only when the server
+    takes it, in client order; a silent node counts as failed."""
     chosen = schedule[round_number - 1]
     messages = [Message(protocol.encode_train(global_weights,
                                               setup.round_spec(round_number, planned[k]), control),
@@ -96,16 +109,20 @@ def train_on_nodes(grid: Grid, node_of: dict[int, int], setup, schedule: list[li
                for m in grid.send_and_receive(messages, timeout=timeout)
                if m.metadata.src_node_id in client_of_node}
     del messages
+    replies = []
     for k in chosen:
         message = answers.pop(k, None)
         if k not in node_of:
-            yield ClientReply(k, None, status=Status.FAILED, detail="no node for it")
+            reply = ClientReply(k, None, status=Status.FAILED, detail="no node for it")
         elif message is None:
-            yield ClientReply(k, None, status=Status.FAILED, detail=f"no reply within {timeout:.0f}s")
+            reply = ClientReply(k, None, status=Status.FAILED,
+                                detail=f"no reply within {timeout:.0f}s")
         elif message.has_error():
-            yield ClientReply(k, None, status=Status.FAILED, detail=str(message.error.reason))
+            reply = ClientReply(k, None, status=Status.FAILED, detail=str(message.error.reason))
         else:
-            yield protocol.decode_reply(message.content)
+            reply = protocol.decode_reply(message.content)
+        replies.append(accept(reply))
+    return RoundResult(replies)
 
 
 def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], timeout: float, spec,
@@ -130,19 +147,57 @@ def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], timeout: float, spec,
             yield protocol.decode_evaluation(message.content)
 
 
+@dataclass
+class FlowerTransport:
+    """A round's messages over Flower's grid, to the nodes found by `discover_nodes`;
+    `secure` sends training through SecAgg+, which returns only the updates' sum."""
+
+    grid: Grid
+    context: Context
+    node_of: dict[int, int]
+    setup: RunSetup
+    schedule: list[list[int]]
+    planned: dict[int, int]
+    timeout: float
+    secure: bool = False
+    engine: str = "flower"
+
+    def train(self, round_number: int, weights: Weights, message: Weights,
+              accept: Accept) -> RoundResult:
+        if not self.secure:
+            return train_on_nodes(self.grid, self.node_of, self.setup, self.schedule,
+                                  self.planned, self.timeout, round_number, weights, message,
+                                  accept)
+        result = secure.train_on_nodes(self.grid, self.context, self.node_of, self.setup,
+                                       self.schedule, self.planned, self.timeout, round_number,
+                                       weights, message)
+        return RoundResult([accept(r) for r in result.replies], result.secure_sum)
+
+    def evaluate(self, round_number: int, weights: Weights,
+                 asked: list[int]) -> list[Evaluation]:
+        return list(evaluate_on_nodes(self.grid, self.node_of, self.timeout,
+                                      self.setup.round_spec(round_number, 0), weights, asked))
+
+    def state_dict(self) -> dict:
+        return {}  # the nodes keep their own state in their state-dir
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     from rich.console import Console
 
-    from fedct.federated.server import run_rounds
+    from fedct.federated.engine import run_rounds
     from fedct.federated.setup import (
         eval_schedule,
-        place_model,
         planned_rounds,
         prepare_setup,
         sample_schedule,
     )
     from fedct.federated.view import RoundView
+    from fedct.models import place_model
     from fedct.training import pick_device, seed_everything, set_threads
 
     config, extras = protocol.split_run_config(dict(context.run_config))
@@ -160,21 +215,14 @@ def main(grid: Grid, context: Context) -> None:
     console.print(f"fedct on Flower: {len(node_of)} nodes answered (clients {sorted(node_of)})")
     num_clients = extras.num_clients or len(node_of)
     schedule = sample_schedule(num_clients, config)
-    if config.secure_aggregation:
-        train_round = partial(secure.train_on_nodes, grid, context, node_of, setup, schedule,
-                              planned_rounds(schedule, num_clients), extras.round_timeout)
-    else:
-        train_round = partial(train_on_nodes, grid, node_of, setup, schedule,
-                              planned_rounds(schedule, num_clients), extras.round_timeout)
-    plan = eval_schedule(num_clients, config)
-    run_rounds(setup, Path(extras.out), num_clients=num_clients, schedule=schedule,
-               train_round=train_round, engine="flower", device=device,
+    transport = FlowerTransport(grid, context, node_of, setup, schedule,
+                                planned_rounds(schedule, num_clients), extras.round_timeout,
+                                secure=config.secure_aggregation)
+    run_rounds(setup, Path(extras.out), transport, num_clients=num_clients, schedule=schedule,
+               eval_plan=eval_schedule(num_clients, config), device=device,
                view=RoundView(console, rounds=config.rounds, dp=config.dp, live=False,
                               client_lines=True, federated=config.monitor.startswith("fed_")),
-               resume=extras.resume,
-               evaluate_round=lambda r, weights, asked: evaluate_on_nodes(
-                   grid, node_of, extras.round_timeout, setup.round_spec(r, 0), weights, asked),
-               eval_plan=plan)
+               resume=extras.resume)
 
 
 def cross_site(grid: Grid, config, extras, console) -> None:

@@ -125,7 +125,8 @@ def evaluate_on_flower(checkpoints: list, *, federation: str | None, on: str,
                        round_timeout: float = ROUND_TIMEOUT_SECONDS) -> dict:
     """Score checkpoints on every node's own rows through the federation's SuperLink; the
     coordinator's ServerApp writes the `fedct evaluate` report into `out`."""
-    from fedct.config import FederateConfig, build_config
+    from fedct.config import FederateConfig
+    from fedct.configure import build_config
     from fedct.evaluation import check_bootstrap, check_threshold, fresh_folder
     from fedct.federated.cross_site import ON
     from fedct.runs import checkpoint_paths, read_sidecar

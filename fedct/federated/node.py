@@ -35,8 +35,8 @@ from fedct.federated.client import (
     run_client_round,
 )
 from fedct.federated.protocol import ClientReply, Evaluation, RoundSpec, Weights
-from fedct.federated.setup import model_spec, place_model
-from fedct.models import build_model
+from fedct.federated.run_model import model_spec
+from fedct.models import build_model, place_model
 from fedct.runs import atomic_write, save_tensors
 from fedct.training import pick_device
 

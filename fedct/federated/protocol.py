@@ -87,6 +87,27 @@ class ClientReply:
 
 
 @dataclass(frozen=True)
+class SecureSum:
+    """What the coordinator learns of a secure round's updates: their example-weighted mean
+    (weights and SCAFFOLD control changes), the examples and how many nodes went in."""
+
+    weights: Weights
+    control: Weights
+    examples: int
+    count: int
+
+
+@dataclass
+class RoundResult:
+    """What a transport returns for a round: every scheduled client's reply as the server
+    accepted it (updates already collected and dropped), and the sum of the updates when
+    the transport summed them itself (SecAgg+), else None."""
+
+    replies: list[ClientReply]
+    secure_sum: SecureSum | None = None
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """A client's scores of the global model on its own validation rows, as aggregates only:
     the loss sum, argmax-correct count, and histograms of the positive-class score per label
@@ -130,7 +151,8 @@ EXTRA_KEYS = tuple(kebab(f.name) for f in dataclasses.fields(RunExtras))
 
 def split_run_config(run_config: dict):
     """(FederateConfig, RunExtras) from a Flower run config; an unknown key is an error naming it."""
-    from fedct.config import FederateConfig, build_config
+    from fedct.config import FederateConfig
+    from fedct.configure import build_config
 
     config = build_config(FederateConfig, None,
                           {k: v for k, v in run_config.items() if k not in EXTRA_KEYS},

@@ -20,28 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fedct.federated import protocol
-from fedct.federated.protocol import ClientReply, RoundSpec, Status, Update, Weights
-from fedct.federated.strategies import check_update
+from fedct.federated.protocol import (
+    ClientReply,
+    RoundResult,
+    RoundSpec,
+    SecureSum,
+    Status,
+    Update,
+    Weights,
+)
+from fedct.federated.strategies.base import check_update
 
 KEYS, CONTROL_KEYS = "fedct-keys", "fedct-control-keys"
-
-
-@dataclass(frozen=True)
-class SecureSum:
-    """What the coordinator learns of a secure round's updates: their example-weighted mean
-    (weights and SCAFFOLD control changes), the examples and how many nodes went in."""
-
-    weights: Weights
-    control: Weights
-    examples: int
-    count: int
 
 
 def workflow(config, timeout: float):
@@ -167,9 +163,10 @@ class SecureRound:
 
 def train_on_nodes(grid, context, node_of: dict[int, int], setup, schedule: list[list[int]],
                    planned: dict[int, int], timeout: float, round_number: int,
-                   global_weights: Weights, control: Weights) -> Iterator[ClientReply]:
-    """One secure round: the scheduled nodes' replies in client order (none carries weights),
-    then, as the generator's return value, the `SecureSum` (None when SecAgg+ halted)."""
+                   global_weights: Weights, control: Weights) -> RoundResult:
+    """One secure round: the scheduled nodes' replies in client order (none carries weights)
+    and the `SecureSum` of their updates (None when SecAgg+ halted or fewer than 3 nodes
+    answered)."""
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.server.compat import LegacyContext
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
@@ -178,11 +175,10 @@ def train_on_nodes(grid, context, node_of: dict[int, int], setup, schedule: list
     chosen = schedule[round_number - 1]
     present = roll_call(grid, [k for k in chosen if k in node_of], node_of, timeout)
     if len(present) < 3:  # with two, each would learn the other's update from the sum
-        for k in chosen:
-            yield ClientReply(k, None, status=Status.FAILED,
-                              detail="no secure round: fewer than 3 nodes answered"
-                              if k in present else "did not answer the roll call")
-        return None
+        return RoundResult([ClientReply(k, None, status=Status.FAILED,
+                                        detail="no secure round: fewer than 3 nodes answered"
+                                        if k in present else "did not answer the roll call")
+                            for k in chosen])
     strategy = SecureRound({node_of[k]: encode_train(global_weights,
                                                      setup.round_spec(round_number, planned[k]),
                                                      control) for k in present})
@@ -192,19 +188,25 @@ def train_on_nodes(grid, context, node_of: dict[int, int], setup, schedule: list
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     workflow(setup.config, timeout)(grid, legacy)
     client_of_node = {n: k for k, n in node_of.items()}
-    replies = {client_of_node[n]: r for n, r in strategy.replies.items()}
-    for k in chosen:
-        if k in replies:
-            yield replies[k]
-        else:
-            yield ClientReply(k, None, status=Status.FAILED,
-                              detail="no node for it" if k not in node_of
-                              else "dropped out of the secure round")
-    summed = [r for r in replies.values() if r.summed_securely]
-    if strategy.mean is None or not summed:
+    by_client = {client_of_node[n]: r for n, r in strategy.replies.items()}
+    replies = [by_client[k] if k in by_client else
+               ClientReply(k, None, status=Status.FAILED,
+                           detail="no node for it" if k not in node_of
+                           else "dropped out of the secure round")
+               for k in chosen]
+    return RoundResult(replies, secure_mean(strategy.mean, by_client.values(), round_number,
+                                            global_weights, control))
+
+
+def secure_mean(mean: list[np.ndarray] | None, replies, round_number: int,
+                global_weights: Weights, control: Weights) -> SecureSum | None:
+    """The unmasked mean change as new weights and control changes (None: nothing summed,
+    or the mean is not finite)."""
+    summed = [r for r in replies if r.summed_securely]
+    if mean is None or not summed:
         return None
     names = list(global_weights)
-    mean = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in strategy.mean]
+    mean = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in mean]
     if not all(torch.isfinite(m).all() for m in mean):
         print(f"round {round_number}: the securely summed mean has NaN or Inf; global model "
               "unchanged", file=sys.stderr)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from fedct.config import FederateConfig
@@ -22,42 +21,10 @@ from fedct.data.loading import ImageTensorDataset, SplitImages, make_transform
 from fedct.data.manifest import Split, load_split
 from fedct.errors import FedctError
 from fedct.federated.protocol import RoundSpec
+from fedct.federated.run_model import model_spec
 from fedct.metrics import positive_index
 from fedct.models import ModelSpec, build_model, data_config
 from fedct.runs import checkpoint_meta, checkpoint_paths, read_sidecar
-
-
-def freeze_policy(config: FederateConfig) -> str:
-    """Which parameters train: DP `head` freezes all but the head, DP `norms` all but the head
-    and the norms' scale and shift."""
-    return config.dp_train if config.dp and config.dp_train in ("head", "norms") else config.freeze
-
-
-def model_spec(config: FederateConfig, architecture: str, num_classes: int, *,
-               groupnorm: bool = False) -> ModelSpec:
-    """The one rule for a run's model, on the server and on every node.
-
-    DP full training replaces BatchNorm by GroupNorm, unless `freeze_bn` keeps BatchNorm
-    frozen in eval mode (then only activations stop being in place); DP norms training keeps
-    BatchNorm's pretrained statistics and trains its scale and shift. `groupnorm` is True
-    when the starting checkpoint already has GroupNorm, or on a node whose server says so.
-    """
-    full = config.dp and config.dp_train == "full"
-    norms = config.dp and config.dp_train == "norms"
-    groupnorm = groupnorm or (full and not config.freeze_bn)
-    return ModelSpec(architecture=architecture, num_classes=num_classes,
-                     freeze=freeze_policy(config), freeze_bn=config.freeze_bn,
-                     groupnorm=groupnorm, dp_layers=full or norms or groupnorm,
-                     drop_rate=config.drop_rate, image_size=config.image_size or None)
-
-
-def place_model(model: nn.Module, config: FederateConfig, device) -> nn.Module:
-    """The model on its device in the run's memory format: the server and every node alike,
-    so a score computed on either is the same to the last bit."""
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
 
 
 def resolve_input_size(config: FederateConfig, init: str) -> tuple[FederateConfig, str | None]:

@@ -1,39 +1,87 @@
 """The embedded engine: federated rounds in one process, one model in memory.
 
 It builds the run's setup (`prepare_setup`, as the Flower ServerApp does), gives each client
-its rows of the split, and passes `run_rounds` a round that calls `run_client_round` (the
-function the Flower ClientApp calls) for each sampled client, and an evaluation that calls
-`client_evaluate` (the ClientApp's too) for each client asked.
+its rows of the split, and hands the run driver (`engine.run_rounds`) an `InProcess`
+transport, which calls `run_client_round` (the function the Flower ClientApp calls) for
+each sampled client and `client_evaluate` (the ClientApp's too) for each client asked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from fedct import privacy
 from fedct.config import FederateConfig
 from fedct.errors import FedctError
 from fedct.federated.client import (
+    ClientData,
     client_data,
     client_evaluate,
     new_client_state,
     run_client_round,
 )
-from fedct.federated.protocol import ClientReply, Evaluation, Weights
-from fedct.federated.server import run_rounds
+from fedct.federated.engine import Accept, run_rounds
+from fedct.federated.protocol import Evaluation, RoundResult, Weights
 from fedct.federated.setup import (
+    RunSetup,
     eval_schedule,
-    place_model,
     planned_rounds,
     prepare_setup,
     resolve_input_size,
     sample_schedule,
 )
 from fedct.federated.view import RoundView
+from fedct.models import place_model
 from fedct.training import pick_device, seed_everything, set_threads
+
+
+@dataclass
+class InProcess:
+    """Every client in this process, trained one after another on the one shared model;
+    the clients' own states (accountant, FedBN norms, SCAFFOLD control) stay here between
+    rounds and go into the run's resume state."""
+
+    setup: RunSetup
+    clients: list[ClientData]
+    schedule: list[list[int]]
+    planned: dict[int, int]
+    device: torch.device
+    view: RoundView
+    states: dict[int, dict] = field(default_factory=dict)
+    engine: str = "embedded"
+
+    def __post_init__(self) -> None:
+        self.states = self.states or {d.client_id: new_client_state(self.setup.config)
+                                      for d in self.clients}
+
+    def train(self, round_number: int, weights: Weights, message: Weights,
+              accept: Accept) -> RoundResult:
+        setup, replies = self.setup, []
+        for k in self.schedule[round_number - 1]:
+            self.view.client_started(k)
+            reply, self.states[k] = run_client_round(
+                setup.model, weights, self.clients[k], setup.config, self.states[k],
+                round_number=round_number, planned_rounds=self.planned[k], device=self.device,
+                num_classes=len(setup.classes), control=message)
+            replies.append(accept(reply))
+        return RoundResult(replies)
+
+    def evaluate(self, round_number: int, weights: Weights,
+                 asked: list[int]) -> list[Evaluation]:
+        setup = self.setup
+        return [client_evaluate(setup.model, weights, self.clients[k].val, setup.config,
+                                self.states[k], client_id=k, device=self.device,
+                                positive_index=setup.positive_index) for k in asked]
+
+    def state_dict(self) -> dict:
+        return {"client_states": dict(self.states)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.states = dict(state["client_states"])
 
 
 def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: bool = False,
@@ -70,27 +118,7 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
         warning = privacy.delta_warning(len(data.train), config)
         if warning:
             view.message(f"warning: client {data.client_id}: {warning}")
-    kept = {"client_states": {d.client_id: new_client_state(config) for d in clients}}
-
-    def train_round(round_number: int, global_weights: Weights,
-                    control: Weights) -> Iterator[ClientReply]:
-        states = kept["client_states"]
-        for k in schedule[round_number - 1]:
-            view.client_started(k)
-            reply, states[k] = run_client_round(
-                setup.model, global_weights, clients[k], config, states[k],
-                round_number=round_number, planned_rounds=planned[k], device=device,
-                num_classes=len(setup.classes), control=control)
-            yield reply
-
-    def evaluate_round(round_number: int, global_weights: Weights,
-                       asked: list[int]) -> Iterator[Evaluation]:
-        for k in asked:
-            yield client_evaluate(setup.model, global_weights, clients[k].val, config,
-                                  kept["client_states"][k], client_id=k, device=device,
-                                  positive_index=setup.positive_index)
-
-    return run_rounds(setup, Path(out), num_clients=len(clients), schedule=schedule,
-                      train_round=train_round, engine="embedded", device=device, view=view,
-                      resume=resume, force=force, kept=kept, evaluate_round=evaluate_round,
-                      eval_plan=evaluators, stop_after=stop_after)
+    transport = InProcess(setup, clients, schedule, planned, device, view)
+    return run_rounds(setup, Path(out), transport, num_clients=len(clients), schedule=schedule,
+                      eval_plan=evaluators, device=device, view=view, resume=resume, force=force,
+                      stop_after=stop_after)

@@ -19,7 +19,64 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedct.errors import FedctError
 from fedct.federated.protocol import Weights
+from fedct.federated.strategies.base import (
+    ClientHook,
+    RunningAverage,
+    Strategy,
+    stepped_keys,
+)
+
+
+class Scaffold(Strategy):
+    name = "scaffold"
+    summary = "control variates against client drift (Karimireddy et al. 2020)"
+
+    def check(self, config) -> None:
+        if not config.server_lr > 0:
+            raise FedctError(f"server_lr {config.server_lr}: must be > 0")
+
+    def ready_state(self, state: dict, model: nn.Module, *, local_keys: set[str]) -> dict:
+        """The server's control, zero before the first round; it covers the trainable
+        parameters the server aggregates (not FedBN's local norms)."""
+        if "control" in state:
+            return state
+        return {**state, "control": zero_control(model, control_keys(model, exclude=local_keys))}
+
+    def message(self, state: dict) -> Weights:
+        return state["control"]
+
+    def step(self, global_weights: Weights, collected: RunningAverage, state: dict, *, config,
+             trainable: set[str] | None, num_clients: int) -> tuple[Weights, dict]:
+        """x + server_lr * (average - x); c moves by the round's control changes."""
+        average = collected.result()
+        new = dict(average)
+        if config.server_lr != 1:
+            for key in stepped_keys(global_weights, trainable):
+                step = average[key].double() - global_weights[key].double()
+                new[key] = (global_weights[key].double() + config.server_lr * step).to(
+                    global_weights[key].dtype)
+        control = server_control(state["control"], collected.control_sum,
+                                 examples=collected.examples, updates=collected.count,
+                                 num_clients=num_clients)
+        return new, {**state, "control": control}
+
+    def client_hook(self, model: nn.Module, optimizer: torch.optim.Optimizer, config, *,
+                    control: Weights, state: dict) -> ClientHook:
+        if not control:
+            raise FedctError("strategy scaffold: the server sent no control variate")
+        own = state.get("control") or {k: torch.zeros_like(v) for k, v in control.items()}
+        lrs = learning_rates(model, optimizer)
+        handle = attach_correction(model, optimizer, control, own)
+
+        def finish(global_weights: Weights, trained: Weights, steps: int):
+            handle.remove()
+            new, change = client_control_update(global_weights, trained, control, own,
+                                                steps=steps, lrs=lrs)
+            return {"control": new}, change
+
+        return ClientHook(finish=finish)
 
 
 def control_keys(model: nn.Module, *, exclude: set[str] = frozenset()) -> list[str]:

@@ -1,17 +1,22 @@
-"""Server aggregation as pure functions on state dicts: FedAvg, FedProx, FedAvgM, FedAdam,
-FedYogi, SCAFFOLD.
+"""What every strategy shares: the update checks, the streamed examples-weighted average,
+and the `Strategy` type whose subclasses (one module per family) the registry finds.
 
-FedProx aggregates like FedAvg (its difference is the client's proximal term); SCAFFOLD
-steps by `server_lr` times the averaged change (its control variates: `scaffold`). The adaptive
-strategies follow Reddi et al. 2021 ("Adaptive Federated Optimization"): the averaged client
-change is a pseudo-gradient for a server optimiser with learning rate `server_lr`.
-Floating-point buffers (BatchNorm statistics) are always plainly averaged; integer buffers
+A strategy says how the server turns a round's accepted updates into new global weights
+(`step`), what it collects of them (`collector`: a running average that drops each update,
+or every update kept for the round), what state it keeps and sends with the global weights
+(`ready_state`, `message`), and what it changes in the client's training (`client_hook`).
+Floating-point buffers (BatchNorm statistics) are averaged like weights; integer buffers
 take the maximum.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
+from torch import nn
 
 from fedct.federated.protocol import Update, Weights
 
@@ -94,6 +99,7 @@ class RunningAverage:
                 else self.sums[key].clone() for key, ref in self.reference.items()}
 
 
+
 def weighted_average(updates: list[Update], reference: Weights) -> Weights | None:
     running = RunningAverage(reference)
     for update in updates:
@@ -101,51 +107,55 @@ def weighted_average(updates: list[Update], reference: Weights) -> Weights | Non
     return running.result()
 
 
-def aggregate(global_weights: Weights, updates: list[Update], *, strategy: str, config,
-              server_state: dict, trainable: set[str] | None = None) -> tuple[Weights, dict]:
-    """New global weights and server state from accepted updates (pure: inputs untouched)."""
-    return apply_strategy(global_weights, weighted_average(updates, global_weights),
-                          strategy=strategy, config=config, server_state=server_state,
-                          trainable=trainable)
+@dataclass
+class ClientHook:
+    """What a strategy adds to one client's local training: a loss term on the shared
+    model's parameters (`penalty`), and `finish`, called once after the last step with
+    (global weights, trained weights, steps), which removes any optimiser hooks and returns
+    (entries for the client's state, the control change the client sends)."""
+
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None
+    finish: Callable[[Weights, Weights, int], tuple[dict, Weights]] = field(
+        default=lambda global_weights, trained, steps: ({}, {}))
 
 
-def apply_strategy(global_weights: Weights, average: Weights | None, *, strategy: str, config,
-                   server_state: dict, trainable: set[str] | None = None) -> tuple[Weights, dict]:
-    """New global weights and server state from the clients' average (None: no update)."""
-    if average is None:
-        return dict(global_weights), dict(server_state)
-    if strategy in ("fedavg", "fedprox") or (strategy == "scaffold" and config.server_lr == 1):
-        return average, dict(server_state)
-    keys = [k for k in global_weights if global_weights[k].is_floating_point()
+class Strategy:
+    """A server strategy: FedAvg's behaviour unless a subclass says otherwise.
+
+    Subclasses set `name` and `summary` (the CLI's help lists them) and override what
+    differs; a module under `fedct/federated/strategies/` is found by the registry.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    keeps_updates: ClassVar[bool] = False  # every update kept for the round, not only a sum
+
+    def check(self, config) -> None:
+        """Refuse settings this strategy cannot honour (one line, naming the key)."""
+
+    def collector(self, reference: Weights, config) -> RunningAverage:
+        return RunningAverage(reference)
+
+    def ready_state(self, state: dict, model: nn.Module, *, local_keys: set[str]) -> dict:
+        """The server state before a round (what the strategy keeps between rounds)."""
+        return state
+
+    def message(self, state: dict) -> Weights:
+        """What the server sends each client with the global weights (SCAFFOLD's control)."""
+        return {}
+
+    def step(self, global_weights: Weights, collected: RunningAverage, state: dict, *, config,
+             trainable: set[str] | None, num_clients: int) -> tuple[Weights, dict]:
+        """New global weights and server state from a round's collected updates (at least
+        one); pure: the inputs are left untouched."""
+        return collected.result(), dict(state)
+
+    def client_hook(self, model: nn.Module, optimizer: torch.optim.Optimizer, config, *,
+                    control: Weights, state: dict) -> ClientHook | None:
+        return None
+
+
+def stepped_keys(global_weights: Weights, trainable: set[str] | None) -> list[str]:
+    """The keys a server optimiser steps: floating point and trained."""
+    return [k for k in global_weights if global_weights[k].is_floating_point()
             and (trainable is None or k in trainable)]
-    new = dict(average)
-    if strategy == "scaffold":  # x + server_lr * (average - x); the controls are the server's
-        for key in keys:
-            step = average[key].double() - global_weights[key].double()
-            new[key] = (global_weights[key].double() + config.server_lr * step).to(
-                global_weights[key].dtype)
-        return new, dict(server_state)
-    state = {name: dict(server_state.get(name, {})) for name in ("m", "v")}
-    for key in keys:
-        delta = average[key].double() - global_weights[key].double()
-        if strategy == "fedavgm":
-            m = state["m"].get(key, torch.zeros_like(delta)).double()
-            m = config.server_momentum * m + delta
-            state["m"][key] = m.float()
-            step = m
-        else:
-            m = state["m"].get(key, torch.zeros_like(delta)).double()
-            v = state["v"].get(key, torch.full_like(delta, config.tau**2)).double()
-            m = config.beta1 * m + (1 - config.beta1) * delta
-            squared = delta * delta
-            if strategy == "fedadam":
-                v = config.beta2 * v + (1 - config.beta2) * squared
-            elif strategy == "fedyogi":
-                v = v - (1 - config.beta2) * squared * torch.sign(v - squared)
-            else:
-                raise ValueError(f"unknown strategy {strategy!r}")
-            state["m"][key], state["v"][key] = m.float(), v.float()
-            step = m / (v.sqrt() + config.tau)
-        new[key] = (global_weights[key].double() + config.server_lr * step).to(
-            global_weights[key].dtype)
-    return new, state
