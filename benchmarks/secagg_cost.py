@@ -103,7 +103,7 @@ def bytes_per_round(split: Path, nodes: int, work: Path, config,
 
 def seconds_per_round(split: Path, nodes: int, work: Path, secure_on: bool) -> float:
     sys.path.insert(0, str(TESTS))
-    from test_flower import Federation
+    from conftest import Federation
 
     home = work / f"fed-{nodes}-{secure_on}"
     home.mkdir(parents=True)

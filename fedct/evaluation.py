@@ -11,6 +11,7 @@ from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import LOCAL_VAL, Entry, Split, load_split
 from fedct.data.sources import check_files, read_dataset
 from fedct.errors import FedctError
+from fedct.files import atomic_write, json_safe
 from fedct.locks import exclusive
 from fedct.metrics import (
     binary_metrics,
@@ -23,7 +24,7 @@ from fedct.metrics import (
 )
 from fedct.models import create_model, load_weights, make_dp_safe
 from fedct.operating_point import expected_calibration_error
-from fedct.runs import atomic_write, checkpoint_paths, json_safe, read_checkpoint, refuse_overlap
+from fedct.runs import checkpoint_paths, read_checkpoint, refuse_overlap
 from fedct.training import pick_device, predict, set_threads
 
 SPLITS = ("train", "val", "test", LOCAL_VAL, "all")

@@ -24,8 +24,8 @@ from matplotlib import colormaps
 from PIL import Image
 
 from fedct.errors import FedctError
+from fedct.files import atomic_write
 from fedct.metrics import wilson_interval
-from fedct.runs import atomic_write
 
 MIN_CELLS = 8  # chosen on the demo's val: 1/8 of 96 px found the lesion most often
 SHEET_MAX = 48  # images on the contact sheet; every image still gets its own PNG

@@ -21,8 +21,9 @@ from fedct import __version__
 from fedct.data.sources import LUNG_WINDOW
 from fedct.errors import FedctError
 from fedct.evaluation import chosen_threshold, load_model
+from fedct.files import atomic_write
 from fedct.metrics import positive_index
-from fedct.runs import atomic_write, checkpoint_paths, refuse_overwriting_inputs
+from fedct.runs import checkpoint_paths, refuse_overwriting_inputs
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest difference in any probability the export may show

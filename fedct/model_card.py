@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from fedct.files import atomic_write, json_safe
 from fedct.metrics import wilson_interval
-from fedct.runs import atomic_write, checkpoint_paths, json_safe
+from fedct.runs import checkpoint_paths
 
 CARD = "MODEL_CARD.md"
 EVALUATIONS = "evaluations.json"

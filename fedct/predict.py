@@ -22,8 +22,9 @@ from fedct.data.loading import ImageTensorDataset, decode_resized, make_loader, 
 from fedct.data.sources import is_dicom, looks_like_image, read_csv_rows
 from fedct.errors import FedctError
 from fedct.evaluation import check_threshold, chosen_threshold, load_model, tta_note
+from fedct.files import atomic_write
 from fedct.metrics import positive_index
-from fedct.runs import atomic_write, checkpoint_paths, refuse_overlap, refuse_overwriting_inputs
+from fedct.runs import checkpoint_paths, refuse_overlap, refuse_overwriting_inputs
 from fedct.training import pick_device, predict, set_threads
 
 AGGREGATES = ("mean", "max")

@@ -26,13 +26,13 @@ from torchvision.transforms import v2
 from fedct.config import SelfSupConfig, to_dict
 from fedct.data.loading import load_images
 from fedct.errors import FedctError
+from fedct.files import atomic_write
 from fedct.locks import exclusive
 from fedct.models import create_model, data_config
 from fedct.predict import collect
 from fedct.runs import (
     SUMMARY,
     append_summary,
-    atomic_write,
     check_resume_inputs,
     load_resume,
     prepare_run_dir,

@@ -25,7 +25,7 @@ MIN_INPUT_SIZE = 8
 
 def meta_digest(meta: dict) -> str:
     """A digest of the sidecar's content, its weights digest left out (that is written after)."""
-    from fedct.runs import json_safe
+    from fedct.files import json_safe
 
     body = {k: v for k, v in meta.items() if k != WEIGHTS_DIGEST}
     text = json.dumps(json_safe(body), sort_keys=True, separators=(",", ":"), default=str,

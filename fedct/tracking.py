@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedct.errors import FedctError
-from fedct.runs import atomic_write, write_report
+from fedct.files import atomic_write
+from fedct.runs import write_report
 
 BOARD_DIR = "tensorboard"
 CURVES = "curves.png"

@@ -2,15 +2,15 @@
 
 In process, a grid that hands each message to the real ClientApp (its SecAgg+ mod included)
 shows what reaches the coordinator: no update in the clear, only the mean, and that mean
-equal to the plain mean within the quantisation bound. On loopback, three SuperNodes.
+equal to the plain mean within the quantisation bound; a node that drops out during a
+round does not block it. On loopback (the shared federation of three SuperNodes), a whole
+secure run against the embedded engine.
 """
-
-import copy
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, local_federation
 
 from fedct.config import FederateConfig
 from fedct.configure import build_config
@@ -33,50 +33,8 @@ def split_dir(synth_dir, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """The process identity Flower's messages read, as a SuperLink would set it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-class LocalGrid:
-    """Delivers each message to the ClientApp of its node, in this process, and keeps every
-    reply the coordinator receives."""
-
-    def __init__(self, contexts: dict):
-        self.contexts = contexts
-        self.received = []
-        self.dead: set[int] = set()
-
-    def send_and_receive(self, messages, timeout=None):
-        from fedct.federated.flower_app import client_app
-
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            if node in self.dead:
-                continue
-            # a copy, as the network would deliver: Flower sends one content to every node
-            replies.append(client_app(copy.deepcopy(message), self.contexts[node]))
-        self.received += replies
-        return replies
-
-
-def local_federation(split_dir, tmp_path, config):
-    from flwr.app import Context, RecordDict
-
-    from fedct.federated.protocol import RunExtras, run_config_values
-
-    run_config = run_config_values(config, RunExtras(out=str(tmp_path / "out")))
-    contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(),
-                                 node_config={"client-id": k, "split": str(split_dir),
-                                              "state-dir": str(tmp_path / f"state{k}")},
-                                 run_config=run_config)
-                for k in range(CLIENTS)}
-    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    return LocalGrid(contexts), server, {k: 100 + k for k in range(CLIENTS)}
+def in_process(task_identity):
+    """Every test here calls ClientApps in this process."""
 
 
 def secure_round(grid, server, node_of, setup, weights, control):
@@ -112,7 +70,7 @@ def test_coordinator_gets_only_the_mean_and_it_equals_the_plain_mean(split_dir, 
     strategy = strategies.get(config.strategy)
     local = norm_keys(setup.model) if config.fedbn else set()
     control = strategy.message(strategy.ready_state({}, setup.model, local_keys=local))
-    grid, server, node_of = local_federation(split_dir, tmp_path / "secure", setup.config)
+    grid, server, node_of = local_federation(split_dir, tmp_path / "secure", setup.config, CLIENTS)
     replies, summed = secure_round(grid, server, node_of, setup, weights, control)
 
     assert [r.client_id for r in replies] == [0, 1, 2]
@@ -150,7 +108,7 @@ def test_a_node_that_drops_out_after_masking_does_not_block_the_round(split_dir,
     config = build_config(FederateConfig, None, {**TINY, "secure_aggregation": True})
     setup = prepare_setup(config, init="none", split_dir=split_dir)
     weights = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
-    grid, server, node_of = local_federation(split_dir, tmp_path, setup.config)
+    grid, server, node_of = local_federation(split_dir, tmp_path, setup.config, CLIENTS)
     send = grid.send_and_receive
 
     def dies_after_masking(messages, timeout=None):
@@ -179,31 +137,29 @@ def test_secure_aggregation_refuses_the_embedded_engine_and_two_clients(split_di
     assert np.isfinite(bound(config, [50, 60], 0.1))
 
 
+# pooled val only: the clients' evaluation in a secure run is tested in process
 SECURE = {"model": "test_efficientnet", "image-size": 32, "batch-size": 16, "lr": 0.003,
-          "rounds": 1, "local-steps": 2, "seed": 3, "secure-aggregation": True, "secagg-clip": 1.0}
+          "rounds": 1, "local-steps": 2, "seed": 3, "secure-aggregation": True, "secagg-clip": 1.0,
+          "val": "pooled"}
 
 
 @pytest.mark.slow
-def test_secure_flower_run_equals_the_embedded_run_within_the_bound(split_dir, tmp_path):
+def test_secure_flower_run_equals_the_embedded_run_within_the_bound(loopback, tmp_path):
     import yaml
-    from test_flower import Federation, run_embedded
+    from test_flower import run_embedded
 
     from fedct.runs import read_checkpoint
 
     plain = {k: v for k, v in SECURE.items() if not k.startswith("secure")
              and not k.startswith("secagg")}
-    embedded = run_embedded(split_dir, tmp_path / "embedded", plain)
-    federation = Federation(tmp_path, split_dir, clients=CLIENTS)
-    try:
-        proc = federation.submit(split_dir, tmp_path / "run", settings=SECURE)
-        output, _ = proc.communicate(timeout=900)
-    finally:
-        federation.stop()
+    embedded = run_embedded(loopback.split, tmp_path / "embedded", plain)
+    proc = loopback.submit(loopback.split, tmp_path / "run", settings=SECURE)
+    output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output
     assert "3 nodes answered" in output
     secured, _ = read_checkpoint(tmp_path / "run" / "final")
     expected, _ = read_checkpoint(embedded / "final")
-    clients = yaml.safe_load((split_dir / "split.yaml").read_text())["clients"]
+    clients = yaml.safe_load((loopback.split / "split.yaml").read_text())["clients"]
     examples = [sum(c["train"].values()) for c in clients]
     config = build_config(FederateConfig, None, {"secagg_clip": 1.0})
     largest = max(float((secured[k].double() - expected[k].double()).abs().max())
@@ -216,27 +172,42 @@ def test_secure_flower_run_equals_the_embedded_run_within_the_bound(split_dir, t
             assert torch.equal(secured[key], expected[key]) or key.endswith("num_batches_tracked")
 
 
-@pytest.mark.slow
-def test_a_supernode_killed_mid_round_does_not_block_a_secure_round(split_dir, tmp_path):
-    """Node 2 is killed the moment its training state is saved, as it masks its update: the
-    round completes on the others' key shares."""
-    from test_flower import Federation, wait_until
+def test_a_node_that_dies_as_it_masks_does_not_block_a_secure_run(split_dir, tmp_path):
+    """The whole run driver over the secure transport, in process: node 2 dies when the
+    masked-update stage reaches it; the round completes on the others' key shares and the
+    run finishes with their sum."""
+    import io
 
-    federation = Federation(tmp_path, split_dir, clients=CLIENTS)
-    try:
-        proc = federation.submit(split_dir, tmp_path / "run", "--round-timeout", "45",
-                                 settings=SECURE)
-        state = tmp_path / "state2"
-        wait_until(proc, lambda: state.is_dir() and any(state.rglob("*.pt")),
-                   "node 2 never trained", seconds=600)
-        federation.kill("node2")
-        output, _ = proc.communicate(timeout=900)
-    finally:
-        federation.stop()
-    assert proc.returncode == 0, output
-    rows = [line.split(",") for line in (tmp_path / "run" / "summary.csv").read_text()
-            .splitlines()[1:]]
-    assert rows[0][0] == "1" and int(rows[0][1]) >= 2, output  # its update in the sum, or not
+    from rich.console import Console
+
+    from fedct.federated.engine import run_rounds
+    from fedct.federated.flower_app import FlowerTransport
+    from fedct.federated.setup import eval_schedule
+    from fedct.federated.view import RoundView
+
+    config = build_config(FederateConfig, None, {**TINY, "rounds": 1, "secure_aggregation": True})
+    setup = prepare_setup(config, init="none", split_dir=split_dir)
+    grid, server, node_of = local_federation(split_dir, tmp_path, setup.config, CLIENTS)
+    send = grid.send_and_receive
+
+    def dies_as_it_masks(messages, timeout=None):
+        if any("fitins.parameters" in m.content.array_records for m in messages):
+            grid.dead.add(node_of[2])
+        return send(messages, timeout)
+
+    grid.send_and_receive = dies_as_it_masks
+    schedule = sample_schedule(CLIENTS, setup.config)
+    transport = FlowerTransport(grid, server, node_of, setup, schedule,
+                                planned_rounds(schedule, CLIENTS), 60.0, secure=True)
+    text = io.StringIO()
+    view = RoundView(Console(file=text, width=120), rounds=1, dp=False, live=False,
+                     client_lines=True, federated=False)
+    run_rounds(setup, tmp_path / "run", transport, num_clients=CLIENTS, schedule=schedule,
+               eval_plan=eval_schedule(CLIENTS, setup.config), device=torch.device("cpu"),
+               view=view)
+    rows = (tmp_path / "run" / "summary.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["1", "2"]], text.getvalue()
+    assert "client 2 failed: dropped out of the secure round" in text.getvalue()
     assert (tmp_path / "run" / "final.safetensors").is_file()
 
 

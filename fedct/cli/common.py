@@ -82,6 +82,6 @@ def floats(text: str, option: str) -> tuple[float, ...]:
 
 
 def print_json(payload: dict) -> None:
-    from fedct.runs import json_safe
+    from fedct.files import json_safe
 
     sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")

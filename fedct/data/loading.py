@@ -34,7 +34,7 @@ def cache_dir() -> Path:
 
 def write_cache(target: Path, value) -> None:
     """Keep `value` in the cache; a cache that cannot be written is named as such."""
-    from fedct.runs import atomic_write, save_tensors
+    from fedct.files import atomic_write, save_tensors
 
     try:
         atomic_write(target, lambda p: save_tensors(value, p))

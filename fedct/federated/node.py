@@ -36,8 +36,8 @@ from fedct.federated.client import (
 )
 from fedct.federated.protocol import ClientReply, Evaluation, RoundSpec, Weights
 from fedct.federated.run_model import model_spec
+from fedct.files import atomic_write, save_tensors
 from fedct.models import build_model, place_model
-from fedct.runs import atomic_write, save_tensors
 from fedct.training import pick_device
 
 
