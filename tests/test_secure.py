@@ -181,7 +181,7 @@ def test_a_node_that_dies_as_it_masks_does_not_block_a_secure_run(split_dir, tmp
     from rich.console import Console
 
     from fedct.federated.engine import run_rounds
-    from fedct.federated.flower_app import FlowerTransport
+    from fedct.federated.flower_app import SecureFlowerTransport
     from fedct.federated.setup import eval_schedule
     from fedct.federated.view import RoundView
 
@@ -197,8 +197,8 @@ def test_a_node_that_dies_as_it_masks_does_not_block_a_secure_run(split_dir, tmp
 
     grid.send_and_receive = dies_as_it_masks
     schedule = sample_schedule(CLIENTS, setup.config)
-    transport = FlowerTransport(grid, server, node_of, setup, schedule,
-                                planned_rounds(schedule, CLIENTS), 60.0, secure=True)
+    transport = SecureFlowerTransport(grid, server, node_of, setup, schedule,
+                                      planned_rounds(schedule, CLIENTS), 60.0)
     text = io.StringIO()
     view = RoundView(Console(file=text, width=120), rounds=1, dp=False, live=False,
                      client_lines=True, federated=False)

@@ -1,7 +1,8 @@
 """The run driver: one sequence of rounds for every transport.
 
 A transport moves a round's messages: in process (`simulation.InProcess`), over Flower
-(`flower_app.FlowerTransport`) or over Flower with SecAgg+ (`flower_app.SecureTransport`).
+(`flower_app.FlowerTransport`) or over Flower with SecAgg+
+(`flower_app.SecureFlowerTransport`).
 It sends the global weights (and the strategy's message) to the round's clients, hands
 each reply to `accept` as it arrives, and returns the round's `RoundResult`; it has the
 asked clients score the aggregated model. Everything else (opening or resuming the run

@@ -149,8 +149,7 @@ def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], timeout: float, spec,
 
 @dataclass
 class FlowerTransport:
-    """A round's messages over Flower's grid, to the nodes found by `discover_nodes`;
-    `secure` sends training through SecAgg+, which returns only the updates' sum."""
+    """A round's messages over Flower's grid, to the nodes found by `discover_nodes`."""
 
     grid: Grid
     context: Context
@@ -159,19 +158,12 @@ class FlowerTransport:
     schedule: list[list[int]]
     planned: dict[int, int]
     timeout: float
-    secure: bool = False
     engine: str = "flower"
 
     def train(self, round_number: int, weights: Weights, message: Weights,
               accept: Accept) -> RoundResult:
-        if not self.secure:
-            return train_on_nodes(self.grid, self.node_of, self.setup, self.schedule,
-                                  self.planned, self.timeout, round_number, weights, message,
-                                  accept)
-        result = secure.train_on_nodes(self.grid, self.context, self.node_of, self.setup,
-                                       self.schedule, self.planned, self.timeout, round_number,
-                                       weights, message)
-        return RoundResult([accept(r) for r in result.replies], result.secure_sum)
+        return train_on_nodes(self.grid, self.node_of, self.setup, self.schedule, self.planned,
+                              self.timeout, round_number, weights, message, accept)
 
     def evaluate(self, round_number: int, weights: Weights,
                  asked: list[int]) -> list[Evaluation]:
@@ -183,6 +175,17 @@ class FlowerTransport:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class SecureFlowerTransport(FlowerTransport):
+    """Training through SecAgg+: the replies carry no weights, the round returns their sum."""
+
+    def train(self, round_number: int, weights: Weights, message: Weights,
+              accept: Accept) -> RoundResult:
+        result = secure.train_on_nodes(self.grid, self.context, self.node_of, self.setup,
+                                       self.schedule, self.planned, self.timeout, round_number,
+                                       weights, message)
+        return RoundResult([accept(r) for r in result.replies], result.secure_sum)
 
 
 @server_app.main()
@@ -215,9 +218,9 @@ def main(grid: Grid, context: Context) -> None:
     console.print(f"fedct on Flower: {len(node_of)} nodes answered (clients {sorted(node_of)})")
     num_clients = extras.num_clients or len(node_of)
     schedule = sample_schedule(num_clients, config)
-    transport = FlowerTransport(grid, context, node_of, setup, schedule,
-                                planned_rounds(schedule, num_clients), extras.round_timeout,
-                                secure=config.secure_aggregation)
+    transport = (SecureFlowerTransport if config.secure_aggregation else FlowerTransport)(
+        grid, context, node_of, setup, schedule, planned_rounds(schedule, num_clients),
+        extras.round_timeout)
     run_rounds(setup, Path(extras.out), transport, num_clients=num_clients, schedule=schedule,
                eval_plan=eval_schedule(num_clients, config), device=device,
                view=RoundView(console, rounds=config.rounds, dp=config.dp, live=False,
