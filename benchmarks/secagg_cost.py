@@ -2,7 +2,7 @@
 
     python benchmarks/secagg_cost.py                # 3 and 6 nodes
     python benchmarks/secagg_cost.py --nodes 3      # one size
-    python benchmarks/secagg_cost.py --scale demo-out/split demo-out/stage1/best examples/demo-federate.yaml
+    python benchmarks/secagg_cost.py --scale demo-out/split demo-out/stage1/best fedct/settings/demo-federate.yaml
 
 A small model (timm's test_efficientnet, 32 px, 2 local steps) on synthetic slices split
 IID over the nodes. Bytes: every message to and from the coordinator in one round, as

@@ -87,7 +87,7 @@ def build_config(cls, path: str | Path | None = None, overrides: dict | None = N
             raise FedctError(f"{path}: invalid YAML ({exc.__class__.__name__})") from None
         if not isinstance(loaded, dict):
             raise FedctError(f"{path}: expected a mapping of option: value")
-        sources.append((str(path), loaded))
+        sources.append((str(path), settings_of(loaded, cls, path)))
     sources.append((source, {k: v for k, v in (overrides or {}).items() if v is not None}))
     for where, mapping in sources:
         for raw_key, value in mapping.items():
@@ -100,6 +100,18 @@ def build_config(cls, path: str | Path | None = None, overrides: dict | None = N
     config = cls(**values)
     validate(config)
     return config
+
+
+def settings_of(loaded: dict, cls, path: Path) -> dict:
+    """A YAML file's settings: the mapping itself, or the `config` of a run's own
+    config.yaml (which also records the command, inputs and versions), so a run's
+    config.yaml starts a new run with the same settings."""
+    if not (isinstance(loaded.get("config"), dict) and "command" in loaded):
+        return loaded
+    if loaded["command"] != COMMANDS[cls]:
+        raise FedctError(f"{path}: the config of a `fedct {loaded['command']}` run, not of "
+                         f"`fedct {COMMANDS[cls]}`")
+    return loaded["config"]
 
 
 RESUME_MAY_CHANGE = ("device",)  # where it runs, not what it computes

@@ -2,7 +2,7 @@
 
 synth -> Dirichlet split over 4 clients -> stage 1 on client 0's share (standing in for
 data that may be pooled) -> stage 2 federated over all 4 -> evaluate both on test.
-Settings: examples/demo-pretrain.yaml and examples/demo-federate.yaml.
+Settings: fedct/settings/demo-pretrain.yaml and demo-federate.yaml, packaged with fedct.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fedct.federated.simulation import run_federate
 from fedct.pretrain import run_pretrain
 from fedct.tables import print_evaluation, print_split_table
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SETTINGS = Path(__file__).resolve().parent / "settings"  # packaged with fedct
 
 
 def run_demo(out: Path, *, seed: int = 0, force: bool = False,
@@ -30,8 +30,6 @@ def run_demo(out: Path, *, seed: int = 0, force: bool = False,
     console = console or Console()
     if out.exists() and any(out.iterdir()) and not force:
         raise FedctError(f"{out}: exists and is not empty (use --force to replace it)")
-    if not (EXAMPLES / "demo-pretrain.yaml").is_file():
-        raise FedctError(f"{EXAMPLES}/demo-*.yaml not found: run the demo from a source checkout")
     data = write_synthetic(out / "data", n=400, seed=seed, force=True)
     console.rule("1. synth")
     console.print(f"400 synthetic CT slices (100 patients, 4 sites) in {data}")
@@ -43,12 +41,12 @@ def run_demo(out: Path, *, seed: int = 0, force: bool = False,
     print_split_table(console, meta)
     console.rule("3. stage 1: pretrain on client 0's share")
     stage1 = run_pretrain(split_dir, out / "stage1",
-                          build_config(PretrainConfig, EXAMPLES / "demo-pretrain.yaml",
+                          build_config(PretrainConfig, SETTINGS / "demo-pretrain.yaml",
                                        {"seed": seed}),
                           force=True, console=console)
     console.rule("4. stage 2: federate over 4 clients")
     run_federate(split_dir, out / "stage2",
-                 build_config(FederateConfig, EXAMPLES / "demo-federate.yaml", {"seed": seed}),
+                 build_config(FederateConfig, SETTINGS / "demo-federate.yaml", {"seed": seed}),
                  init=str(out / "stage1" / "best"), force=True, console=console)
     console.rule("5. evaluate on test")
     report = run_evaluate([out / "stage1" / "best", out / "stage2" / "final"], split_dir=split_dir,

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from fedct.errors import FedctError
-from fedct.files import atomic_write
+from fedct.files import atomic_write, staging_dir
 from fedct.metrics import wilson_interval
 
 MIN_CELLS = 8  # chosen on the demo's val: 1/8 of 96 px found the lesion most often
@@ -176,7 +175,7 @@ class BatchExplainer:
         name, layer = cam_layer(model, layer_name, image_size=image_size)
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        staging = staging_dir(folder)
         return cls(model, name, layer, target, Explanations(staging, positive, lesions or {}),
                    folder)
 

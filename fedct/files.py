@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def atomic_write(path: Path, write) -> None:
@@ -29,6 +28,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; honour the umask
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -41,6 +41,8 @@ def atomic_write(path: Path, write) -> None:
 def save_tensors(value, path: Path) -> None:
     """torch.save through a Python file, so that a full disk is an OSError (torch's own
     writer reports it as an opaque RuntimeError)."""
+    import torch  # here: the CLI and `fedct split` import this module without torch
+
     with Path(path).open("wb") as handle:
         torch.save(value, handle)
 
@@ -61,3 +63,17 @@ def json_safe(value):
 
 def to_json(value) -> str:
     return json.dumps(json_safe(value), indent=2, default=str, allow_nan=False)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def staging_dir(target: Path) -> Path:
+    """A temporary folder beside `target`, to fill and rename into place; made with the
+    permissions a plain mkdir would have (mkdtemp's are private)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(staging, 0o777 & ~current_umask())
+    return staging

@@ -257,6 +257,6 @@ def test_help_shows_defaults_choices_and_argument_help():
     assert "[iid|dirichlet|shards|quantity|natural]" in shown("split")
     assert "[train|val|test|local_val|all]" in shown("evaluate")
     demo = shown("demo")
-    assert "demo.yaml" not in demo and "examples/demo-pretrain.yaml" in demo
+    assert "demo.yaml" not in demo and "fedct/settings/demo-pretrain.yaml" in demo
     wrong = cli("federate", "x", "--init", "none", "--out", "y", "--strategy", "fedsgd")
     assert wrong.exit_code == 2 and "fedsgd" in wrong.output and "Traceback" not in wrong.output

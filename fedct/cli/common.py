@@ -15,12 +15,25 @@ from rich.markup import escape
 from fedct import __version__
 from fedct.errors import FedctError
 
+WORKFLOW = ("synth", "split", "selfsup", "pretrain", "federate", "evaluate", "predict", "export",
+            "config", "certs", "demo")
+
+
+class WorkflowOrder(typer.core.TyperGroup):
+    """Commands listed in the order a user runs them, not alphabetically."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(self.commands, key=lambda name: (
+            WORKFLOW.index(name) if name in WORKFLOW else len(WORKFLOW), name))
+
+
 app = typer.Typer(
     name="fedct",
+    cls=WorkflowOrder,
     help="Two-stage federated transfer learning for medical image classification.\n\n"
     "split -> pretrain (stage 1, central) -> federate (stage 2, federated, optional DP) -> evaluate",
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 # Tables are wide; when output is not a terminal (logs, CI), do not squeeze them into 80 columns.

@@ -1,4 +1,4 @@
-"""Commands that make data and keys: synth, split, certs."""
+"""Commands that make data: synth, split."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fedct.data.partition import SCHEMES
 from fedct.tables import print_split_table
 
 
-@app.command()
+@app.command(rich_help_panel="Data")
 @one_line_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (an ImageFolder plus dataset.csv).")],
@@ -35,7 +35,7 @@ def synth(
     console.print(f"wrote {n} images to {path} (groups and sites in {path / 'dataset.csv'})")
 
 
-@app.command()
+@app.command(rich_help_panel="Data")
 @one_line_errors
 def split(
     dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or CSV path,label[,group][,site][,split].")],
@@ -80,23 +80,3 @@ def split(
         err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     print_split_table(console, meta)
     console.print(f"wrote {path}/manifest.csv, split.yaml, partition.png")
-
-
-@app.command()
-@one_line_errors
-def certs(
-    out: Annotated[Path, typer.Argument(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
-    host: Annotated[list[str] | None, typer.Option(help="Host name or IP the SuperLink is reached at (repeat). \\[default: 127.0.0.1, localhost]")] = None,
-    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
-    force: Annotated[bool, typer.Option(help="Replace an existing CA (every node must then get the new ca.crt).")] = False,
-) -> None:
-    """Make a private CA and a SuperLink certificate for TLS on Flower.
-
-    Example: fedct certs certs/ --host superlink.hospital-net.example --host 10.0.0.5
-    """
-    from fedct.federated.certs import make_certificates
-
-    paths = make_certificates(out, host or ["127.0.0.1", "localhost"], days=days, force=force)
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    console.print("SuperLink: --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile "
-                  "server.key; SuperNodes and flwr: trust ca.crt (keep ca.key offline)")

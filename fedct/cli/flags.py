@@ -114,7 +114,8 @@ HELP = {
 COMMAND_HELP = {
     "federate": {"lr": "Client learning rate.", "batch_size": "Client batch size, or all "
                  "(full-batch DP).", "model": "timm architecture when --init is not a "
-                 "checkpoint.", "pretrained": "Starting weights when --init is hub."},
+                 "checkpoint.", "pretrained": "Starting weights when --init is hub.",
+                 "image_size": "Input side in pixels (0: the --init checkpoint's)."},
     "selfsup": {"batch_size": "Batch size (pairs of views)."},
 }
 DEFAULT_TEXT = {"federate": {"image_size": "the --init checkpoint's, else 224",
@@ -218,3 +219,25 @@ def _plain(hint):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return _plain(args[0]) if len(args) == 1 else str
     return typing.get_origin(hint) or hint
+
+
+def defaults_yaml(cls, command: str) -> str:
+    """Every setting of a command with its default, as YAML a user can edit and pass as
+    --config; each key's help line above it, grouped as in --help."""
+    import yaml
+
+    values = {f.name: f.default for f in dataclasses.fields(cls)}
+    lines = [f"# fedct {command}: every setting with its default (fedct config {command}).",
+             f"# Edit and pass as `fedct {command} --config FILE`; flags override the file."]
+    for panel, names in [*PANELS.items(), ("Other", tuple(values))]:
+        keys = [n for n in names if n in values]
+        if not keys:
+            continue
+        lines += ["", f"# -- {panel}"]
+        for key in keys:
+            text = COMMAND_HELP.get(command, {}).get(key) or HELP.get(key, "")
+            allowed = choices(cls, key)
+            lines.append(f"# {text}" + (f" One of: {', '.join(allowed)}." if allowed else ""))
+            lines.append(yaml.safe_dump({key: values.pop(key)}, default_flow_style=True,
+                                        width=1000).strip().removeprefix("{").removesuffix("}"))
+    return "\n".join(lines) + "\n"

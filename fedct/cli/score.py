@@ -13,7 +13,7 @@ from fedct.data.partition import SPLITS
 from fedct.tables import print_evaluation, print_explanations, print_predictions
 
 
-@app.command()
+@app.command(rich_help_panel="Use a model")
 @one_line_errors
 def evaluate(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: RUN/best, RUN/final.safetensors, or a run directory.")],
@@ -88,7 +88,7 @@ def batch_progress(quiet: bool):
     return line, nullcontext()
 
 
-@app.command(name="predict")
+@app.command(rich_help_panel="Use a model", name="predict")
 @one_line_errors
 def predict_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: RUN/best, RUN/final.safetensors, or a run directory.")],
@@ -130,7 +130,7 @@ def predict_command(
     print_predictions(console, report)
 
 
-@app.command(name="export")
+@app.command(rich_help_panel="Use a model", name="export")
 @one_line_errors
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: RUN/best, RUN/final.safetensors, or a run directory.")],

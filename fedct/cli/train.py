@@ -1,4 +1,4 @@
-"""Commands that train: pretrain (stage 1), federate (stage 2), and the demo of both."""
+"""Commands that train: selfsup (stage 0), pretrain (stage 1), federate (stage 2)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS
 from fedct.tables import print_federate, print_stage1
 
 
-@app.command()
+@app.command(rich_help_panel="Train")
 @one_line_errors
 @config_flags(PretrainConfig, "pretrain")
 def pretrain(
@@ -54,7 +54,7 @@ def pretrain(
         print_stage1(console, report, out)
 
 
-@app.command()
+@app.command(rich_help_panel="Train")
 @one_line_errors
 @config_flags(SelfSupConfig, "selfsup")
 def selfsup(
@@ -94,7 +94,7 @@ def selfsup(
                       f"{report['final_loss']:.3f}: {report['backbone']}", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel="Train")
 @one_line_errors
 @config_flags(FederateConfig, "federate")
 def federate(
@@ -154,23 +154,3 @@ def federate(
         print_json(report)
     elif not quiet:
         print_federate(console, report, out)
-
-
-@app.command()
-@one_line_errors
-def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's data, split and runs.")] = Path("demo-out"),
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    force: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
-) -> None:
-    """The whole two-stage pipeline on synthetic CT, offline, in a few minutes on 2 CPU cores.
-
-    synth -> split over 4 non-IID clients -> stage 1 on client 0's share (standing in for
-    data that may be pooled) -> stage 2 federated over all 4 -> evaluate on test.
-    Settings: examples/demo-pretrain.yaml and examples/demo-federate.yaml.
-
-    Example: fedct demo --out demo-out
-    """
-    from fedct.demo import run_demo
-
-    run_demo(out, seed=seed, force=force, console=console)

@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from fedct import __version__
 from fedct.data import partition
 from fedct.data.sources import Dataset, Row, check_files, fingerprint, read_dataset
 from fedct.errors import FedctError
+from fedct.files import staging_dir
 
 MANIFEST = "manifest.csv"
 SPLIT_YAML = "split.yaml"
@@ -203,7 +203,7 @@ def _split(dataset_path, out: Path, options: SplitOptions, *, group_pattern, pos
                             "and slices of one patient can land in two splits or clients (give a "
                             "group column or --group-pattern)"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         _write_manifest(tmp / MANIFEST, entries)
         (tmp / SPLIT_YAML).write_text(yaml.safe_dump(meta, sort_keys=False))

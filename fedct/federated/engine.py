@@ -90,7 +90,10 @@ def open_run(setup: RunSetup, out: Path, server: RoundServer, transport: Transpo
         weights, kept = server.resume()
         transport.load_state_dict(kept)
     else:
-        write_config(out, to_dict(config), command="federate",
+        # `model` names what trains (the --init checkpoint's architecture), so this file
+        # starts a new run of the same model as --config
+        write_config(out, {**to_dict(config), "model": setup.spec.architecture},
+                     command="federate",
                      extra={"engine": transport.engine, **inputs,
                             "architecture": setup.spec.architecture, "device": str(device),
                             "clients": server.num_clients, "schedule": schedule,
