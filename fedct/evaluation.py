@@ -24,7 +24,7 @@ from fedct.metrics import (
 )
 from fedct.models import create_model, load_weights, make_dp_safe
 from fedct.operating_point import expected_calibration_error
-from fedct.runs import checkpoint_paths, read_checkpoint, refuse_overlap
+from fedct.runs import checkpoint_paths, read_checkpoint, read_config, refuse_overlap
 from fedct.training import pick_device, predict, set_threads
 
 SPLITS = ("train", "val", "test", LOCAL_VAL, "all")
@@ -101,7 +101,9 @@ def one_class_note(truth: np.ndarray, positive: str, negative: str) -> str | Non
 
 def data_for(*, split_dir, on, data) -> Split:
     if (split_dir is None) == (data is None):
-        raise FedctError("give either --split SPLIT_DIR (with --on) or --data PATH")
+        raise FedctError("give either --split SPLIT_DIR (with --on) or --data PATH (the "
+                         "checkpoint's run names no split)" if data is None else
+                         "give either --split SPLIT_DIR (with --on) or --data PATH")
     if split_dir is not None:
         if on not in SPLITS:
             raise FedctError(f"--on {on!r}: choose from {', '.join(SPLITS)}")
@@ -197,7 +199,8 @@ def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -
     Returns the report with `out`."""
     pooled = [r for r in report["results"] if r["data"] == "all"]
     positive = report["results"][0]["positive"]
-    cards = [record_in_run(r, data=report["data"], grouped=report["grouped_bootstrap"])
+    cards = [record_in_run(r, data=report["data"], grouped=report["grouped_bootstrap"],
+                           split_dir=report.get("split"))
              for r in pooled]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "metrics.json",
@@ -230,14 +233,35 @@ def explain_split(model, images: SplitImages, split: Split, dataset, prob: np.nd
         explainer.discard()
 
 
-def record_in_run(result: dict, *, data: str, grouped: bool) -> str | None:
-    """Add a pooled result to its run's evaluations and model card, when the checkpoint lies
-    in a fedct run directory that can be written and no other process is writing (a
-    read-only or busy one keeps its card as it is); returns the card's path."""
+def run_split_of(run_dir: Path) -> str | None:
+    """The split a fedct run trained on, as its config.yaml records it (None if not a run)."""
+    try:
+        return read_config(run_dir).get("split") if (run_dir / "config.yaml").is_file() else None
+    except FedctError:
+        return None
+
+
+def splits_of_runs(checkpoints) -> Path | None:
+    """The split the checkpoints' runs trained on, when their config.yaml files name one
+    and agree: what `fedct evaluate` scores when no --split or --data is given."""
+    found = {run_split_of(checkpoint_paths(c)[0].parent) for c in checkpoints} - {None}
+    if len(found) > 1:
+        raise FedctError(f"the checkpoints' runs trained on different splits "
+                         f"({', '.join(sorted(found))}): give --split or --data")
+    return Path(found.pop()) if found else None
+
+
+def record_in_run(result: dict, *, data: str, grouped: bool, split_dir) -> str | None:
+    """Add a pooled result to its run's evaluations and model card, when it scores the
+    run's own split and the checkpoint lies in a fedct run directory that can be written
+    and no other process is writing (a read-only or busy one keeps its card as it is);
+    returns the card's path. Other data (--data, another split) never goes on the card."""
     from fedct.model_card import record_evaluation
 
     run_dir = Path(result["path"]).parent
     if not ((run_dir / "config.yaml").is_file() and (run_dir / "report.json").is_file()):
+        return None
+    if split_dir is None or run_split_of(run_dir) != str(Path(split_dir).resolve()):
         return None
     try:
         with exclusive(run_dir):  # a run still writing keeps its card; it rewrites it at its end
@@ -258,6 +282,8 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
     check_bootstrap(n_boot)
     check_threshold(threshold)
     names = checkpoint_names(checkpoints)
+    if split_dir is None and data is None:
+        split_dir = splits_of_runs(checkpoints)
     split = data_for(split_dir=split_dir, on=on, data=data)
     scopes = _scopes(split, per_client)  # checked before any inference
     out_dir = Path(out) if out else fresh_folder(
@@ -308,7 +334,8 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                                             target=classes.index(positive), device=dev)
         del model
     where = f"--data {data}" if data else f"{split_dir} --on {on}"
-    report = {"data": where, "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
+    report = {"data": where, "split": None if data else str(Path(split_dir).resolve()),
+              "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
               "tta": tta,
               "grouped_bootstrap": len(set(groups)) < len(groups), "results": results,
               "notes": sorted(notes),

@@ -61,16 +61,20 @@ def image_folder(synth_dir, target, classes=("CT_NonCOVID",), count=8):
 
 def test_a_one_class_evaluation_reports_what_is_defined_and_poisons_nothing(run, split_dir,
                                                                            synth_dir, tmp_path):
+    from fedct.model_card import record_evaluation
+
     healthy = image_folder(synth_dir, tmp_path / "healthy")
-    result = cli("evaluate", run / "best", "--data", healthy, "--bootstrap", 50)
+    result = cli("evaluate", run / "best", "--data", healthy, "--bootstrap", 50,
+                 "--out", tmp_path / "eval")
     assert result.exit_code == 0, result.output
     assert "note: no image is CT_COVID: specificity is defined" in result.output
-    records = json.loads((run / "evaluations.json").read_text())
-    chosen = next(r for r in records if "healthy" in r["data"])["chosen"]
+    chosen = json.loads((tmp_path / "eval" / "metrics.json").read_text())["results"][0]["chosen"]
     assert chosen["sensitivity"] is None and chosen["auc"] is None
     assert chosen["ci95"]["sensitivity"] == [None, None] and chosen["specificity"] is not None
-    again = cli("evaluate", run / "best", "--split", split_dir, "--on", "val", "--bootstrap", 20)
-    assert again.exit_code == 0, again.output
+    # external data never goes on the run's card; a one-class record on it reads n/a
+    assert "healthy" not in (run / "MODEL_CARD.md").read_text()
+    record_evaluation(run, {"checkpoint": "run/best", "data": "one-class val", "n": 8,
+                            "patient_bootstrap": False, "chosen": chosen})
     assert "n/a" in (run / "MODEL_CARD.md").read_text()
     sick = image_folder(synth_dir, tmp_path / "sick", classes=("CT_COVID",))
     positive_only = cli("evaluate", run / "best", "--data", sick, "--bootstrap", 0)
@@ -84,6 +88,27 @@ def test_a_damaged_evaluations_file_does_not_stop_the_next_evaluation(run, split
     result = cli("evaluate", run / "best", "--split", split_dir, "--bootstrap", 0)
     assert result.exit_code == 0, result.output
     assert len(json.loads((run / "evaluations.json").read_text())) == 1
+
+
+def test_evaluate_finds_the_runs_split_and_cards_only_its_own_split(run, split_dir, checkpoint,
+                                                                   synth_dir, tmp_path):
+    """Without --split, a run's checkpoint is scored on the split its config.yaml names;
+    only that split's scores go on the run's card."""
+    (run / "evaluations.json").unlink(missing_ok=True)
+    own = cli("evaluate", run / "best", "--on", "val", "--bootstrap", 0, "--json")
+    assert own.exit_code == 0, own.output
+    report = json.loads(own.output)
+    assert report["split"] == str(split_dir.resolve()) and report["model_cards"]
+    assert len(json.loads((run / "evaluations.json").read_text())) == 1
+    from conftest import make_split
+
+    other = make_split(synth_dir, tmp_path / "other", seed=5)
+    elsewhere = cli("evaluate", run / "best", "--split", other, "--bootstrap", 0, "--json")
+    assert elsewhere.exit_code == 0 and json.loads(elsewhere.output)["model_cards"] == []
+    assert len(json.loads((run / "evaluations.json").read_text())) == 1
+    outside = cli("evaluate", checkpoint)  # a checkpoint outside any run directory
+    assert one_line_error(outside, "--split SPLIT_DIR (with --on) or --data PATH (the "
+                                   "checkpoint's run names no split)")
 
 
 def test_no_command_overwrites_an_input_even_with_force(run, synth_dir, tmp_path):

@@ -17,7 +17,7 @@ from fedct.tables import print_evaluation, print_explanations, print_predictions
 @one_line_errors
 def evaluate(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: RUN/best, RUN/final.safetensors, or a run directory.")],
-    split_dir: Annotated[Path | None, typer.Option("--split", help="Split directory to score on.")] = None,
+    split_dir: Annotated[Path | None, typer.Option("--split", help="Split directory to score on. \\[default: the split the checkpoints' runs trained on]")] = None,
     on: Annotated[str, typer.Option(click_type=click.Choice((*SPLITS, "local_val", "all")), help="Which rows: val, test, train, local_val or all (flower: each node's val, test, train or all rows).")] = "val",
     data: Annotated[Path | None, typer.Option(help="Score any ImageFolder or CSV instead of a split.")] = None,
     per_client: Annotated[bool, typer.Option(help="Add a row per client's data (cross-site matrix).")] = False,
