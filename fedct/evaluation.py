@@ -23,7 +23,12 @@ from fedct.metrics import (
     youden_threshold,
 )
 from fedct.models import create_model, load_weights, make_dp_safe
-from fedct.operating_point import expected_calibration_error
+from fedct.operating_point import (
+    ScoreHistogram,
+    expected_calibration_error,
+    operating_point,
+    parse_rule,
+)
 from fedct.runs import checkpoint_paths, read_checkpoint, read_config, refuse_overlap
 from fedct.training import pick_device, predict, set_threads
 
@@ -140,10 +145,11 @@ def fresh_folder(base: Path) -> Path:
     return candidate
 
 
-def check_threshold(override: float | None) -> None:
-    """Refuse a --threshold outside (0, 1), before any inference."""
-    if override is not None and not 0 < override < 1:
-        raise FedctError(f"--threshold {override}: must lie in (0, 1)")
+def check_threshold(override: str | None) -> None:
+    """Refuse a --threshold that is neither a number in (0, 1) nor a rule, before any
+    inference."""
+    if override is not None:
+        parse_rule(override)
 
 
 def check_bootstrap(n_boot: int) -> None:
@@ -151,12 +157,19 @@ def check_bootstrap(n_boot: int) -> None:
         raise FedctError(f"--bootstrap {n_boot}: must be >= 0 (0: no intervals)")
 
 
-def chosen_threshold(meta: dict, override: float | None) -> tuple[float, str]:
-    """The threshold to score at, and where it came from: --threshold, else the one the
-    training run chose on its validation data (stored in the sidecar), else 0.5."""
-    check_threshold(override)
+def chosen_threshold(meta: dict, override: str | float | None, truth: np.ndarray | None = None,
+                     prob: np.ndarray | None = None) -> tuple[float, str]:
+    """The threshold to score at, and where it came from: --threshold (a number, or a rule
+    chosen on the scored rows themselves, which flatters them), else the one the training
+    run chose on its validation data (stored in the sidecar), else 0.5."""
     if override is not None:
-        return float(override), "--threshold"
+        kind, value = parse_rule(override)
+        if kind == "fixed":
+            return value, "--threshold"
+        if truth is None:
+            raise FedctError(f"--threshold {override}: a rule needs labelled rows; give a number")
+        point = operating_point(override, ScoreHistogram.of(truth.astype(bool), prob), "scored data")
+        return float(point["threshold"]), f"{override} on the scored data (optimistic)"
     point = meta.get("operating_point")
     if point:
         return float(point["threshold"]), f"{point['rule']} on {point['source']}"
@@ -182,10 +195,10 @@ def score(truth: np.ndarray, prob: np.ndarray, groups: np.ndarray, *, threshold:
 
 def score_checkpoint(name: str, path: str, meta: dict, positive: str, truth: np.ndarray,
                      prob: np.ndarray, groups: np.ndarray | None,
-                     scopes: dict[str, np.ndarray], *, threshold: float | None, n_boot: int,
+                     scopes: dict[str, np.ndarray], *, threshold: str | None, n_boot: int,
                      seed: int) -> list[dict]:
     """One checkpoint's results, a row per scope (all rows, each client's)."""
-    cut, source = chosen_threshold(meta, threshold)
+    cut, source = chosen_threshold(meta, threshold, truth, prob)
     return [{"checkpoint": name, "path": path, "data": scope, "positive": positive,
              "stage": meta.get("stage"),
              **score(truth[idx], prob[idx], None if groups is None else groups[idx],
@@ -275,7 +288,7 @@ def record_in_run(result: dict, *, data: str, grouped: bool, split_dir) -> str |
 def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "val", data=None,
                  per_client: bool = False, out: str | Path | None = None, n_boot: int = 1000,
                  seed: int = 0, batch_size: int = 64, device: str = "auto",
-                 tta: bool = False, threshold: float | None = None,
+                 tta: bool = False, threshold: str | None = None,
                  explain: str | Path | None = None, cam_layer: str | None = None) -> dict:
     if not checkpoints:
         raise FedctError("give at least one checkpoint")

@@ -193,3 +193,11 @@ def expected_calibration_error(is_positive: np.ndarray, score: np.ndarray,
                      "count": int(mask.sum())})
     return float(ece), rows
 
+
+def threshold_story(scope: str, row: dict) -> str:
+    """A step's val figures saying which threshold each is at: AUC (none), accuracy at 0.5,
+    then accuracy, sensitivity and specificity at the threshold chosen on `scope`."""
+    prefix = "fed" if scope.startswith("fed") else "val"
+    return (f"{scope} AUC {row[f'{prefix}_auc']:.3f}, acc {row[f'{prefix}_acc']:.3f} at 0.5; "
+            f"at threshold {row['threshold']:.3f}: acc {row['thr_acc']:.3f}, sens "
+            f"{row['thr_sensitivity']:.3f}, spec {row['thr_specificity']:.3f}")

@@ -26,7 +26,7 @@ from fedct.errors import FedctError
 from fedct.locks import exclusive
 from fedct.metrics import positive_index
 from fedct.models import apply_freeze, create_model, data_config
-from fedct.operating_point import operating_point
+from fedct.operating_point import operating_point, threshold_story
 from fedct.recipes import average_states, batch_mix, mixed_loss
 from fedct.records import RunRecorder, score
 from fedct.runs import (
@@ -77,12 +77,13 @@ def val_row(metrics: dict, point: dict) -> dict:
 
 
 def lopsided_warning(row: dict) -> str | None:
-    """A note when a model calls most of one class wrong at 0.5, however good its AUC."""
+    """A note when a model calls most of one class wrong at its operating threshold,
+    however good its AUC."""
     for name, other in (("sensitivity", "positives"), ("specificity", "negatives")):
-        value = row.get(f"val_{name}")
+        value = row.get(f"thr_{name}")
         if value is not None and value == value and value < 0.5:
-            return (f"val {name} {value:.2f}: at threshold 0.5 it misses most {other}; look at "
-                    "`fedct evaluate` (Youden threshold) before using it")
+            return (f"val {name} {value:.2f} at its threshold {row['threshold']:.3f}: it "
+                    f"misses most {other}; look at `fedct evaluate` before using it")
     return None
 
 
@@ -198,9 +199,8 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                    "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(seconds, 2)}
             history.append(row)
             progress.console.print(
-                f"epoch {epoch}/{config.epochs}: train loss {result['loss']:.3f}, val acc "
-                f"{metrics['acc']:.3f}, AUC {metrics['auc']:.3f}, sens {metrics['sensitivity']:.3f}, "
-                f"spec {metrics['specificity']:.3f} ({seconds:.1f}s)", highlight=False)
+                f"epoch {epoch}/{config.epochs}: train loss {result['loss']:.3f}, "
+                f"{threshold_story('val', row)} ({seconds:.1f}s)", highlight=False)
             meta = checkpoint_meta(architecture=config.model, classes=split.classes,
                                    positive=positive, data_cfg=dcfg, stage="pretrain",
                                    tta=config.tta, epoch=epoch, metrics=row, operating_point=point)

@@ -141,6 +141,31 @@ def test_live_view_on_a_terminal_and_lines_in_logs(split_dir, tmp_path):
                             console=Console(file=log, force_terminal=False, width=120))
     lines = [line for line in log.getvalue().splitlines() if line.startswith("round ")]
     assert [line.split(":")[0] for line in lines] == ["round 1/2", "round 2/2"]
+    assert " at 0.5; at threshold " in lines[0]  # each figure says its threshold
+
+
+def test_the_live_tables_fit_80_columns_with_dp():
+    """Every cell whole at 80 columns: the widest row (DP, 4-digit seconds, 2-digit
+    clients) and the caption saying which threshold each column is at."""
+    import io
+
+    from rich.console import Console
+
+    from fedct.federated.view import RoundView
+
+    screen = io.StringIO()
+    view = RoundView(Console(file=screen, width=80), rounds=20, dp=True, federated=True)
+    row = {"round": 12, "clients": 50, "train_loss": 0.6839, "fed_acc": 0.5, "fed_auc": 0.8751,
+           "threshold": 0.4832, "thr_acc": 0.7917, "thr_sensitivity": 1.0,
+           "thr_specificity": 0.5833, "max_epsilon": 17.95, "seconds": 1234.5}
+    view.rows, view.best_round, view.current = [row], 12, 13
+    view.clients = {49: {"status": "trained", "examples": 12000, "steps": 400, "loss": 0.5,
+                         "epsilon": 17.9, "seconds": 3333.3}}
+    view.console.print(view._render())
+    text = screen.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "12 *" in text and "1234.5" in text and "17.95" in text and "acc@.5" in text
+    assert "at the threshold thr chosen on it" in " ".join(text.split())
 
 
 def test_resume_equals_uninterrupted(split_dir, tmp_path):

@@ -70,6 +70,16 @@ def test_pretrain_and_evaluate_end_to_end(split_dir, tmp_path):
     forced = cli("evaluate", run / "best", "--split", split_dir, "--on", "val", "--bootstrap", 0,
                  "--threshold", 0.3, "--json")
     assert json.loads(forced.stdout)["results"][0]["chosen"]["threshold"] == 0.3
+    ruled = cli("evaluate", run / "best", "--split", split_dir, "--on", "val", "--bootstrap", 0,
+                "--threshold", "youden", "--json")  # the rules pretrain and federate take
+    chosen_here = json.loads(ruled.stdout)["results"][0]["chosen"]
+    assert chosen_here["source"] == "youden on the scored data (optimistic)"
+    assert 0 < chosen_here["threshold"] < 1
+    flower = cli("evaluate", run / "best", "--engine", "flower", "--federation", "x",
+                 "--threshold", "youden")
+    assert flower.exit_code == 2 and "give a number; each node scores" in flower.output
+    bad = cli("evaluate", run / "best", "--threshold", "median")
+    assert bad.exit_code == 2 and "threshold 'median': choose 0.5" in bad.output
     on_train = cli("evaluate", run / "best", "--split", split_dir, "--on", "train",
                    "--per-client", "--bootstrap", 0, "--json")
     assert [r["data"] for r in json.loads(on_train.stdout)["results"]] == ["all", "client 0",
@@ -338,8 +348,15 @@ def test_pretrain_shows_a_line_per_epoch_and_warns_about_a_lopsided_best(split_d
     result = cli("pretrain", split_dir, "--out", tmp_path / "run", *tiny_flags(epochs=2))
     assert result.exit_code == 0, result.output
     assert "epoch 1/2: train loss" in result.output and "epoch 2/2: train loss" in result.output
-    assert "sensitivity 0.17" in lopsided_warning({"val_sensitivity": 0.17, "val_specificity": 0.9})
-    assert lopsided_warning({"val_sensitivity": 0.7, "val_specificity": float("nan")}) is None
+    warning = next(x for x in result.output.splitlines() if x.startswith("warning: best"))
+    assert "at its threshold 0.500: it misses most positives" in warning  # the chosen one
+    line = next(x for x in result.output.splitlines() if x.startswith("epoch 2/2"))
+    assert " at 0.5; at threshold " in line and "acc" in line.split("at threshold")[1]
+    assert "sensitivity 0.17 at its threshold 0.400" in lopsided_warning(
+        {"thr_sensitivity": 0.17, "thr_specificity": 0.9, "threshold": 0.4,
+         "val_sensitivity": 0.9})
+    assert lopsided_warning({"thr_sensitivity": 0.7, "thr_specificity": float("nan"),
+                             "threshold": 0.5, "val_sensitivity": 0.1}) is None
 
 
 def test_noise_calibration_prints_no_opacus_warning():

@@ -10,6 +10,7 @@ import typer
 
 from fedct.cli.common import app, console, err_console, one_line_errors, print_json
 from fedct.data.partition import SPLITS
+from fedct.operating_point import RULES
 from fedct.tables import print_evaluation, print_explanations, print_predictions
 
 
@@ -26,7 +27,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     tta: Annotated[bool, typer.Option(help="Average each image's and its mirror's probabilities.")] = False,
-    threshold: Annotated[float | None, typer.Option(help="Score at this threshold instead of the one each checkpoint chose on its validation data.")] = None,
+    threshold: Annotated[str | None, typer.Option(help=f"Score at this threshold instead of the one each checkpoint chose on its validation data: {RULES}. A rule is chosen on the scored rows themselves, which flatters them (the output says so).")] = None,
     engine: Annotated[str, typer.Option(click_type=click.Choice(("embedded", "flower")), help="flower: score on every node's own rows (cross-site), no image moved.")] = "embedded",
     federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name.")] = None,
     explain: Annotated[Path | None, typer.Option(help="Folder for Grad-CAM heat maps of every image, a subfolder per checkpoint.")] = None,

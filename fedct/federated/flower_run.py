@@ -120,7 +120,7 @@ def run_on_flower(split_dir: Path | None, out: Path, config, *, init: str,
 
 
 def evaluate_on_flower(checkpoints: list, *, federation: str | None, on: str,
-                       out: Path | None, n_boot: int, seed: int, threshold: float | None,
+                       out: Path | None, n_boot: int, seed: int, threshold: str | None,
                        tta: bool, clients: int | None = None,
                        round_timeout: float = ROUND_TIMEOUT_SECONDS) -> dict:
     """Score checkpoints on every node's own rows through the federation's SuperLink; the
@@ -129,11 +129,15 @@ def evaluate_on_flower(checkpoints: list, *, federation: str | None, on: str,
     from fedct.configure import build_config
     from fedct.evaluation import check_bootstrap, check_threshold, fresh_folder
     from fedct.federated.cross_site import ON
+    from fedct.operating_point import parse_rule
     from fedct.runs import checkpoint_paths, read_sidecar
 
     _federation(None, federation, clients)
     check_bootstrap(n_boot)
     check_threshold(threshold)
+    if threshold is not None and parse_rule(threshold)[0] != "fixed":
+        raise FedctError(f"--threshold {threshold} with --engine flower: give a number; each "
+                         "node scores at a fixed threshold")
     sizes = {tuple(read_sidecar(c)["input_size"]) for c in checkpoints}
     if len(sizes) != 1:
         raise FedctError(f"--engine flower: the checkpoints have different input sizes "
@@ -145,7 +149,7 @@ def evaluate_on_flower(checkpoints: list, *, federation: str | None, on: str,
     values = run_config_values(config, RunExtras(
         out=str(out.resolve()), num_clients=clients or 0, round_timeout=round_timeout,
         evaluate=json.dumps(weights), eval_rows=ON[on], eval_bootstrap=n_boot, eval_seed=seed,
-        eval_threshold=threshold or 0.0))
+        eval_threshold=float(threshold) if threshold else 0.0))
     with tempfile.TemporaryDirectory(prefix="fedct-flower-app-") as app_dir:
         write_app(Path(app_dir), values)
         code = submit(Path(app_dir), federation)

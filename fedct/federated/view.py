@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import time
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+
+from fedct.operating_point import threshold_story
 
 SHOWN_ROUNDS = 12
 
@@ -92,13 +95,10 @@ class RoundView:
         if self._live is not None:
             self._refresh()
             return
-        p = self.prefix
         self.console.print(
             f"round {row['round']}/{self.rounds}: {row['clients']} clients, "
             f"train loss {row['train_loss']:.3f}, "
-            f"{'federated ' if p == 'fed' else ''}val acc {row[f'{p}_acc']:.3f}, "
-            f"AUC {row[f'{p}_auc']:.3f}, threshold {row['threshold']:.3f}: sens "
-            f"{row['thr_sensitivity']:.3f}, spec {row['thr_specificity']:.3f}"
+            f"{threshold_story('fed val' if self.prefix == 'fed' else 'val', row)}"
             + (f", max epsilon {row['max_epsilon']:.2f}" if self.dp else "")
             + f" ({row['seconds']:.1f}s)", highlight=False)
 
@@ -107,26 +107,29 @@ class RoundView:
             self._live.update(self._render())
 
     def _render(self) -> Group:
-        rounds = Table(title=f"rounds ({len(self.rows)}/{self.rounds} done)", title_justify="left")
-        val = "fed val" if self.prefix == "fed" else "val"
-        for name in ("round", "clients", "train loss", f"{val} acc", "AUC", "threshold",
-                     "sens", "spec"):
+        val = "federated val" if self.prefix == "fed" else "val"
+        rounds = Table(title=f"rounds ({len(self.rows)}/{self.rounds} done)", title_justify="left",
+                       box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0, 0, 1),
+                       caption=f"on {val}: acc@.5 at threshold 0.5; acc, sens, spec at the "
+                               "threshold thr chosen on it; * best round", caption_justify="left")
+        for name in ("round", "n", "loss", "AUC", "acc@.5", "thr", "acc", "sens", "spec"):
             rounds.add_column(name, justify="right")
         if self.dp:
-            rounds.add_column("max eps", justify="right")
+            rounds.add_column("eps", justify="right")
         rounds.add_column("s", justify="right")
         for row in self.rows[-SHOWN_ROUNDS:]:
             cells = [f"{row['round']}{' *' if row['round'] == self.best_round else ''}",
                      str(row["clients"]), _number(row["train_loss"]),
-                     _number(row[f"{self.prefix}_acc"]), _number(row[f"{self.prefix}_auc"]),
-                     _number(row["threshold"]), _number(row["thr_sensitivity"]),
-                     _number(row["thr_specificity"])]
+                     _number(row[f"{self.prefix}_auc"]), _number(row[f"{self.prefix}_acc"]),
+                     _number(row["threshold"]), _number(row["thr_acc"]),
+                     _number(row["thr_sensitivity"]), _number(row["thr_specificity"])]
             if self.dp:
                 cells.append(_number(row["max_epsilon"], 2))
             cells.append(_number(row["seconds"], 1))
             rounds.add_row(*cells)
-        clients = Table(title=f"round {self.current} clients", title_justify="left")
-        for name in ("client", "status", "examples", "steps", "train loss", "epsilon", "s"):
+        clients = Table(title=f"round {self.current} clients", title_justify="left",
+                        box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+        for name in ("client", "status", "examples", "steps", "loss", "epsilon", "s"):
             clients.add_column(name, justify="right")
         for client_id, entry in sorted(self.clients.items()):
             clients.add_row(str(client_id), entry.get("status", ""),
