@@ -218,7 +218,8 @@ def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "metrics.json",
                  lambda p: p.write_text(json.dumps(json_safe(report), indent=2)))
-    plot_roc(curves, out_dir / "roc.png", f"ROC on {report['data']}")
+    plot_roc(curves, out_dir / "roc.png", f"ROC on {report['data']}",
+             points={r["checkpoint"]: r["chosen"] for r in pooled}, positive=positive)
     plot_confusion({f"{r['checkpoint']} @ {r['chosen']['threshold']:.2f}": r["chosen"]["confusion"]
                     for r in pooled}, out_dir / "confusion.png", positive, negative)
     plot_reliability({r["checkpoint"]: r["calibration"] for r in pooled},

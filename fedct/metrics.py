@@ -8,6 +8,8 @@ import numpy as np
 from scipy.stats import binomtest, mannwhitneyu
 from sklearn.metrics import roc_curve
 
+from fedct.files import atomic_write
+
 METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
            "balanced_accuracy", "auc")
 
@@ -135,7 +137,10 @@ def summary_metrics(probs: np.ndarray, labels: np.ndarray, positive_index: int) 
     }
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str,
+             points: dict[str, dict] | None = None, positive: str = "positive") -> None:
+    """ROC curves, each with its operating point (`points`: the chosen threshold and its
+    sensitivity and specificity) marked and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,11 +152,19 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
         if truth.all() or not truth.any():
             continue
         fpr, tpr, _ = roc_curve(truth, score)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(truth, score):.3f})")
+        line, = ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(truth, score):.3f})")
+        point = (points or {}).get(name)
+        if point and point.get("sensitivity") is not None:
+            x, y = 1 - point["specificity"], point["sensitivity"]
+            ax.plot([x], [y], marker="o", markersize=6, color=line.get_color(),
+                    markeredgecolor="black")
+            ax.annotate(f"threshold {point['threshold']:.2f}\nsens {y:.2f}, spec "
+                        f"{point['specificity']:.2f}", (x, y), xytext=(8, -22),
+                        textcoords="offset points", fontsize=7)
         drawn += 1
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
+    ax.set_xlabel(f"1 - specificity (share of non-{positive} called {positive})")
+    ax.set_ylabel(f"sensitivity (share of {positive} found)")
     ax.set_title(title, fontsize=9)
     if drawn:
         ax.legend(fontsize=7, loc="lower right")
@@ -160,7 +173,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
                 ha="center", va="center", fontsize=9,
                 bbox={"facecolor": "white", "edgecolor": "0.6", "boxstyle": "round"})
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
 
@@ -174,18 +187,22 @@ def plot_confusion(matrices: dict[str, dict], path: Path, positive: str, negativ
                              squeeze=False)
     for ax, (name, c) in zip(axes[0], matrices.items(), strict=True):
         grid = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
-        image = ax.imshow(grid, cmap="Blues")
+        totals = grid.sum(axis=1, keepdims=True)
+        shares = np.divide(grid, totals, out=np.zeros(grid.shape), where=totals > 0)
+        image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)  # colour: share of the row
         for (i, j), v in np.ndenumerate(grid):
-            red, green, blue, _ = image.cmap(image.norm(v))  # the cell's own colour decides
+            red, green, blue, _ = image.cmap(image.norm(shares[i, j]))  # the cell decides
             light = 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.5
-            ax.text(j, i, str(v), ha="center", va="center", color="black" if light else "white")
+            share = f"{100 * shares[i, j]:.0f}% of true" if totals[i, 0] else "-"
+            ax.text(j, i, f"{v}\n{share}", ha="center", va="center", fontsize=8,
+                    color="black" if light else "white")
         ax.set_xticks([0, 1], [negative, positive], fontsize=7)
         ax.set_yticks([0, 1], [negative, positive], fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(name, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
 
@@ -196,16 +213,22 @@ def plot_reliability(calibration: dict[str, dict], path: Path, positive: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
-    for name, c in calibration.items():
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(4.5, 5.6), dpi=100, sharex=True,
+                                     gridspec_kw={"height_ratios": [3, 1]})
+    width = 0.1 / max(1, len(calibration))
+    for k, (name, c) in enumerate(calibration.items()):
         bins = c["bins"]
-        ax.plot([b["mean_score"] for b in bins], [b["observed"] for b in bins], marker="o",
-                markersize=3, label=f"{name} (ECE {c['ece']:.3f})")
+        line, = ax.plot([b["mean_score"] for b in bins], [b["observed"] for b in bins],
+                        marker="o", markersize=3, label=f"{name} (ECE {c['ece']:.3f})")
+        counts.bar([b["bin"] / 10 + (k + 0.5) * width for b in bins],
+                   [b["count"] for b in bins], width=width, color=line.get_color())
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
-    ax.set_xlabel(f"mean predicted probability of {positive}")
     ax.set_ylabel(f"observed share of {positive}")
     ax.set_title("reliability (10 equal-width bins)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
+    counts.set_ylabel("images", fontsize=8)
+    counts.set_xlabel(f"predicted probability of {positive}")
+    counts.set_xlim(0, 1)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

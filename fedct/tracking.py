@@ -85,9 +85,14 @@ def _series(rows: list[dict], step: str, key: str) -> tuple[list[int], list[floa
     return (list(zip(*points, strict=True))) if points else None
 
 
-def plot_curves(out: Path) -> Path | None:
-    """Loss, accuracy and AUC per epoch or round from summary.csv, and each client's epsilon
-    from privacy.csv when the run was private."""
+LEGEND = {"train_loss": "train loss", "val_loss": "val loss", "fed_loss": "federated val loss",
+          "val_acc": "val accuracy at 0.5", "val_auc": "val AUC",
+          "fed_acc": "federated val accuracy at 0.5", "fed_auc": "federated val AUC"}
+
+
+def plot_curves(out: Path, best: int | None = None) -> Path | None:
+    """Loss, accuracy and AUC per epoch or round from summary.csv, the best step marked,
+    and each client's epsilon from privacy.csv when the run was private."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,18 +105,22 @@ def plot_curves(out: Path) -> Path | None:
     step = "epoch" if "epoch" in rows[0] else "round"
     privacy = _read_rows(out / "privacy.csv")
     panels = 3 if privacy else 2
-    figure, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6))
+    figure, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8))
+    figure.suptitle(f"run {out.parent.name}/{out.name}" + (f": best {step} {best}" if best
+                                                            else ""), fontsize=10)
     for ax, keys, title in ((axes[0], ("train_loss", "val_loss", "fed_loss"), "loss"),
                             (axes[1], ("val_acc", "val_auc", "fed_acc", "fed_auc"),
                              "validation accuracy and AUC")):
         for key in keys:
             series = _series(rows, step, key)
             if series:
-                ax.plot(*series, marker="o", markersize=3, label=key)
+                ax.plot(*series, marker="o", markersize=3, label=LEGEND[key])
+        if best:
+            ax.axvline(best, color="0.5", linestyle=":", linewidth=1, label=f"best {step}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(step)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     if privacy:
         clients = sorted({int(r["client"]) for r in privacy})
         for client in clients:
@@ -135,5 +144,5 @@ def finish_run(out: Path, report: dict, board: TensorBoardLog) -> None:
 
     write_report(out, report)
     board.close()
-    plot_curves(out)
+    plot_curves(out, best=report.get("best_epoch") or report.get("best_round"))
     write_model_card(out)
