@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -36,16 +37,18 @@ def number(value) -> str:
 
 
 def print_stage1(console: Console, report: dict, out) -> None:
+    """The best epoch on val: AUC, then the figures at the chosen threshold and at 0.5."""
     best, point = report["best"], report["operating_point"]
-    table = Table(title=f"stage 1: best epoch {report['best_epoch']} by {report['monitor']}")
-    columns = ("val_acc", "val_auc", "val_sensitivity", "val_specificity", "val_loss")
-    for column in columns:
+    table = Table(title=f"stage 1: best epoch {report['best_epoch']} by {report['monitor']}",
+                  box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    for column in ("val", "AUC", "threshold", "accuracy", "sensitivity", "specificity"):
         table.add_column(column, justify="right")
-    table.add_row(*(number(best[c]) for c in columns))
+    table.add_row(f"at {point['rule']}", number(best["val_auc"]), f"{point['threshold']:.3f}",
+                  number(point["acc"]), number(point["sensitivity"]),
+                  number(point["specificity"]))
+    table.add_row("at 0.5", "", "0.500", number(best["val_acc"]),
+                  number(best["val_sensitivity"]), number(best["val_specificity"]))
     console.print(table)
-    console.print(f"threshold {point['threshold']:.3f} ({point['rule']} on val: accuracy "
-                  f"{number(point['acc'])}, sens {number(point['sensitivity'])}, spec "
-                  f"{number(point['specificity'])})", highlight=False)
     console.print(f"wrote {out}/best.safetensors (+ last, summary.csv, report.json); "
                   f"{report['train_images_per_second']} train images/s")
 
@@ -55,10 +58,11 @@ def print_federate(console: Console, report: dict, out) -> None:
     final, point = report["final"], report["operating_point"]
     p = report["monitor"].split("_", 1)[0]
     console.print(f"final (round {report['rounds']}): {'federated ' if p == 'fed' else ''}"
-                  f"val acc {number(final[f'{p}_acc'])}, AUC {number(final[f'{p}_auc'])}; "
-                  f"best round {report['best_round']} by {report['monitor']}, threshold "
-                  f"{point['threshold']:.3f} ({point['rule']} on {point['source']}: sens "
-                  f"{number(point['sensitivity'])}, spec {number(point['specificity'])})"
+                  f"val AUC {number(final[f'{p}_auc'])}, acc {number(final[f'{p}_acc'])} at "
+                  f"0.5; best round {report['best_round']} by {report['monitor']}, threshold "
+                  f"{point['threshold']:.3f} ({point['rule']} on {point['source']}: acc "
+                  f"{number(point['acc'])}, sens {number(point['sensitivity'])}, spec "
+                  f"{number(point['specificity'])})"
                   + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""),
                   highlight=False)
     console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")
@@ -66,41 +70,57 @@ def print_federate(console: Console, report: dict, out) -> None:
 
 def _cell(metrics: dict, name: str) -> str:
     ci = (metrics.get("ci95") or {}).get(name)
+    if name == "threshold":
+        return f"{metrics[name]:.3f}"
     text = number(metrics[name])
     if ci and ci[0] is not None and ci[0] == ci[0]:
         text += f"\n[dim]{ci[0]:.2f}-{ci[1]:.2f}[/]"
     return text
 
 
+EVALUATION_ROWS = (  # (row label, which figures, key); "chosen": at the chosen threshold
+    ("threshold", "chosen", "threshold"), ("accuracy", "chosen", "accuracy"),
+    ("sensitivity", "chosen", "sensitivity"), ("specificity", "chosen", "specificity"),
+    ("PPV (precision)", "chosen", "precision"), ("NPV", "chosen", "npv"),
+    ("F1", "chosen", "f1"), ("AUC (any threshold)", "chosen", "auc"),
+    ("at 0.5: accuracy", "threshold_0.5", "accuracy"),
+    ("at 0.5: sensitivity", "threshold_0.5", "sensitivity"),
+    ("at 0.5: specificity", "threshold_0.5", "specificity"),
+    ("Youden here: threshold", "youden", "threshold"),
+    ("Youden here: sens", "youden", "sensitivity"),
+    ("Youden here: spec", "youden", "specificity"),
+)
+RESULTS_PER_TABLE = 4  # result columns beside the labels: legible at 80 columns
+
+
 def print_evaluation(console: Console, report: dict) -> None:
-    """One row per checkpoint and data scope, at the threshold each checkpoint chose on its
-    validation data; 0.5, Youden's (on these data, so optimistic) and the ECE beside it."""
-    positive = report["results"][0]["positive"]
-    table = Table(title=f"{report['data']}: positive class {positive}, at each checkpoint's "
-                        f"chosen threshold, 95% CI by "
-                        f"{'patient' if report['grouped_bootstrap'] else 'image'} bootstrap")
-    columns = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auc")
-    table.add_column("checkpoint", no_wrap=True)
-    table.add_column("data", no_wrap=True)
-    table.add_column("n", justify="right")
-    table.add_column("threshold", justify="right")
-    for c in columns:
-        table.add_column(c.replace("precision", "PPV").replace("npv", "NPV"), justify="right")
-    table.add_column("at 0.5: acc sens/spec", justify="right")
-    table.add_column("Youden t: sens/spec", justify="right")
-    table.add_column("ECE", justify="right")
-    sources = set()
-    for r in report["results"]:
-        m, half, y = r["chosen"], r["threshold_0.5"], r["youden"]
-        sources.add(f"{r['checkpoint']}: {m['source']}")
-        table.add_row(r["checkpoint"], r["data"], str(r["n"]), f"{m['threshold']:.3f}",
-                      *(_cell(m, c) for c in columns),
-                      f"{number(half['accuracy'])} {number(half['sensitivity'])}/"
-                      f"{number(half['specificity'])}",
-                      f"{y['threshold']:.2f}: {number(y['sensitivity'])}/{number(y['specificity'])}",
-                      number(r["calibration"]["ece"]))
-    console.print(table)
-    console.print("thresholds: " + "; ".join(sorted(sources)), highlight=False)
+    """Metrics as rows, one column per checkpoint and data scope (at most four a table, so
+    it reads at 80 columns): first the figures at the threshold each checkpoint chose on
+    its validation data with their 95% CIs below them, then at 0.5, then at Youden's
+    threshold on these data (optimistic), and the calibration error."""
+    results = report["results"]
+    positive = results[0]["positive"]
+    scopes = {r["data"] for r in results}
+    for start in range(0, len(results), RESULTS_PER_TABLE):
+        chunk = results[start:start + RESULTS_PER_TABLE]
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left",
+                      title=f"{report['data']}: positive class {positive}" if start == 0
+                      else None)
+        table.add_column(f"n = {chunk[0]['n']}" if len(scopes) == 1 else "", no_wrap=True)
+        for r in chunk:
+            table.add_column(r["checkpoint"] + ("" if len(scopes) == 1 else f"\n{r['data']}"),
+                             justify="right")
+        if len(scopes) > 1:
+            table.add_row("images", *(str(r["n"]) for r in chunk))
+        for label, which, key in EVALUATION_ROWS:
+            table.add_row(label, *(_cell(r[which], key) for r in chunk),
+                          end_section=label in ("AUC (any threshold)", "at 0.5: specificity"))
+        table.add_row("ECE (calibration)", *(number(r["calibration"]["ece"]) for r in chunk))
+        console.print(table)
+    console.print(f"95% CIs below each figure, by {'patient' if report['grouped_bootstrap'] else 'image'} "
+                  "bootstrap. Chosen thresholds: " + "; ".join(sorted(
+                      {f"{r['checkpoint']}: {r['chosen']['source']}" for r in results})),
+                  highlight=False)
     for note in report.get("notes", []):
         console.print(f"note: {note}", highlight=False)
 

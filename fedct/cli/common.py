@@ -37,7 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Tables are wide; when output is not a terminal (logs, CI), do not squeeze them into 80 columns.
-console = Console() if sys.stdout.isatty() else Console(width=130)
+console = Console()  # the terminal's width, else $COLUMNS, else 80: every table fits 80
 err_console = Console(stderr=True)
 
 
