@@ -101,11 +101,10 @@ def print_evaluation(console: Console, report: dict) -> None:
     results = report["results"]
     positive = results[0]["positive"]
     scopes = {r["data"] for r in results}
+    console.print(f"{report['data']}: positive class {positive}", highlight=False)
     for start in range(0, len(results), RESULTS_PER_TABLE):
         chunk = results[start:start + RESULTS_PER_TABLE]
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left",
-                      title=f"{report['data']}: positive class {positive}" if start == 0
-                      else None)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         table.add_column(f"n = {chunk[0]['n']}" if len(scopes) == 1 else "", no_wrap=True)
         for r in chunk:
             table.add_column(r["checkpoint"] + ("" if len(scopes) == 1 else f"\n{r['data']}"),
