@@ -253,7 +253,7 @@ def test_help_shows_defaults_choices_and_argument_help():
     trimmed = cli("federate", "x", "--init", "none", "--out", "y", "--strategy",
                   "fedtrimmedavg", "--trim-beta", "0.7")
     assert trimmed.exit_code == 2 and "trim_beta 0.7: must be in [0, 0.5)" in trimmed.output
-    assert "Split directory from `fedct split` (optional on a Flower coordinator" in federate
+    assert "Split directory from fedct split (optional on a Flower coordinator" in federate
     assert "[iid|dirichlet|shards|quantity|natural]" in shown("split")
     assert "[train|val|test|local_val|all]" in shown("evaluate")
     demo = shown("demo")

@@ -35,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # paragraphs reflow to the width; `code` is shown as code
 )
 # Tables are wide; when output is not a terminal (logs, CI), do not squeeze them into 80 columns.
 console = Console()  # the terminal's width, else $COLUMNS, else 80: every table fits 80
