@@ -228,14 +228,15 @@ def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -
 
 
 def explain_split(model, images: SplitImages, split: Split, dataset, prob: np.ndarray,
-                  folder: Path, *, cam_layer: str | None, positive: str, target: int,
-                  device) -> dict:
+                  folder: Path, *, cam_layer: str | None, positive: str, negative: str,
+                  threshold: float, target: int, device) -> dict:
     """Grad-CAM for every scored image; on synthetic data, how often it finds the lesion."""
     from fedct.data.synthetic import read_lesions
     from fedct.explain import BatchExplainer
 
     explainer = BatchExplainer.for_model(model, folder=folder, layer_name=cam_layer,
-                                         positive=positive, target=target,
+                                         positive=positive, negative=negative,
+                                         threshold=threshold, target=target,
                                          image_size=int(dataset[0][0].shape[-1]),
                                          lesions=read_lesions(split.root))
     grays = [images.images[images.index[e.row.path]][0].numpy() for e in split.entries]
@@ -345,6 +346,8 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
             explained[name] = explain_split(model, cache[key], split, dataset, prob,
                                             Path(explain) / name.replace("/", "-"),
                                             cam_layer=cam_layer, positive=positive,
+                                            negative=negative, threshold=chosen_threshold(
+                                                meta, threshold, truth, prob)[0],
                                             target=classes.index(positive), device=dev)
         del model
     where = f"--data {data}" if data else f"{split_dir} --on {on}"

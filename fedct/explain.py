@@ -27,7 +27,8 @@ from fedct.files import atomic_write, staging_dir
 from fedct.metrics import wilson_interval
 
 MIN_CELLS = 8  # chosen on the demo's val: 1/8 of 96 px found the lesion most often
-SHEET_MAX = 48  # images on the contact sheet; every image still gets its own PNG
+SHEET_PER_GROUP = 12  # contact-sheet tiles per (label, decision); every image has its own PNG
+TILE = 128  # pixels a side of a contact-sheet tile
 
 
 def cam_layer(model: torch.nn.Module, name: str | None = None, *,
@@ -50,7 +51,8 @@ def cam_layer(model: torch.nn.Module, name: str | None = None, *,
 
 def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor,
              target: int) -> np.ndarray:
-    """Heat maps [B, H, W] in [0, 1] for class `target`, upsampled to the input size."""
+    """Heat maps [B, H, W] for class `target`, upsampled to the input size: Grad-CAM's own
+    magnitudes (>= 0), so that maps of several images can share one scale."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     model.eval()
@@ -62,8 +64,7 @@ def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, images: torch.Tenso
                          f"gives {attribution.dim()} dimensions (name another with --cam-layer)")
     heat = LayerAttribution.interpolate(attribution.detach(), tuple(images.shape[-2:]),
                                         interpolate_mode="bilinear")[:, 0]
-    peak = heat.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]
-    return (heat / peak).clamp(0, 1).cpu().numpy()
+    return heat.clamp(min=0).cpu().numpy()
 
 
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -84,23 +85,28 @@ def peak_of(heat: np.ndarray) -> tuple[int, int]:
 
 @dataclass
 class Explanations:
-    """Writes one overlay PNG per image into `folder`, then the contact sheet and a JSON
+    """Writes one overlay PNG per image into `folder` (its map scaled to its own peak), then
+    the contact sheet (balanced across labels and decisions, one shared scale) and a JSON
     index with each image's heat-map peak (and the lesion hit rate where lesions are known)."""
 
     folder: Path
     positive: str
+    negative: str = "negative"
+    threshold: float = 0.5
     lesions: dict[str, np.ndarray] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
-    tiles: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    groups: dict[tuple, list] = field(default_factory=dict)  # (truth, decision) -> tiles
 
     def add(self, path: str, gray: np.ndarray, heat: np.ndarray, probability: float,
             truth: str | None = None) -> None:
-        picture = overlay(gray, heat)
+        peak = float(heat.max())
+        picture = overlay(gray, heat / peak if peak > 0 else heat)
         name = f"{len(self.records):05d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(path).stem)}.png"
         self.folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(picture).save(self.folder / name)
         row, col = peak_of(heat)
-        record = {"path": path, "png": name, "probability": probability,
+        decision = self.positive if probability >= self.threshold else self.negative
+        record = {"path": path, "png": name, "probability": probability, "decision": decision,
                   "peak": [row / heat.shape[0], col / heat.shape[1]]}
         if truth is not None:
             record["truth"] = truth
@@ -110,9 +116,9 @@ class Explanations:
             mask_col = min(int(col * mask.shape[1] / heat.shape[1]), mask.shape[1] - 1)
             record["peak_in_lesion"] = bool(mask[mask_row, mask_col])
         self.records.append(record)
-        if len(self.tiles) < SHEET_MAX:
-            label = f"p={probability:.2f}" + (f" ({truth})" if truth else "")
-            self.tiles.append((picture, f"{Path(path).name}\n{label}"))
+        tiles = self.groups.setdefault((truth, decision), [])
+        if len(tiles) < SHEET_PER_GROUP:
+            tiles.append((shrunk(gray), shrunk(heat), Path(path).name, probability))
 
     def localisation(self) -> dict | None:
         """How often the peak falls inside a known lesion, over the positives that have one."""
@@ -126,34 +132,71 @@ class Explanations:
 
     def finish(self, *, layer: str, title: str) -> dict:
         sheet = self.folder / "contact_sheet.png"
-        if self.tiles:
-            contact_sheet(self.tiles, sheet, title)
+        if self.groups:
+            contact_sheet(self.ordered_groups(), sheet, title, positive=self.positive,
+                          threshold=self.threshold)
         summary = {"layer": layer, "class": self.positive, "images": len(self.records),
-                   "contact_sheet": sheet.name if self.tiles else None,
+                   "threshold": self.threshold,
+                   "contact_sheet": sheet.name if self.groups else None,
                    "localisation": self.localisation(), "per_image": self.records}
         atomic_write(self.folder / "explanations.json",
                      lambda p: p.write_text(json.dumps(summary, indent=2)))
         return {k: v for k, v in summary.items() if k != "per_image"} | {"folder": str(self.folder)}
 
 
-def contact_sheet(tiles: list[tuple[np.ndarray, str]], path: Path, title: str) -> None:
+    def ordered_groups(self) -> list[tuple[str, list]]:
+        """(heading, tiles) per (label, decision): true positives, missed positives, false
+        alarms, true negatives; by decision alone when labels are unknown."""
+        order = [(self.positive, self.positive), (self.positive, self.negative),
+                 (self.negative, self.positive), (self.negative, self.negative),
+                 (None, self.positive), (None, self.negative)]
+        keys = [k for k in order if k in self.groups] + [
+            k for k in self.groups if k not in order]
+        return [(f"{truth} called {decision}" if truth else f"called {decision}",
+                 self.groups[(truth, decision)]) for truth, decision in keys]
+
+
+def shrunk(array: np.ndarray) -> np.ndarray:
+    """A float copy at most TILE pixels a side, for the contact sheet."""
+    image = Image.fromarray(np.asarray(array, dtype=np.float32), mode="F")
+    image.thumbnail((TILE, TILE), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.float32)
+
+
+def contact_sheet(groups: list[tuple[str, list]], path: Path, title: str, *, positive: str,
+                  threshold: float) -> None:
+    """A block of tiles per (label, decision), captioned with label, decision and
+    probability; every map on one scale (1 = the strongest map on the sheet), with its bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
-    columns = min(8, len(tiles))
-    rows = math.ceil(len(tiles) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows + 0.4),
-                                squeeze=False)
+    top = max(float(heat.max()) for _, tiles in groups for _, heat, _, _ in tiles) or 1.0
+    columns = max(4, min(SHEET_PER_GROUP // 2, max(len(tiles) for _, tiles in groups)))
+    rows = sum(math.ceil(len(tiles) / columns) for _, tiles in groups)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.7 * columns + 1.0, 1.9 * rows + 0.8),
+                                squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (picture, caption) in zip(axes.flat, tiles, strict=False):
-        ax.imshow(picture)
-        ax.set_title(caption, fontsize=6)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    row = 0
+    for heading, tiles in groups:
+        for k, (gray, heat, name, probability) in enumerate(tiles):
+            ax = axes[row + k // columns, k % columns]
+            ax.imshow(overlay(np.clip(gray, 0, 255).astype(np.uint8), heat / top))
+            truth, _, decision = heading.rpartition(" called ")
+            ax.set_title(f"{name[:18]}\n{truth or 'label ?'}, called {decision}\n"
+                         f"p({positive}) = {probability:.2f}", fontsize=5.5)
+        axes[row, 0].text(-0.1, 0.5, heading, transform=axes[row, 0].transAxes, rotation=90,
+                          ha="right", va="center", fontsize=7)
+        row += math.ceil(len(tiles) / columns)
+    bar = figure.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes, shrink=0.6,
+                          fraction=0.03, pad=0.02)
+    bar.set_label(f"Grad-CAM for {positive}, one scale for the sheet", fontsize=7)
+    figure.suptitle(f"{title}; called {positive} at p >= {threshold:.2f}", fontsize=9)
+    atomic_write(path, lambda p: figure.savefig(p, dpi=110, format="png"))
     plt.close(figure)
 
 
@@ -170,14 +213,15 @@ class BatchExplainer:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, *, folder: Path, layer_name: str | None,
-                  positive: str, target: int, image_size: int,
+                  positive: str, negative: str, threshold: float, target: int,
+                  image_size: int,
                   lesions: dict[str, np.ndarray] | None = None) -> BatchExplainer:
         name, layer = cam_layer(model, layer_name, image_size=image_size)
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = staging_dir(folder)
-        return cls(model, name, layer, target, Explanations(staging, positive, lesions or {}),
-                   folder)
+        return cls(model, name, layer, target,
+                   Explanations(staging, positive, negative, threshold, lesions or {}), folder)
 
     def explain(self, dataset, grays: list[np.ndarray], names: list[str],
                 probabilities: np.ndarray, device: torch.device,

@@ -155,7 +155,8 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     set_threads()
     dev = pick_device(device)
     model.to(dev)
-    explainer = _explainer(model, explain, cam_layer, positive, classes.index(positive), size)
+    explainer = _explainer(model, explain, cam_layer, positive=positive, negative=negative,
+                           threshold=cut, target=classes.index(positive), image_size=size)
     try:
         rows, skipped = _predict_batches(items, model, transform, size, classes.index(positive),
                                          cut=cut, positive=positive, negative=negative, dev=dev,
@@ -227,11 +228,12 @@ def _csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _explainer(model, folder: Path | None, layer_name: str | None, positive: str, target: int,
-               image_size: int):
+def _explainer(model, folder: Path | None, layer_name: str | None, *, positive: str,
+               negative: str, threshold: float, target: int, image_size: int):
     if folder is None:
         return None
     from fedct.explain import BatchExplainer
 
     return BatchExplainer.for_model(model, folder=Path(folder), layer_name=layer_name,
-                                    positive=positive, target=target, image_size=image_size)
+                                    positive=positive, negative=negative, threshold=threshold,
+                                    target=target, image_size=image_size)

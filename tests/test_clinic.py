@@ -288,3 +288,30 @@ def test_grad_cam_peak_falls_in_the_drawn_lesion(trained, split_dir, tmp_path):
     assert len(list(folder.glob("0*.png"))) == 160 and (folder / "contact_sheet.png").is_file()
     card = (trained / "MODEL_CARD.md").read_text()
     assert "| run/best |" in card and "--on all (patient bootstrap)" in card
+
+
+def test_the_contact_sheet_balances_labels_and_decisions_on_one_scale(tmp_path):
+    """At most 12 tiles per (label, decision), in the order true positives, missed
+    positives, false alarms, true negatives; maps kept at their own magnitude for the
+    sheet's shared scale, each image's PNG at its own peak."""
+    import numpy as np
+
+    from fedct.explain import SHEET_PER_GROUP, Explanations
+
+    sheet = Explanations(tmp_path / "maps", "CT_COVID", "CT_NonCOVID", threshold=0.4)
+    rng = np.random.default_rng(0)
+    for i in range(90):  # at least 15 of each (label, decision)
+        truth = "CT_COVID" if i % 2 else "CT_NonCOVID"
+        probability = 0.9 if i % 3 else 0.1
+        heat = rng.random((32, 32)).astype(np.float32) * (i + 1)
+        sheet.add(f"scan{i}.png", (rng.random((32, 32)) * 255).astype(np.uint8), heat,
+                  probability, truth)
+    headings = [heading for heading, _ in sheet.ordered_groups()]
+    assert headings == ["CT_COVID called CT_COVID", "CT_COVID called CT_NonCOVID",
+                        "CT_NonCOVID called CT_COVID", "CT_NonCOVID called CT_NonCOVID"]
+    assert all(len(tiles) == SHEET_PER_GROUP for _, tiles in sheet.ordered_groups())
+    assert sheet.groups[("CT_COVID", "CT_COVID")][-1][1].max() > 1  # raw magnitude kept
+    summary = sheet.finish(layer="x", title="Grad-CAM")
+    assert summary["contact_sheet"] == "contact_sheet.png" and summary["threshold"] == 0.4
+    assert (tmp_path / "maps" / "contact_sheet.png").stat().st_size > 10_000
+    assert {r["decision"] for r in sheet.records} == {"CT_COVID", "CT_NonCOVID"}
