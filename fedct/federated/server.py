@@ -51,6 +51,7 @@ class RoundServer:
     strategy: Strategy = field(init=False)
     recorder: RunRecorder = field(init=False)
     meta: dict = field(init=False)  # the checkpoints' sidecar, less round and metrics
+    local_keys: set[str] = field(init=False)  # FedBN's local norms: the strategy leaves them
 
     def __post_init__(self) -> None:
         config = self.setup.config
@@ -60,6 +61,7 @@ class RoundServer:
                                     tensorboard=config.tensorboard,
                                     csvs=(PRIVACY_CSV, CLIENTS_CSV))
         self.meta = self.setup.checkpoint_meta(engine=self.engine)
+        self.local_keys = norm_keys(self.setup.model) if config.fedbn else set()
 
     def resume(self) -> tuple[Weights, dict]:
         """The committed round's global weights and the transport's saved state."""
@@ -95,9 +97,8 @@ class RoundServer:
 
     def message(self) -> Weights:
         """What the strategy sends with the global weights (SCAFFOLD's control), else {}."""
-        model = self.setup.model
-        local = norm_keys(model) if self.setup.config.fedbn else set()
-        self.server_state = self.strategy.ready_state(self.server_state, model, local_keys=local)
+        self.server_state = self.strategy.ready_state(self.server_state, self.setup.model,
+                                                      local_keys=self.local_keys)
         return self.strategy.message(self.server_state)
 
     def aggregate(self, round_number: int, global_weights: Weights, collected: RunningAverage,
