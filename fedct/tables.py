@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -128,17 +129,21 @@ def print_predictions(console: Console, report: dict, shown: int = 20) -> None:
     """The groups' decisions (or the images' when no group is known), then where all are."""
     rows = report["groups"] or report["predictions"]
     key = "group" if report["groups"] else "path"
+    folder, names = "", [row[key] for row in rows[:shown]]
+    if key == "path":
+        folder, names = short_paths(names, room=console.width - 34)
     table = Table(title=f"{report['images']} images, {report['positives']} called "
                         f"{report['positive']} at {report['threshold']:.3f} "
-                        f"({report['threshold_source']})")
-    table.add_column(key)
+                        f"({report['threshold_source']})"
+                        + (f"\nimages under {folder}/" if folder else ""))
+    table.add_column(key, no_wrap=True)
     if report["groups"]:
         table.add_column("images", justify="right")
     table.add_column(f"P({report['positive']})" + (f", {report['aggregate']}"
                                                    if report["groups"] else ""), justify="right")
     table.add_column("decision")
-    for row in rows[:shown]:
-        table.add_row(row[key], *([str(row["images"])] if report["groups"] else []),
+    for name, row in zip(names, rows[:shown]):
+        table.add_row(name, *([str(row["images"])] if report["groups"] else []),
                       f"{row['probability']:.3f}", row["decision"])
     console.print(table)
     if len(rows) > shown:
@@ -147,6 +152,18 @@ def print_predictions(console: Console, report: dict, shown: int = 20) -> None:
     console.print(f"wrote {', '.join(written)}", highlight=False)
     if report.get("explanations"):
         print_explanations(console, report["checkpoint"], report["explanations"])
+
+
+def short_paths(paths: list[str], room: int) -> tuple[str, list[str]]:
+    """The paths' common folder and each path after it, cut from the left where it is still
+    too long: the file name is what tells two images apart, so it is the part that stays."""
+    folders = {os.path.dirname(p) for p in paths}
+    absolute = {os.path.isabs(p) for p in paths}
+    folder = os.path.commonpath(sorted(folders)) \
+        if len(paths) > 1 and all(folders) and len(absolute) == 1 else ""
+    shown = [os.path.relpath(p, folder) if folder else p for p in paths]
+    room = max(room, 12)
+    return folder, ["…" + p[len(p) - room + 1:] if len(p) > room else p for p in shown]
 
 
 def print_explanations(console: Console, name: str, explained: dict) -> None:

@@ -30,6 +30,24 @@ def test_commands_in_workflow_order_with_a_short_help_flag():
     assert runner.invoke(app, ["federate", "-h"]).exit_code == 0
 
 
+@pytest.mark.parametrize("columns", [80, 120])
+def test_every_commands_help_keeps_its_option_names_whole(columns):
+    import click
+    import typer
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        result = runner.invoke(app, [name, "-h"], env={"COLUMNS": str(columns)})
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert max(map(len, lines)) <= columns and "…" not in result.output, name
+        words = set(result.output.replace(",", " ").split())
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                for option in param.opts + param.secondary_opts:
+                    assert option in words, (name, option)
+
+
 @pytest.mark.parametrize("command, cls", [("federate", FederateConfig),
                                           ("pretrain", PretrainConfig),
                                           ("selfsup", SelfSupConfig)])

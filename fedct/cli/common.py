@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedct import __version__
+from fedct.cli.help import FedctCommand
 from fedct.errors import FedctError
 
 WORKFLOW = ("synth", "split", "selfsup", "pretrain", "federate", "evaluate", "predict", "export",
@@ -37,6 +38,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",  # paragraphs reflow to the width; `code` is shown as code
 )
+command = functools.partial(app.command, cls=FedctCommand)  # every command's help in fedct's panels
 # Tables are wide; when output is not a terminal (logs, CI), do not squeeze them into 80 columns.
 console = Console()  # the terminal's width, else $COLUMNS, else 80: every table fits 80
 err_console = Console(stderr=True)

@@ -8,12 +8,12 @@ from typing import Annotated
 import click
 import typer
 
-from fedct.cli.common import app, console, err_console, floats, one_line_errors
+from fedct.cli.common import command, console, err_console, floats, one_line_errors
 from fedct.data.partition import SCHEMES
 from fedct.tables import print_split_table
 
 
-@app.command(rich_help_panel="Data")
+@command(rich_help_panel="Data")
 @one_line_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (an ImageFolder plus dataset.csv).")],
@@ -35,7 +35,7 @@ def synth(
     console.print(f"wrote {n} images to {path} (groups and sites in {path / 'dataset.csv'})")
 
 
-@app.command(rich_help_panel="Data")
+@command(rich_help_panel="Data")
 @one_line_errors
 def split(
     dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or CSV path,label[,group][,site][,split].")],

@@ -8,13 +8,13 @@ from typing import Annotated
 import click
 import typer
 
-from fedct.cli.common import app, console, err_console, one_line_errors, print_json
+from fedct.cli.common import command, console, err_console, one_line_errors, print_json
 from fedct.data.partition import SPLITS
 from fedct.operating_point import RULES
 from fedct.tables import print_evaluation, print_explanations, print_predictions
 
 
-@app.command(rich_help_panel="Use a model")
+@command(rich_help_panel="Use a model")
 @one_line_errors
 def evaluate(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints: RUN/best, RUN/final.safetensors, or a run directory.")],
@@ -89,7 +89,7 @@ def batch_progress(quiet: bool):
     return line, nullcontext()
 
 
-@app.command(rich_help_panel="Use a model", name="predict")
+@command(rich_help_panel="Use a model", name="predict")
 @one_line_errors
 def predict_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: RUN/best, RUN/final.safetensors, or a run directory.")],
@@ -131,7 +131,7 @@ def predict_command(
     print_predictions(console, report)
 
 
-@app.command(rich_help_panel="Use a model", name="export")
+@command(rich_help_panel="Use a model", name="export")
 @one_line_errors
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: RUN/best, RUN/final.safetensors, or a run directory.")],

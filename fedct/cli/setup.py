@@ -9,12 +9,12 @@ from typing import Annotated
 import click
 import typer
 
-from fedct.cli.common import app, console, one_line_errors
+from fedct.cli.common import command, console, one_line_errors
 
 COMMANDS = ("pretrain", "federate", "selfsup")
 
 
-@app.command(rich_help_panel="Set up")
+@command(rich_help_panel="Set up")
 @one_line_errors
 def config(
     command: Annotated[str, typer.Argument(click_type=click.Choice(COMMANDS), help="The command whose settings to print.")],
@@ -34,7 +34,7 @@ def config(
     sys.stdout.write(defaults_yaml(cls[command], command))
 
 
-@app.command(rich_help_panel="Set up")
+@command(rich_help_panel="Set up")
 @one_line_errors
 def certs(
     out: Annotated[Path, typer.Argument(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
@@ -54,7 +54,7 @@ def certs(
                   "server.key; SuperNodes and flwr: trust ca.crt (keep ca.key offline)")
 
 
-@app.command(rich_help_panel="Set up")
+@command(rich_help_panel="Set up")
 @one_line_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data, split and runs.")] = Path("demo-out"),

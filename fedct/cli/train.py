@@ -8,7 +8,7 @@ from typing import Annotated
 import click
 import typer
 
-from fedct.cli.common import app, console, one_line_errors, print_json
+from fedct.cli.common import command, console, one_line_errors, print_json
 from fedct.cli.flags import config_flags
 from fedct.config import FederateConfig, PretrainConfig, SelfSupConfig
 from fedct.errors import FedctError
@@ -16,7 +16,7 @@ from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS
 from fedct.tables import print_federate, print_stage1
 
 
-@app.command(rich_help_panel="Train")
+@command(rich_help_panel="Train")
 @one_line_errors
 @config_flags(PretrainConfig, "pretrain")
 def pretrain(
@@ -54,7 +54,7 @@ def pretrain(
         print_stage1(console, report, out)
 
 
-@app.command(rich_help_panel="Train")
+@command(rich_help_panel="Train")
 @one_line_errors
 @config_flags(SelfSupConfig, "selfsup")
 def selfsup(
@@ -94,7 +94,7 @@ def selfsup(
                       f"{report['final_loss']:.3f}: {report['backbone']}", highlight=False)
 
 
-@app.command(rich_help_panel="Train")
+@command(rich_help_panel="Train")
 @one_line_errors
 @config_flags(FederateConfig, "federate")
 def federate(
