@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -142,7 +143,7 @@ def print_predictions(console: Console, report: dict, shown: int = 20) -> None:
     table.add_column(f"P({report['positive']})" + (f", {report['aggregate']}"
                                                    if report["groups"] else ""), justify="right")
     table.add_column("decision")
-    for name, row in zip(names, rows[:shown]):
+    for name, row in zip(names, rows[:shown], strict=True):
         table.add_row(name, *([str(row["images"])] if report["groups"] else []),
                       f"{row['probability']:.3f}", row["decision"])
     console.print(table)
