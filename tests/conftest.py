@@ -101,10 +101,11 @@ def free_port() -> int:
 
 
 class Federation:
-    """SuperLink + SuperNodes on loopback, with a FLWR_HOME naming the connection."""
+    """SuperLink + SuperNodes on loopback, with a FLWR_HOME naming the connection. Each node
+    is `fedct node` (its SuperNode and, in warm `mode`, the one process serving its messages)."""
 
     def __init__(self, tmp: Path, split_dir: Path, clients: int, certs: Path | None = None,
-                 own_data: bool = False):
+                 own_data: bool = False, mode: str = "warm"):
         self.tmp, self.split, self.procs = tmp, split_dir, {}
         self.port = free_port()
         # the SuperLink and SuperNodes start flower-superexec by name: it must be on PATH
@@ -125,8 +126,8 @@ class Federation:
                     f'val="{write_node_csv(split_dir, k, tmp / f"val{k}.csv", "local_val")}"'
                     if own_data else f'split="{split_dir}"')
             self.start(f"node{k}", [
-                str(BIN / "flower-supernode"), *node_tls, "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(free_port()), "--node-config",
+                str(BIN / "fedct"), "node", *node_tls, "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(free_port()), "--mode", mode, "--node-config",
                 f'{data} client-id={k} state-dir="{tmp / f"state{k}"}"'])
         home = tmp / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)

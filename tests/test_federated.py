@@ -399,7 +399,7 @@ def test_flower_dry_run_prints_tls_commands_for_every_client(split_dir, tmp_path
     assert any(line.startswith("fedct certs") for line in lines)
     link = next(line for line in lines if "flower-superlink" in line)
     assert "--ssl-certfile" in link and "--insecure" not in result.output
-    nodes = [line for line in lines if "flower-supernode" in line]
+    nodes = [line for line in lines if line.startswith("FLWR") and "fedct node" in line]
     assert len(nodes) == 3 and all("--root-certificates" in n for n in nodes)
     assert [f"client-id={k}'" in n for k, n in enumerate(nodes)] == [True] * 3
     assert "[superlink.hospitals]" in result.output

@@ -223,4 +223,4 @@ def test_dry_run_prints_the_secure_run(split_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "# secure aggregation (SecAgg+)" in result.output
     assert "secure_aggregation: true" in result.output and "secagg_clip: 0.5" in result.output
-    assert result.output.count("flower-supernode") == CLIENTS
+    assert result.output.count("fedct node --root-certificates") == CLIENTS

@@ -3,7 +3,7 @@
 One module per kind of command; importing them registers their commands on `app`.
 """
 
-from fedct.cli import data, score, setup, train  # noqa: F401  (registers the commands)
+from fedct.cli import data, node, score, setup, train  # noqa: F401  (registers the commands)
 from fedct.cli.common import app
 
 __all__ = ["app"]

@@ -17,7 +17,7 @@ from fedct.cli.help import FedctCommand
 from fedct.errors import FedctError
 
 WORKFLOW = ("synth", "split", "selfsup", "pretrain", "federate", "evaluate", "predict", "export",
-            "config", "certs", "demo")
+            "config", "certs", "node", "demo")
 
 
 class WorkflowOrder(typer.core.TyperGroup):

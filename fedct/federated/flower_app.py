@@ -192,6 +192,11 @@ class SecureFlowerTransport(FlowerTransport):
 def main(grid: Grid, context: Context) -> None:
     from rich.console import Console
 
+    from fedct.federated.grid import QuickGrid
+
+    if isinstance(grid, Grid) and not isinstance(grid, QuickGrid):
+        grid = QuickGrid(grid)  # Flower's own grid waits 3 s between pulls of replies
+
     from fedct.federated.engine import run_rounds
     from fedct.federated.setup import (
         eval_schedule,

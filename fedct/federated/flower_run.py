@@ -239,9 +239,10 @@ def role_commands(*, split_dir: Path | None, clients: int, federation: str,
     for k in range(clients):
         data = (f'split="{split_dir.resolve()}"' if split_dir
                 else 'data="/path/to/own-train.csv" val="/path/to/own-val.csv"')
-        lines += [f"# hospital {k}: a SuperNode reading only its own images (at a real site: "
+        lines += [f"# hospital {k}: a SuperNode reading only its own images, its ClientApp kept "
+                  "warm by fedct node (at a real site: "
                   'data="/path/to/own-train.csv" val="/path/to/own-val.csv")',
-                  f"{env} flower-supernode {node_tls} --superlink {superlink} "
+                  f"{env} fedct node {node_tls} --superlink {superlink} "
                   f"--port {9094 + k} --node-config '{data} client-id={k}'"]
     lines += ["# coordinator: name the connection once in $FLWR_HOME/config.toml "
               "(default ~/.flwr/config.toml)",

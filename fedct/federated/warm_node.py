@@ -1,0 +1,223 @@
+"""A SuperNode whose ClientApp stays warm: one process for every message of every run.
+
+Flower 1.42 runs each message in a fresh `flwr-clientapp` process (its SuperExec starts one
+per task), which imports torch, timm, opacus and fedct and rebuilds the model before any
+work: seconds per message on every node. Its SuperNode also has a `process` isolation mode
+that starts nothing and lets an outside process claim the tasks. `fedct node` uses that
+mode: it starts `flower-supernode --isolation process` and, in its own process, claims each
+task through the SuperNode's Runtime API and runs fedct's ClientApp in place, with the
+same calls, the same context (its state kept by the SuperNode, so resume, SecAgg+ and a
+restarted coordinator behave as before) and the same error replies as `flwr-clientapp`.
+A task for another app is refused with an error reply naming the mode that serves it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CLIENT_APP = "fedct.federated.flower_app:client_app"
+POLL_SECONDS = 0.05  # a loopback call to the SuperNode: the node's idle cost is negligible
+PULL_RETRY_SECONDS = 0.05  # first wait for message objects the SuperNode does not hold yet
+
+
+def fab_client_app(content: bytes) -> str:
+    """The ClientApp a FAB names in its pyproject.toml (`tool.flwr.app.components`)."""
+    with zipfile.ZipFile(io.BytesIO(content)) as fab:
+        name = next(n for n in fab.namelist() if n.endswith("pyproject.toml"))
+        project = tomllib.loads(fab.read(name).decode())
+    return project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}) \
+        .get("clientapp", "")
+
+
+def pull_task_input(client):
+    """flwr-clientapp's `pull_task_input` with a short retry: the SuperNode offers the task
+    before it has the message's objects from the SuperLink, and Flower's retry (1, 2, 4, 8 s)
+    suits a process that took seconds to start, not one that claims the task at once."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    task = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id = task.task_id, task.run.run_id
+    TaskIdentity.node_id = task.context.node_id
+    context = context_from_proto(task.context)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                  context.run_id),
+        return_type=Message, initial_backoff=PULL_RETRY_SECONDS, backoff_cap=0.5)
+    # as flwr-clientapp does: a deflated message carries no id, its id is its object id
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context, run_from_proto(task.run), fab_from_proto(task.fab)
+
+
+@dataclass
+class TaskOutcome:
+    """What one claimed task did: for the node's log and the benchmark."""
+
+    run_id: int
+    message_type: str
+    seconds: float
+    status: str
+    detail: str = ""
+    pulled: float = 0.0  # seconds until the message and its context were here
+    answered: float = 0.0  # seconds until the ClientApp's reply (decode, work, encode)
+
+
+def run_task(runtime_address: str, token: str) -> TaskOutcome:
+    """One task, as `flwr-clientapp` runs it, but in this process: pull the message and the
+    context, call the ClientApp, push the reply and the context, with a heartbeat meanwhile."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+    from fedct.federated.flower_app import client_app
+
+    started = time.perf_counter()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker())
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = reply = context = None
+    status, detail = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    run_id, kind, pulled, answered = 0, "?", 0.0, 0.0
+    try:
+        message, context, run, fab = pull_task_input(client)
+        pulled = time.perf_counter() - started
+        run_id, kind = run.run_id, message.metadata.message_type
+        named = fab_client_app(fab.content)
+        if named != CLIENT_APP:
+            raise LookupError(f"this fedct node runs fedct's ClientApp in warm mode, not "
+                              f"{named or 'an unnamed one'}: start it with --mode process")
+        reply = client_app(message=message, context=context)
+        answered = time.perf_counter() - started
+        status, detail = SubStatus.COMPLETED, ""
+    except Exception as exc:  # noqa: BLE001 - the reply carries it, as flwr-clientapp's does
+        detail = f"{type(exc)}:<'{exc}'>"
+        code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(exc, LookupError) \
+            else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        if message is not None:
+            reply = Message(Error(code=code, reason=detail), reply_to=message)
+        print(f"fedct node: {kind} message of run {run_id} failed: {exc}", file=sys.stderr)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client=client, context=context, sub_status=status, details=detail)
+        finally:
+            heartbeat.stop()
+            client.close()
+    return TaskOutcome(run_id, kind, time.perf_counter() - started, status, detail, pulled,
+                       answered)
+
+
+def serve(runtime_address: str, supernode: subprocess.Popen | None = None,
+          log=sys.stderr) -> int:
+    """Claim and run the SuperNode's ClientApp tasks until the SuperNode ends; its exit code."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    import fedct.federated.flower_app  # noqa: F401 - imported once, before the first message
+    import fedct.federated.node  # noqa: F401
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker())
+    try:
+        while supernode is None or supernode.poll() is None:
+            try:
+                claimed = client.AcquireTask(
+                    AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception:  # noqa: BLE001 - the SuperNode is starting or has just ended
+                time.sleep(0.5)
+                continue
+            if claimed.HasField("task") and claimed.token:
+                done = run_task(runtime_address, claimed.token)
+                print(f"fedct node: run {done.run_id}, {done.message_type} "
+                      f"{done.status.lower()} in {done.seconds:.2f}s (pulled "
+                      f"{done.pulled:.2f}s, ClientApp {done.answered - done.pulled:.2f}s, "
+                      f"pushed {done.seconds - done.answered:.2f}s)", file=log, flush=True)
+            else:
+                time.sleep(POLL_SECONDS)
+    finally:
+        client.close()
+    return supernode.returncode if supernode is not None else 0
+
+
+def supernode_command(*, superlink: str, node_config: str, port: int, warm: bool,
+                      root_certificates: Path | None, insecure: bool,
+                      extra: list[str] = ()) -> list[str]:
+    """The flower-supernode command `fedct node` starts (process isolation when warm)."""
+    here = Path(sys.executable).parent
+    command = [str(here / "flower-supernode") if (here / "flower-supernode").exists()
+               else "flower-supernode"]
+    command += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
+    command += ["--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    return command + (["--isolation", "process"] if warm else []) + list(extra)
+
+
+def end_with_parent() -> None:
+    """In the SuperNode's process: die with `fedct node`, even when it is killed (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_node(command: list[str], *, port: int, warm: bool, env: dict | None = None) -> int:
+    """Start the SuperNode (`supernode_command`) and, when warm, serve its tasks here;
+    returns its exit code."""
+    from fedct.federated.flower_run import FLWR_ENV
+
+    here = str(Path(sys.executable).parent)  # flower-superexec is started by name
+    path = {"PATH": f"{here}{os.pathsep}{os.environ.get('PATH', '')}"}
+    process = subprocess.Popen(command, env={**os.environ, **FLWR_ENV, **path, **(env or {})},
+                               preexec_fn=end_with_parent)
+    # a SIGTERM ends this process through `finally`, which stops the SuperNode too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        if not warm:
+            return process.wait()
+        return serve(f"127.0.0.1:{port}", process)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
