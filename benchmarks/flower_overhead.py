@@ -102,33 +102,14 @@ def node_seconds(home: Path, nodes: int) -> dict[str, list[float]]:
 
 
 def floor_seconds(federation, work: Path, nodes: int) -> list[float]:
+    from fedct.federated.flower_run import write_app
+
     app = work / f"floor-app-{nodes}-{time.monotonic_ns()}"
     app.mkdir()
     (app / "floor_app.py").write_text(FLOOR_APP)
     out = app / "seconds.json"
-    (app / "pyproject.toml").write_text(f'''[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedct-floor"
-version = "1.0.0"
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "fedct"
-
-[tool.flwr.app.components]
-serverapp = "floor_app:server_app"
-clientapp = "fedct.federated.flower_app:client_app"
-
-[tool.flwr.app.config]
-nodes = {nodes}
-exchanges = {FLOOR_EXCHANGES}
-out = "{out}"
-''')
+    write_app(app, {"nodes": nodes, "exchanges": FLOOR_EXCHANGES, "out": str(out)},
+              serverapp="floor_app:server_app")
     flwr = Path(sys.executable).parent / "flwr"
     done = subprocess.run([str(flwr), "run", str(app), "loopback", "--stream"],
                           env=federation.env, capture_output=True, text=True, timeout=900)

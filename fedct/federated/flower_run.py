@@ -44,8 +44,10 @@ def run_config(config, *, init: str, out: Path, split_dir: Path | None, num_clie
         num_clients=num_clients, round_timeout=round_timeout, resume=resume))
 
 
-def write_app(app_dir: Path, values: dict) -> Path:
-    """A Flower app directory (pyproject.toml only) whose run config is `values`."""
+def write_app(app_dir: Path, values: dict,
+              serverapp: str = "fedct.federated.flower_app:server_app") -> Path:
+    """A Flower app directory (pyproject.toml) whose run config is `values`; the ClientApp is
+    always fedct's (the one `fedct node` serves), the ServerApp fedct's unless named."""
     app_dir.mkdir(parents=True, exist_ok=True)
     config_lines = "\n".join(f"{key} = {_toml_value(value)}" for key, value in values.items())
     (app_dir / "pyproject.toml").write_text(f"""[build-system]
@@ -65,7 +67,7 @@ packages = ["."]
 publisher = "fedct"
 
 [tool.flwr.app.components]
-serverapp = "fedct.federated.flower_app:server_app"
+serverapp = "{serverapp}"
 clientapp = "fedct.federated.flower_app:client_app"
 
 [tool.flwr.app.config]
