@@ -50,7 +50,8 @@ def option_names(param: click.Parameter, ctx: click.Context, width: int) -> Text
     return names
 
 
-def print_panel(title: str, params: list, ctx: click.Context, console, marks: bool) -> None:
+def print_panel(title: str, params: list, ctx: click.Context, console, markup_mode: str,
+                marks: bool) -> None:
     """One panel; `marks` keeps a column for the required mark (when any option has one)."""
     table = Table(show_header=False, box=None, expand=True, pad_edge=False, padding=(0, 1))
     if marks:
@@ -62,7 +63,7 @@ def print_panel(title: str, params: list, ctx: click.Context, console, marks: bo
         mark = [Text(rich_utils.REQUIRED_SHORT_STRING, style=rich_utils.STYLE_REQUIRED_SHORT)
                 if param.required else ""] if marks else []
         table.add_row(*mark, option_names(param, ctx, width), rich_utils._get_parameter_help(
-            param=param, ctx=ctx, markup_mode=rich_utils.MARKUP_MODE_MARKDOWN))
+            param=param, ctx=ctx, markup_mode=markup_mode))
     console.print(Panel(table, border_style=rich_utils.STYLE_OPTIONS_PANEL_BORDER, title=title,
                         title_align=rich_utils.ALIGN_OPTIONS_PANEL))
 
@@ -76,7 +77,7 @@ class FedctCommand(typer.core.TyperCommand):
                       style=rich_utils.STYLE_USAGE_COMMAND)
         if self.help:
             console.print(rich_utils.Padding(rich_utils.Align(rich_utils._get_help_text(
-                obj=self, markup_mode=rich_utils.MARKUP_MODE_MARKDOWN), pad=False),
+                obj=self, markup_mode=self.rich_markup_mode), pad=False),
                 (0, 1, 1, 1)))
         panels: dict[str, list] = defaultdict(list)
         for param in self.get_params(ctx):
@@ -85,11 +86,11 @@ class FedctCommand(typer.core.TyperCommand):
             default = rich_utils.ARGUMENTS_PANEL_TITLE if isinstance(param, click.Argument) \
                 else rich_utils.OPTIONS_PANEL_TITLE
             panels[getattr(param, "rich_help_panel", None) or default].append(param)
+        marks = any(param.required for group in panels.values() for param in group)
         for title, params in sorted(panels.items(), key=lambda item: (
                 item[0] != rich_utils.ARGUMENTS_PANEL_TITLE,
                 item[0] != rich_utils.OPTIONS_PANEL_TITLE)):
-            print_panel(title, params, ctx, console,
-                        marks=any(param.required for group in panels.values() for param in group))
+            print_panel(title, params, ctx, console, self.rich_markup_mode, marks)
         if self.epilog:
             console.print(rich_utils.Padding(rich_utils.Align(rich_utils.highlighter(
                 self.epilog), pad=False), 1))

@@ -21,7 +21,7 @@ def node(
     root_certificates: Annotated[Path | None, typer.Option(help="The federation's ca.crt (from fedct certs): TLS to the SuperLink.")] = None,
     insecure: Annotated[bool, typer.Option(help="No TLS (loopback tests and demos only).")] = False,
     port: Annotated[int, typer.Option(help="Port of the SuperNode's Runtime API on 127.0.0.1.")] = 9094,
-    mode: Annotated[str, typer.Option(click_type=click.Choice(["warm", "process"]), help="warm: one ClientApp process serves every message (imports and model built once); process: Flower's own, a fresh process per message.")] = "warm",
+    mode: Annotated[str, typer.Option(click_type=click.Choice(["warm", "process"]), help="warm: one ClientApp process serves every message (its imports done once); process: Flower's own, a fresh process per message.")] = "warm",
     dry_run: Annotated[bool, typer.Option(help="Print the commands this node would run, run nothing.")] = False,
     supernode_options: Annotated[list[str] | None, typer.Argument(help="More flower-supernode options, after --, e.g. -- --auth-supernode-private-key node_key.")] = None,
 ) -> None:
@@ -49,10 +49,10 @@ def node(
             "fedct node: process mode, Flower starts a ClientApp process per message")
     console.print(said, highlight=False)
     if dry_run:
-        from fedct.federated.flower_run import FLWR_ENV
+        from fedct.federated.flower_run import env_prefix
 
-        env = " ".join(f"{key}={value}" for key, value in FLWR_ENV.items())
-        console.print(f"{env} {shlex.join(supernode)}", highlight=False, soft_wrap=True)
+        console.print(f"{env_prefix()} {shlex.join(supernode)}", highlight=False,
+                      soft_wrap=True)
         if warm:
             console.print("# then, in this process: claim each ClientApp task from "
                           f"127.0.0.1:{port} and run fedct's ClientApp in place",

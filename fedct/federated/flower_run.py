@@ -195,13 +195,30 @@ def dry_run_lines(split_dir: Path | None, out: Path, config, *, init: str,
                   *(["--clients", str(num_clients)] if num_clients and not split_dir else [])])]
 
 
+def flower_env() -> dict:
+    """The environment for Flower's commands: FLWR_ENV, and fedct's own environment first
+    on PATH (activated or not), since flwr starts flower-superexec and others by name."""
+    here = Path(sys.executable).parent
+    return {**os.environ, **FLWR_ENV, "PATH": f"{here}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def flower_tool(name: str) -> str:
+    """The path of one of Flower's commands (flwr, flower-supernode), fedct's own first."""
+    found = shutil.which(name, path=flower_env()["PATH"])
+    if found is None:
+        raise FedctError(f"the {name} command is missing: pip install 'fedct[flower]'")
+    return found
+
+
+def env_prefix() -> str:
+    """FLWR_ENV as a shell prefix, for the commands --dry-run prints."""
+    return " ".join(f"{key}={value}" for key, value in FLWR_ENV.items())
+
+
 def submit(app_dir: Path, federation: str, *, flwr_home: str | None = None) -> int:
     """Run `flwr run APP FEDERATION --stream` (its log on stderr); returns its exit code."""
-    here = Path(sys.executable).parent  # fedct's own environment, activated or not
-    flwr = shutil.which("flwr", path=f"{here}{os.pathsep}{os.environ.get('PATH', '')}")
-    if flwr is None:
-        raise FedctError("the flwr command is missing: pip install 'fedct[flower]'")
-    env = {**os.environ, **FLWR_ENV, "PATH": f"{here}{os.pathsep}{os.environ.get('PATH', '')}"}
+    flwr = flower_tool("flwr")
+    env = flower_env()
     if flwr_home:
         env["FLWR_HOME"] = flwr_home
     try:  # flwr's streamed log goes to stderr: stdout is for fedct's results (--json)
@@ -228,7 +245,7 @@ def role_commands(*, split_dir: Path | None, clients: int, federation: str,
                     f"--ssl-keyfile {certs}/server.key")
         node_tls = f"--root-certificates {certs}/ca.crt"
         conn = f'root-certificates = "{certs.resolve()}/ca.crt"'
-    env = " ".join(f"{k}={v}" for k, v in FLWR_ENV.items())
+    env = env_prefix()
     host = superlink.rsplit(":", 1)[0]
     lines = []
     if not insecure:

@@ -9,12 +9,13 @@ task through the SuperNode's Runtime API and runs fedct's ClientApp in place, wi
 same calls, the same context (its state kept by the SuperNode, so resume, SecAgg+ and a
 restarted coordinator behave as before) and the same error replies as `flwr-clientapp`.
 A task for another app is refused with an error reply naming the mode that serves it.
+What stays warm is the imports; each message still builds its model and reads its data
+from the decoded-image cache (0.13 s for a small train message, measured in process).
 """
 
 from __future__ import annotations
 
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -183,9 +184,9 @@ def supernode_command(*, superlink: str, node_config: str, port: int, warm: bool
                       root_certificates: Path | None, insecure: bool,
                       extra: list[str] = ()) -> list[str]:
     """The flower-supernode command `fedct node` starts (process isolation when warm)."""
-    here = Path(sys.executable).parent
-    command = [str(here / "flower-supernode") if (here / "flower-supernode").exists()
-               else "flower-supernode"]
+    from fedct.federated.flower_run import flower_tool
+
+    command = [flower_tool("flower-supernode")]
     command += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
     command += ["--superlink", superlink, "--port", str(port), "--node-config", node_config]
     return command + (["--isolation", "process"] if warm else []) + list(extra)
@@ -202,11 +203,9 @@ def end_with_parent() -> None:
 def run_node(command: list[str], *, port: int, warm: bool, env: dict | None = None) -> int:
     """Start the SuperNode (`supernode_command`) and, when warm, serve its tasks here;
     returns its exit code."""
-    from fedct.federated.flower_run import FLWR_ENV
+    from fedct.federated.flower_run import flower_env
 
-    here = str(Path(sys.executable).parent)  # flower-superexec is started by name
-    path = {"PATH": f"{here}{os.pathsep}{os.environ.get('PATH', '')}"}
-    process = subprocess.Popen(command, env={**os.environ, **FLWR_ENV, **path, **(env or {})},
+    process = subprocess.Popen(command, env={**flower_env(), **(env or {})},
                                preexec_fn=end_with_parent)
     # a SIGTERM ends this process through `finally`, which stops the SuperNode too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
