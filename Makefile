@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch and torchvision pinned as a pair (timm needs torchvision); override for another platform.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,dicom,flower,export,track
+EXTRAS ?= dev,dicom,volumes,flower,export,track
 
 .PHONY: install demo test lint bench clean
 

@@ -10,6 +10,7 @@ import numpy as np
 from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import LOCAL_VAL, Entry, Split, load_split
 from fedct.data.sources import check_files, read_dataset
+from fedct.data.volumes import VolumeOptions
 from fedct.errors import FedctError
 from fedct.files import atomic_write, json_safe
 from fedct.locks import exclusive
@@ -19,17 +20,18 @@ from fedct.metrics import (
     plot_confusion,
     plot_reliability,
     plot_roc,
-    positive_index,
+    positive_class,
     youden_threshold,
 )
 from fedct.models import create_model, load_weights, make_dp_safe
+from fedct.multiclass import check_classes, score_classes, write_class_plots
 from fedct.operating_point import (
     ScoreHistogram,
     expected_calibration_error,
     operating_point,
     parse_rule,
 )
-from fedct.runs import checkpoint_paths, read_checkpoint, read_config, refuse_overlap
+from fedct.runs import checkpoint_paths, read_checkpoint, read_config, read_sidecar, refuse_overlap
 from fedct.training import pick_device, predict, set_threads
 
 SPLITS = ("train", "val", "test", LOCAL_VAL, "all")
@@ -104,7 +106,7 @@ def one_class_note(truth: np.ndarray, positive: str, negative: str) -> str | Non
     return None
 
 
-def data_for(*, split_dir, on, data) -> Split:
+def data_for(*, split_dir, on, data, volumes: VolumeOptions | None = None) -> Split:
     if (split_dir is None) == (data is None):
         raise FedctError("give either --split SPLIT_DIR (with --on) or --data PATH (the "
                          "checkpoint's run names no split)" if data is None else
@@ -117,10 +119,11 @@ def data_for(*, split_dir, on, data) -> Split:
         if not split.entries:
             raise FedctError(f"{split_dir}: no rows with split {on!r}")
         return split
-    dataset = check_files(read_dataset(data), skip_bad=False)
+    dataset = check_files(read_dataset(data), skip_bad=False, volumes=volumes)
     entries = [Entry(row=r, split="data", client=None) for r in dataset.rows]
     return Split(directory=Path(data), root=dataset.root, entries=entries,
-                 classes=dataset.classes, positive=dataset.positive)
+                 classes=dataset.classes, positive=dataset.positive,
+                 meta={"volumes": dataset.volumes.record()} if dataset.volumes else {})
 
 
 def _scopes(split: Split, per_client: bool) -> dict[str, np.ndarray]:
@@ -212,6 +215,14 @@ def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -
     Returns the report with `out`."""
     pooled = [r for r in report["results"] if r["data"] == "all"]
     positive = report["results"][0]["positive"]
+    if positive is None:  # more than two classes
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / "metrics.json",
+                     lambda p: p.write_text(json.dumps(json_safe(report), indent=2)))
+        write_class_plots(out_dir, pooled, curves, f"ROC on {report['data']}, one class vs rest")
+        cards = [record_in_run(r, data=report["data"], grouped=report["grouped_bootstrap"],
+                               split_dir=report.get("split")) for r in pooled]
+        return {**report, "out": str(out_dir), "model_cards": [c for c in cards if c]}
     cards = [record_in_run(r, data=report["data"], grouped=report["grouped_bootstrap"],
                            split_dir=report.get("split"))
              for r in pooled]
@@ -239,9 +250,9 @@ def explain_split(model, images: SplitImages, split: Split, dataset, prob: np.nd
                                          threshold=threshold, target=target,
                                          image_size=int(dataset[0][0].shape[-1]),
                                          lesions=read_lesions(split.root))
-    grays = [images.images[images.index[e.row.path]][0].numpy() for e in split.entries]
+    grays = [images.images[images.index[e.row.key]][0].numpy() for e in split.entries]
     try:
-        explainer.explain(dataset, grays, [e.row.path for e in split.entries], prob, device,
+        explainer.explain(dataset, grays, [e.row.key for e in split.entries], prob, device,
                           truths=[e.row.label for e in split.entries])
         return explainer.finish(f"Grad-CAM for {positive}, {folder.name}")
     finally:
@@ -291,7 +302,10 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                  per_client: bool = False, out: str | Path | None = None, n_boot: int = 1000,
                  seed: int = 0, batch_size: int = 64, device: str = "auto",
                  tta: bool = False, threshold: str | None = None,
-                 explain: str | Path | None = None, cam_layer: str | None = None) -> dict:
+                 explain: str | Path | None = None, cam_layer: str | None = None,
+                 volumes: VolumeOptions | None = None) -> dict:
+    """Score checkpoints on a split's rows or on `data` (whose volumes become slices by
+    `volumes`); write the report, plots and model-card records."""
     if not checkpoints:
         raise FedctError("give at least one checkpoint")
     check_bootstrap(n_boot)
@@ -299,14 +313,16 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
     names = checkpoint_names(checkpoints)
     if split_dir is None and data is None:
         split_dir = splits_of_runs(checkpoints)
-    split = data_for(split_dir=split_dir, on=on, data=data)
+    split = data_for(split_dir=split_dir, on=on, data=data, volumes=volumes)
     scopes = _scopes(split, per_client)  # checked before any inference
     out_dir = Path(out) if out else fresh_folder(
         checkpoint_paths(checkpoints[0])[0].parent / f"eval-{Path(data).stem if data else on}")
     check_evaluation_outputs(out_dir, names, split_dir=split_dir, data=data, explain=explain)
+    check_classes([read_sidecar(c) for c in checkpoints], threshold=threshold,
+                  explain=explain)
     set_threads()
     dev = pick_device(device)
-    results, curves, explained = [], {}, {}
+    results, curves, explained, negative = [], {}, {}, "negative"
     cache: dict[tuple, SplitImages] = {}
     groups = np.array([e.row.group for e in split.entries])
     notes = set()
@@ -317,7 +333,7 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         if unknown:
             raise FedctError(f"{checkpoint_paths(checkpoint)[0]}: trained for classes "
                              f"{classes}, but the data has {unknown[0]!r}")
-        positive = classes[positive_index(classes, meta.get("positive") or split.positive)]
+        positive = positive_class(classes, meta.get("positive") or split.positive)
         size = int(meta["input_size"][-1])
         key = (size, tuple(classes))
         if key not in cache:
@@ -332,6 +348,12 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         probs, labels = predict(model, make_loader(dataset, batch_size=batch_size, train=False,
                                                    seed=0), device=dev, channels_last=False,
                                 tta=tta)
+        if positive is None:  # more than two classes: argmax decisions, no threshold
+            results += score_classes(name, str(checkpoint_paths(checkpoint)[0]), meta, labels,
+                                     probs, groups, scopes, n_boot=n_boot, seed=seed)
+            curves[name] = (labels, probs)
+            del model
+            continue
         prob = probs[:, classes.index(positive)]
         truth = labels == classes.index(positive)
         results += score_checkpoint(name, str(checkpoint_paths(checkpoint)[0]), meta, positive,
@@ -358,3 +380,4 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
               "notes": sorted(notes),
               **({"explanations": explained} if explain else {})}
     return write_evaluation(out_dir, report, curves, negative)
+

@@ -22,7 +22,7 @@ from fedct.data.sources import LUNG_WINDOW
 from fedct.errors import FedctError
 from fedct.evaluation import chosen_threshold, load_model
 from fedct.files import atomic_write
-from fedct.metrics import positive_index
+from fedct.metrics import positive_class
 from fedct.runs import checkpoint_paths, refuse_overwriting_inputs
 
 FORMATS = ("onnx", "torchscript")
@@ -146,11 +146,14 @@ def run_export(checkpoint: str | Path, *, fmt: str, out: str | Path, force: bool
                              f"{gap:.2e} in a probability, {log_gap:.2e} in a log-probability "
                              f"(limits {TOLERANCE:g}, {10 * TOLERANCE:g}); not written")
         classes = list(meta["classes"])
-        threshold, source = chosen_threshold(meta, None)
+        positive = positive_class(classes, meta.get("positive"))
+        threshold, source = chosen_threshold(meta, None) if positive else (None, "argmax")
         description = {
             "format": fmt, "file": out.name, "architecture": meta["architecture"],
-            "classes": classes, "positive": classes[positive_index(classes, meta.get("positive"))],
+            "classes": classes, "positive": positive,
             "output": "softmax probabilities per class, in the order of `classes`",
+            "decision": (f"{positive} if its probability >= threshold" if positive else
+                         "the class of highest probability (no threshold)"),
             "threshold": threshold, "threshold_source": source, "preprocessing": preprocessing(meta),
             "checked": {"batch": int(inputs.shape[0]), "max_abs_difference": gap,
                         "max_log_probability_difference": log_gap, "tolerance": TOLERANCE,

@@ -83,22 +83,30 @@ def bootstrap(is_positive: np.ndarray, score: np.ndarray, *, threshold: float,
     """Percentile CIs; resamples whole patients when groups are given (cluster bootstrap)."""
     truth = np.asarray(is_positive, dtype=bool)
     score = np.asarray(score, dtype=float)
+    return resample_intervals(lambda idx: binary_metrics(truth[idx], score[idx], threshold),
+                              len(truth), METRICS, groups=groups, n=n, seed=seed, level=level)
+
+
+def resample_intervals(compute, rows: int, keys, *, groups: np.ndarray | None = None,
+                       n: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of `compute(row indices)[key]` over `n` resamples of the rows,
+    or of whole groups (patients) when given; NaN draws (a class missing) are left out."""
     rng = np.random.default_rng(seed)
     if groups is None:
-        members = [np.array([i]) for i in range(len(truth))]
+        members = [np.array([i]) for i in range(rows)]
     else:
         _, inverse = np.unique(np.asarray(groups), return_inverse=True)
         members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
-    draws = {m: [] for m in METRICS}
+    draws = {m: [] for m in keys}
     for _ in range(n):
         pick = rng.integers(len(members), size=len(members))
-        idx = np.concatenate([members[g] for g in pick])
-        values = binary_metrics(truth[idx], score[idx], threshold)
-        for m in METRICS:
+        values = compute(np.concatenate([members[g] for g in pick]))
+        for m in keys:
             draws[m].append(values[m])
     tail = (1 - level) / 2 * 100
     out = {}
-    for m in METRICS:
+    for m in keys:
         arr = np.asarray(draws[m], dtype=float)
         arr = arr[~np.isnan(arr)]
         out[m] = (float(np.percentile(arr, tail)), float(np.percentile(arr, 100 - tail))) \
@@ -106,10 +114,19 @@ def bootstrap(is_positive: np.ndarray, score: np.ndarray, *, threshold: float,
     return out
 
 
-def positive_index(classes: list[str], positive: str | None) -> int:
+def positive_index(classes: list[str], positive: str | None) -> int | None:
     """The one rule for the positive class: the named one, else the last class (for two
-    classes, the second: CT_COVID after CT_NonCOVID is named anyway)."""
+    classes, the second: CT_COVID after CT_NonCOVID is named anyway); None for more than two
+    classes, which are decided by the highest probability."""
+    if len(classes) > 2:
+        return None
     return list(classes).index(positive) if positive else len(classes) - 1
+
+
+def positive_class(classes: list[str], positive: str | None) -> str | None:
+    """The positive class's name by `positive_index`'s rule (None for more than two)."""
+    index = positive_index(classes, positive)
+    return None if index is None else list(classes)[index]
 
 
 def monitor_value(metrics: dict, monitor: str) -> float:
@@ -121,7 +138,12 @@ def monitor_value(metrics: dict, monitor: str) -> float:
 
 
 def summary_metrics(probs: np.ndarray, labels: np.ndarray, positive_index: int) -> dict:
-    """The few numbers logged every epoch or round: accuracy (argmax), AUC, sens, spec, bal. acc."""
+    """The few numbers logged every epoch or round: accuracy (argmax), AUC, sens, spec, bal. acc.
+    (macro AUC and NaN sens/spec for more than two classes)."""
+    if probs.shape[1] > 2:
+        from fedct.multiclass import class_summary
+
+        return class_summary(probs, labels)
     predicted = probs.argmax(axis=1)
     truth = labels == positive_index
     score = probs[:, positive_index]
@@ -206,8 +228,10 @@ def plot_confusion(matrices: dict[str, dict], path: Path, positive: str, negativ
     plt.close(fig)
 
 
-def plot_reliability(calibration: dict[str, dict], path: Path, positive: str) -> None:
-    """Observed positive rate against mean score per score bin, one line per checkpoint."""
+def plot_reliability(calibration: dict[str, dict], path: Path, positive: str,
+                     observed: str | None = None) -> None:
+    """Observed positive rate against mean score per score bin, one line per checkpoint
+    (`observed`: what the y axis counts, when not the share of `positive`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +247,7 @@ def plot_reliability(calibration: dict[str, dict], path: Path, positive: str) ->
         counts.bar([b["bin"] / 10 + (k + 0.5) * width for b in bins],
                    [b["count"] for b in bins], width=width, color=line.get_color())
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
-    ax.set_ylabel(f"observed share of {positive}")
+    ax.set_ylabel(observed or f"observed share of {positive}")
     ax.set_title("reliability (10 equal-width bins)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     counts.set_ylabel("images", fontsize=8)

@@ -26,7 +26,7 @@ LIMITS = """\
 - Trained and validated on the data counted above; performance on other scanners,
   protocols, populations or disease prevalence is unknown until measured there
   (`fedct evaluate --data`).
-- Decisions are per image at the stored threshold; a patient-level decision
+- Decisions are per image {decision}; a patient-level decision
   (`fedct predict` groups) aggregates slices and was not itself validated here.
 - Intervals assume independent images; slices of one patient are not, so they are too
   narrow unless marked as a patient bootstrap."""
@@ -126,6 +126,17 @@ def _validation(report: dict, split_meta: dict | None) -> list[str]:
              f"{'the clients’ own validation rows (federated)' if federated else 'the pooled val rows'}.",
              ""]
     counts = (split_meta or {}).get("counts", {}).get("val", {}) if not federated else {}
+    if point.get("rule") == "argmax":
+        n_all = int(sum(counts.values())) if counts else 0
+        classes = len(split_meta["classes"]) if split_meta else "several"
+        return lines + ["| metric | value [95% CI] |", "|---|---|",
+                        f"| macro AUC (each class against the rest) | {_fmt(best.get(f'{prefix}auc'))} |",
+                        f"| accuracy | {_proportion(best.get(f'{prefix}acc'), n_all)} |",
+                        f"| balanced accuracy (mean recall) | "
+                        f"{_fmt(best.get(f'{prefix}balanced_acc'))} |", "",
+                        f"Decision: the class of highest probability ({classes} classes, no "
+                        "threshold). Interval: Wilson, images taken as independent.",
+                        ""]
     positive = (split_meta or {}).get("positive")
     n_pos = int(counts.get(positive, 0)) if positive else 0
     n_all = int(sum(counts.values())) if counts else 0
@@ -168,6 +179,9 @@ def _evaluations(out: Path) -> list[str]:
                 "bootstrap when groups are known).", ""]
     lines = ["| checkpoint | data | n | threshold | accuracy | sensitivity | specificity | AUC |",
              "|---|---|---|---|---|---|---|---|"]
+    if any(r["chosen"].get("threshold") is None for r in records):  # more than two classes
+        lines = ["| checkpoint | data | n | decision | accuracy | balanced accuracy | macro F1 "
+                 "| macro AUC |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         chosen, ci = r["chosen"], r["chosen"].get("ci95") or {}
 
@@ -176,6 +190,11 @@ def _evaluations(out: Path) -> list[str]:
             return _interval(chosen.get(key), *bounds) if isinstance(bounds, list) \
                 and len(bounds) == 2 else _fmt(chosen.get(key))
         data = r["data"] + (" (patient bootstrap)" if r.get("patient_bootstrap") else "")
+        if chosen.get("threshold") is None:
+            lines.append(f"| {r['checkpoint']} | {data} | {r['n']} | argmax | "
+                         f"{cell('accuracy')} | {cell('balanced_accuracy')} | {cell('macro_f1')} "
+                         f"| {cell('auc')} |")
+            continue
         lines.append(f"| {r['checkpoint']} | {data} | {r['n']} | {_fmt(chosen['threshold'])} | "
                      f"{cell('accuracy')} | {cell('sensitivity')} | {cell('specificity')} | {cell('auc')} |")
     return lines + ["", "95% CIs by percentile bootstrap.", ""]
@@ -218,10 +237,13 @@ def write_model_card(out: str | Path) -> Path:
     if stage == "federate":
         lines += ["## Privacy", ""] + _privacy(config, report)
     classes = " vs ".join((split_meta or {}).get("classes", [])) or "the trained classes"
+    argmax = (report.get("operating_point") or {}).get("rule") == "argmax"
     lines += ["## Intended use and limits", "",
               f"Intended use: research on classifying lung CT slices ({classes}) by "
               "medical-imaging ML researchers, and a starting point for sites that validate "
-              "it on their own data.", "", LIMITS, ""]
+              "it on their own data.", "",
+              LIMITS.format(decision="as the class of highest probability" if argmax
+                            else "at the stored threshold"), ""]
     target = out / CARD
     atomic_write(target, lambda p: p.write_text("\n".join(lines)))
     return target

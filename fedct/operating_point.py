@@ -166,8 +166,11 @@ def choose_threshold(rule: str, histogram: ScoreHistogram) -> float:
     return float(EDGES[index]) if index > 0 else float(EDGES[1])
 
 
-def operating_point(rule: str, histogram: ScoreHistogram, source: str) -> dict:
-    """The chosen threshold and what it gives on the rows it was chosen on."""
+def operating_point(rule: str, histogram, source: str) -> dict:
+    """The chosen threshold and what it gives on the rows it was chosen on; for more than
+    two classes (per-class histograms), the argmax rule and what it gives."""
+    if not isinstance(histogram, ScoreHistogram):
+        return histogram.point(source)
     threshold = choose_threshold(rule, histogram)
     metrics = histogram.metrics(threshold)
     return {"threshold": threshold, "rule": str(rule), "source": source,
@@ -196,8 +199,12 @@ def expected_calibration_error(is_positive: np.ndarray, score: np.ndarray,
 
 def threshold_story(scope: str, row: dict) -> str:
     """A step's val figures saying which threshold each is at: AUC (none), accuracy at 0.5,
-    then accuracy, sensitivity and specificity at the threshold chosen on `scope`."""
+    then accuracy, sensitivity and specificity at the threshold chosen on `scope`; for more
+    than two classes (no threshold), macro AUC, accuracy and balanced accuracy of argmax."""
     prefix = "fed" if scope.startswith("fed") else "val"
+    if row["threshold"] != row["threshold"]:
+        return (f"{scope} macro AUC {row[f'{prefix}_auc']:.3f}; argmax: acc "
+                f"{row[f'{prefix}_acc']:.3f}, balanced acc {row[f'{prefix}_balanced_acc']:.3f}")
     return (f"{scope} AUC {row[f'{prefix}_auc']:.3f}, acc {row[f'{prefix}_acc']:.3f} at 0.5; "
             f"at threshold {row['threshold']:.3f}: acc {row['thr_acc']:.3f}, sens "
             f"{row['thr_sensitivity']:.3f}, spec {row['thr_specificity']:.3f}")

@@ -10,6 +10,7 @@ on and one odd slice moves it little; `max` flags a patient when any slice looks
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,13 +19,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedct.data.loading import ImageTensorDataset, decode_resized, make_loader, make_transform
+from fedct.data.loading import (
+    ImageTensorDataset,
+    decode_resized,
+    make_loader,
+    make_transform,
+    resized,
+)
 from fedct.data.sources import is_dicom, looks_like_image, read_csv_rows
+from fedct.data.volumes import VolumeOptions, is_volume, read_volume, volume_slices
+from fedct.data.volumes import window as window_hu
 from fedct.errors import FedctError
 from fedct.evaluation import check_threshold, chosen_threshold, load_model, tta_note
 from fedct.files import atomic_write
-from fedct.metrics import positive_index
-from fedct.runs import checkpoint_paths, refuse_overlap, refuse_overwriting_inputs
+from fedct.metrics import positive_class
+from fedct.multiclass import ARGMAX, check_classes
+from fedct.runs import checkpoint_paths, read_sidecar, refuse_overlap, refuse_overwriting_inputs
 from fedct.training import pick_device, predict, set_threads
 
 AGGREGATES = ("mean", "max")
@@ -38,6 +48,27 @@ class Item:
     path: Path
     name: str
     group: str = ""
+    slice: int | None = None  # a slice of the volume at `path`
+
+
+def volume_items(items: list[Item], options: VolumeOptions, *,
+                 skip_bad: bool) -> tuple[list[Item], list[str]]:
+    """Each volume becomes an item per slice `options` keep, grouped by its volume (unless
+    a list named its group), and the problems of the volumes skipped."""
+    out, skipped = [], []
+    for item in items:
+        if not is_volume(item.path):
+            out.append(item)
+            continue
+        try:
+            kept = volume_slices(item.path, options)
+        except FedctError as exc:
+            if not skip_bad:
+                raise FedctError(f"{exc} (--skip-bad skips bad inputs and lists them)") from None
+            skipped.append(str(exc))
+            continue
+        out += [Item(item.path, f"{item.name}#{k}", item.group or item.name, k) for k in kept]
+    return out, skipped
 
 
 def collect(inputs: list[Path], *, group_column: str | None = None) -> list[Item]:
@@ -132,10 +163,12 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
                 group_column: str | None = None, threshold: float | None = None, skip_bad: bool = False,
                 explain: Path | None = None, cam_layer: str | None = None, tta: bool = False,
                 device: str = "auto", force: bool = False,
-                on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """Predict every input image; write `out` (a row per image) and, when groups are known,
-    `out` with `.groups.csv` (a row per group). Nothing is written if an input is bad and
-    `skip_bad` is off."""
+                on_batch: Callable[[int, int], None] | None = None,
+                volumes: VolumeOptions | None = None) -> dict:
+    """Predict every input image (and each slice of a volume that `volumes` keep); write
+    `out` (a row per image) and, when groups are known (a volume is one), `out` with
+    `.groups.csv` (a row per group). Nothing is written if an input is bad and `skip_bad`
+    is off."""
     if aggregate_rule not in AGGREGATES:
         raise FedctError(f"--aggregate {aggregate_rule!r}: choose from {', '.join(AGGREGATES)}")
     check_threshold(threshold)
@@ -144,11 +177,17 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     items = collect(inputs, group_column=group_column)
     check_outputs(checkpoint, inputs, items, out=out, groups_out=groups_out, explain=explain,
                   force=force)
+    classes = list(read_sidecar(checkpoint)["classes"])
+    if len(classes) > 2:  # before any inference
+        check_classes([{"classes": classes}], threshold=threshold, explain=explain)
+        if aggregate_rule == "max":
+            raise FedctError(f"--aggregate max: calls a group positive when any slice is; a model "
+                             f"of {len(classes)} classes has no positive class (use mean)")
+    items, bad_volumes = volume_items(items, volumes or VolumeOptions(), skip_bad=skip_bad)
     model, meta = load_model(checkpoint)
-    classes = list(meta["classes"])
-    positive = classes[positive_index(classes, meta.get("positive"))]
-    negative = next(c for c in classes if c != positive) if len(classes) == 2 else f"not {positive}"
-    cut, source = chosen_threshold(meta, threshold)
+    positive = positive_class(classes, meta.get("positive"))
+    negative = next((c for c in classes if c != positive), "")
+    cut, source = chosen_threshold(meta, threshold) if positive else (float("nan"), ARGMAX)
     size = int(meta["input_size"][-1])
     transform = make_transform(data_cfg={k: meta[k] for k in ("input_size", "mean", "std")},
                                train=False, config=None)
@@ -156,12 +195,15 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     dev = pick_device(device)
     model.to(dev)
     explainer = _explainer(model, explain, cam_layer, positive=positive, negative=negative,
-                           threshold=cut, target=classes.index(positive), image_size=size)
+                           threshold=cut, target=classes.index(positive), image_size=size) \
+        if positive else None
     try:
-        rows, skipped = _predict_batches(items, model, transform, size, classes.index(positive),
-                                         cut=cut, positive=positive, negative=negative, dev=dev,
+        rows, skipped = _predict_batches(items, model, transform, size, classes, cut=cut,
+                                         positive=positive, negative=negative, dev=dev,
                                          tta=tta, skip_bad=skip_bad, explainer=explainer,
-                                         on_batch=on_batch)
+                                         on_batch=on_batch,
+                                         window=(volumes or VolumeOptions()).level_width)
+        skipped = [*bad_volumes, *skipped]
         if not rows:
             raise FedctError(f"every one of the {len(items)} inputs was bad, nothing written "
                              f"(first: {skipped[0]})")
@@ -171,7 +213,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
         if explainer:
             explainer.discard()  # heat maps of a run that did not finish; none once finished
     grouped = aggregate(rows, rule=aggregate_rule, threshold=cut, positive=positive,
-                        negative=negative)
+                        negative=negative) if positive else aggregate_classes(rows, classes)
     atomic_write(out, lambda p: p.write_text(_csv(rows)))
     if grouped:
         atomic_write(groups_out, lambda p: p.write_text(_csv(grouped)))
@@ -179,8 +221,9 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
         groups_out.unlink(missing_ok=True)  # a replaced run's groups would no longer match
     note = tta_note(checkpoint_paths(checkpoint)[0].name, meta, tta) if threshold is None else None
     report = {"checkpoint": str(checkpoint_paths(checkpoint)[0]), "positive": positive,
-              "threshold": cut, "threshold_source": source, "images": len(rows),
-              "positives": sum(r["decision"] == positive for r in rows), "skipped": skipped,
+              "classes": classes, "threshold": cut, "threshold_source": source,
+              "images": len(rows), "skipped": skipped,
+              "positives": sum(r["decision"] == positive for r in rows) if positive else None,
               "out": str(out), "groups_out": str(groups_out) if grouped else None,
               "aggregate": aggregate_rule, "predictions": rows, "groups": grouped,
               "notes": [note] if note else []}
@@ -189,16 +232,21 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     return report
 
 
-def _predict_batches(items: list[Item], model, transform, size: int, target: int, *, cut: float,
-                     positive: str, negative: str, dev, tta: bool, skip_bad: bool, explainer,
-                     on_batch) -> tuple[list[dict], list[str]]:
-    """A row per readable item, and the problems of the items skipped."""
+def _predict_batches(items: list[Item], model, transform, size: int, classes: list[str], *,
+                     cut: float, positive: str | None, negative: str, dev, tta: bool,
+                     skip_bad: bool, explainer, on_batch,
+                     window: tuple[float, float]) -> tuple[list[dict], list[str]]:
+    """A row per readable item (its positive-class probability and the decision at `cut`;
+    with no positive class, the class of highest probability and every class's), and the
+    problems of the items skipped."""
     rows, skipped = [], []
+    volume = functools.lru_cache(maxsize=1)(read_volume)  # one volume in memory, read once
     for start in range(0, len(items), BATCH):
         batch, pixels = [], []
         for item in items[start:start + BATCH]:
             try:
-                pixels.append(decode_resized(item.path, size))
+                pixels.append(decode_resized(item.path, size) if item.slice is None else
+                              resized(window_hu(volume(item.path)[item.slice], window), size))
                 batch.append(item)
             except FedctError as exc:
                 if not skip_bad:
@@ -209,15 +257,44 @@ def _predict_batches(items: list[Item], model, transform, size: int, target: int
             dataset = ImageTensorDataset(images, [0] * len(batch), transform)
             probs, _ = predict(model, make_loader(dataset, batch_size=BATCH, train=False, seed=0),
                                device=dev, channels_last=False, tta=tta)
-            column = probs[:, target]
-            rows += [{"path": item.name, "group": item.group, "probability": float(p),
-                      "decision": positive if p >= cut else negative, "threshold": cut}
-                     for item, p in zip(batch, column, strict=True)]
+            if positive is None:
+                rows += [class_row(item.name, item.group, p, classes)
+                         for item, p in zip(batch, probs, strict=True)]
+            else:
+                column = probs[:, classes.index(positive)]
+                rows += [{"path": item.name, "group": item.group, "probability": float(p),
+                          "decision": positive if p >= cut else negative, "threshold": cut}
+                         for item, p in zip(batch, column, strict=True)]
             if explainer:
                 explainer.explain(dataset, pixels, [i.name for i in batch], column, dev)
         if on_batch:
             on_batch(min(start + BATCH, len(items)), len(items))
     return rows, skipped
+
+
+def class_row(name: str, group: str, probs: np.ndarray, classes: list[str]) -> dict:
+    """An image's (or group's) row for a model of more than two classes: the class of highest
+    probability, that probability, and every class's."""
+    best = int(np.argmax(probs))
+    return {"path": name, "group": group, "probability": float(probs[best]),
+            "decision": classes[best], **{f"P({c})": float(p) for c, p in zip(classes, probs,
+                                                                               strict=True)}}
+
+
+def aggregate_classes(rows: list[dict], classes: list[str]) -> list[dict]:
+    """One row per group for a model of more than two classes: the mean of its images'
+    probabilities per class, and the class of highest mean."""
+    groups: dict[str, list[list[float]]] = {}
+    for row in rows:
+        if row["group"]:
+            groups.setdefault(row["group"], []).append([row[f"P({c})"] for c in classes])
+    out = []
+    for group, probs in groups.items():
+        row = class_row("", group, np.mean(probs, axis=0), classes)
+        del row["path"]
+        out.append({"group": group, "images": len(probs), "rule": "mean",
+                    **{k: v for k, v in row.items() if k != "group"}})
+    return out
 
 
 def _csv(rows: list[dict]) -> str:

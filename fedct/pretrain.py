@@ -24,8 +24,9 @@ from fedct.data.loading import SplitImages, make_loader, make_transform
 from fedct.data.manifest import Split, load_split, split_digest
 from fedct.errors import FedctError
 from fedct.locks import exclusive
-from fedct.metrics import positive_index
+from fedct.metrics import positive_class, positive_index
 from fedct.models import apply_freeze, create_model, data_config
+from fedct.multiclass import ARGMAX, check_settings
 from fedct.operating_point import operating_point, threshold_story
 from fedct.recipes import average_states, batch_mix, mixed_loss
 from fedct.records import RunRecorder, score
@@ -69,7 +70,13 @@ def select_training_rows(split: Split, config: PretrainConfig):
 
 
 def val_row(metrics: dict, point: dict) -> dict:
-    """An epoch's val columns: metrics at 0.5, then at the operating point chosen on val."""
+    """An epoch's val columns: metrics at 0.5, then at the operating point chosen on val;
+    with more than two classes, the argmax figures (and its balanced accuracy) instead."""
+    if point["rule"] == ARGMAX:
+        return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_auc": metrics["auc"],
+                "val_balanced_acc": metrics["balanced_acc"], "threshold": point["threshold"],
+                "thr_acc": point["acc"], "thr_sensitivity": point["sensitivity"],
+                "thr_specificity": point["specificity"]}
     return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_auc": metrics["auc"],
             "val_sensitivity": metrics["sensitivity"], "val_specificity": metrics["specificity"],
             "threshold": point["threshold"], "thr_acc": point["acc"],
@@ -108,7 +115,9 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
     set_threads()
     seed_everything(config.seed)
     device = pick_device(config.device)
-    positive = split.classes[positive_index(split.classes, split.positive)]
+    positive = positive_class(split.classes, split.positive)
+    volumes = {"volumes": split.meta["volumes"]} if split.meta.get("volumes") else {}
+    check_settings(config, split.classes)
     model = create_model(config.model, len(split.classes), pretrained=config.pretrained,
                          drop_rate=config.drop_rate, image_size=config.image_size)
     out = prepare_run_dir(out, resume=resume, force=force,
@@ -203,7 +212,7 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                 f"{threshold_story('val', row)} ({seconds:.1f}s)", highlight=False)
             meta = checkpoint_meta(architecture=config.model, classes=split.classes,
                                    positive=positive, data_cfg=dcfg, stage="pretrain",
-                                   tta=config.tta, epoch=epoch, metrics=row, operating_point=point)
+                                   tta=config.tta, **volumes, epoch=epoch, metrics=row, operating_point=point)
             improved = recorder.record(epoch, row, weights=scored.state_dict(), meta=meta,
                                        metrics=metrics)
             state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
@@ -219,7 +228,7 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                                     meta=partial(checkpoint_meta, architecture=config.model,
                                                  classes=split.classes, positive=positive,
                                                  data_cfg=dcfg, stage="pretrain",
-                                                 tta=config.tta))
+                                                 tta=config.tta, **volumes))
                 if averaging else None)
     if averaged:
         console.print(f"averaged epochs {averaged['epochs'][0]}-{averaged['epochs'][-1]}: val acc "

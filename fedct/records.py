@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fedct.metrics import summary_metrics
+from fedct.multiclass import ClassHistograms
 from fedct.operating_point import ScoreHistogram
 from fedct.runs import (
     SUMMARY,
@@ -29,13 +30,16 @@ from fedct.training import mean_loss, predict
 
 
 def score(model: torch.nn.Module, loader, *, device: torch.device, config,
-          positive_index: int) -> tuple[dict, ScoreHistogram]:
+          positive_index: int) -> tuple[dict, ScoreHistogram | ClassHistograms]:
     """A step's numbers on one loader (loss, accuracy, AUC, sensitivity, specificity,
-    balanced accuracy at 0.5) and its score histogram, for the operating point."""
+    balanced accuracy at 0.5) and its score histogram, for the operating point (per class
+    for more than two classes)."""
     probs, truth = predict(model, loader, device=device, channels_last=config.channels_last,
                            amp=config.amp, tta=config.tta)
     metrics = summary_metrics(probs, truth, positive_index)
     metrics["loss"] = mean_loss(probs, truth)
+    if probs.shape[1] > 2:
+        return metrics, ClassHistograms.of(truth, probs)
     return metrics, ScoreHistogram.of(truth == positive_index, probs[:, positive_index])
 
 

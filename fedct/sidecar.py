@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from fedct.data.volumes import VolumeOptions
 from fedct.errors import FedctError
 
 SIDECAR_DIGEST = "fedct_sidecar_sha256"  # in the safetensors header metadata
@@ -64,6 +65,9 @@ def check_fields(meta, sidecar: Path) -> dict:
         raise bad("classes", "a list of two or more distinct class names")
     if meta.get("positive") is not None and meta["positive"] not in classes:
         raise bad("positive", f"one of the classes {classes}")
+    if meta.get("positive") is not None and len(classes) > 2:
+        raise bad("positive", f"null: {len(classes)} classes are decided by the highest "
+                              "probability")
     size = meta["input_size"]
     if not (isinstance(size, list) and len(size) == 3 and size[0] == 3
             and all(isinstance(s, int) and not isinstance(s, bool) for s in size)
@@ -83,8 +87,19 @@ def check_fields(meta, sidecar: Path) -> dict:
     for flag in ("dp_safe", "tta"):
         if flag in meta and not isinstance(meta[flag], bool):
             raise bad(flag, "true or false")
+    if meta.get("volumes") is not None:
+        volumes = meta["volumes"]
+        try:
+            VolumeOptions(slices=str(volumes["slices"]), window=str(volumes["window"]))
+        except (TypeError, KeyError, FedctError):
+            raise bad("volumes", "the slice rule and window its training split used") from None
     point = meta.get("operating_point")
-    if point is not None:
+    if point is not None and len(classes) > 2:
+        if not (isinstance(point, dict) and point.get("rule") == "argmax"
+                and point.get("threshold") is None):
+            raise FedctError(f"{sidecar}: key 'operating_point' must be the argmax rule without "
+                             f"a threshold: the model has {len(classes)} classes")
+    elif point is not None:
         if not isinstance(point, dict) or not _number(point.get("threshold")) \
                 or not 0 < point["threshold"] < 1:
             raise FedctError(f"{sidecar}: key 'operating_point' has threshold "

@@ -43,6 +43,15 @@ def print_stage1(console: Console, report: dict, out) -> None:
     best, point = report["best"], report["operating_point"]
     table = Table(title=f"stage 1: best epoch {report['best_epoch']} by {report['monitor']}",
                   box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    if point["rule"] == "argmax":  # more than two classes: no threshold
+        for column in ("val", "macro AUC", "accuracy", "balanced acc"):
+            table.add_column(column, justify="right")
+        table.add_row("highest probability", number(best["val_auc"]), number(best["val_acc"]),
+                      number(best.get("val_balanced_acc")))
+        console.print(table)
+        console.print(f"wrote {out}/best.safetensors (+ last, summary.csv, report.json); "
+                      f"{report['train_images_per_second']} train images/s")
+        return
     for column in ("val", "AUC", "threshold", "accuracy", "sensitivity", "specificity"):
         table.add_column(column, justify="right")
     table.add_row(f"at {point['rule']}", number(best["val_auc"]), f"{point['threshold']:.3f}",
@@ -59,6 +68,15 @@ def print_federate(console: Console, report: dict, out) -> None:
     """The final round on the val the run selects on, the best round and its threshold."""
     final, point = report["final"], report["operating_point"]
     p = report["monitor"].split("_", 1)[0]
+    if point["rule"] == "argmax":  # more than two classes: no threshold
+        console.print(f"final (round {report['rounds']}): {'federated ' if p == 'fed' else ''}"
+                      f"val macro AUC {number(final[f'{p}_auc'])}, acc {number(final[f'{p}_acc'])}, "
+                      f"balanced acc {number(final[f'{p}_balanced_acc'])} (highest probability); "
+                      f"best round {report['best_round']} by {report['monitor']}"
+                      + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""),
+                      highlight=False)
+        console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")
+        return
     console.print(f"final (round {report['rounds']}): {'federated ' if p == 'fed' else ''}"
                   f"val AUC {number(final[f'{p}_auc'])}, acc {number(final[f'{p}_acc'])} at "
                   f"0.5; best round {report['best_round']} by {report['monitor']}, threshold "
@@ -102,6 +120,9 @@ def print_evaluation(console: Console, report: dict) -> None:
     threshold on these data (optimistic), and the calibration error."""
     results = report["results"]
     positive = results[0]["positive"]
+    if positive is None:
+        print_class_evaluation(console, report)
+        return
     scopes = {r["data"] for r in results}
     console.print(f"{report['data']}: positive class {positive}", highlight=False)
     for start in range(0, len(results), RESULTS_PER_TABLE):
@@ -126,6 +147,48 @@ def print_evaluation(console: Console, report: dict) -> None:
         console.print(f"note: {note}", highlight=False)
 
 
+CLASS_ROWS = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"),
+              ("macro F1", "macro_f1"), ("weighted F1", "weighted_f1"),
+              ("macro AUC (vs rest)", "auc"))
+PER_CLASS_ROWS = (("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                  ("PPV", "precision"), ("AUC vs rest", "auc"))
+
+
+def print_class_evaluation(console: Console, report: dict) -> None:
+    """The evaluation of a model of more than two classes: the headline figures with their
+    95% CIs, then each class's sensitivity, specificity, PPV and AUC against the rest."""
+    results = report["results"]
+    scopes = {r["data"] for r in results}
+    console.print(f"{report['data']}: {len(results[0]['classes'])} classes, each image called "
+                  "the class of highest probability", highlight=False)
+    for start in range(0, len(results), RESULTS_PER_TABLE):
+        chunk = results[start:start + RESULTS_PER_TABLE]
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column(f"n = {chunk[0]['n']}" if len(scopes) == 1 else "", no_wrap=True)
+        for r in chunk:
+            table.add_column(r["checkpoint"] + ("" if len(scopes) == 1 else f"\n{r['data']}"),
+                             justify="right")
+        if len(scopes) > 1:
+            table.add_row("images", *(str(r["n"]) for r in chunk))
+        for label, key in CLASS_ROWS:
+            table.add_row(label, *(_cell(r["chosen"], key) for r in chunk),
+                          end_section=key == "auc")
+        for name in chunk[0]["classes"]:
+            table.add_row(f"{name} (n)", *(str(r["metrics"]["per_class"][name]["n"])
+                                           for r in chunk))
+            for label, key in PER_CLASS_ROWS:
+                table.add_row(f"  {label}", *(number(r["metrics"]["per_class"][name][key])
+                                              for r in chunk),
+                              end_section=key == "auc")
+        table.add_row("ECE (predicted class)", *(number(r["calibration"]["ece"]) for r in chunk))
+        console.print(table)
+    console.print(f"95% CIs below the headline figures, by "
+                  f"{'patient' if report['grouped_bootstrap'] else 'image'} bootstrap; per "
+                  "class: that class against all others.", highlight=False)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
+
+
 def print_predictions(console: Console, report: dict, shown: int = 20) -> None:
     """The groups' decisions (or the images' when no group is known), then where all are."""
     rows = report["groups"] or report["predictions"]
@@ -133,15 +196,17 @@ def print_predictions(console: Console, report: dict, shown: int = 20) -> None:
     folder, names = "", [row[key] for row in rows[:shown]]
     if key == "path":
         folder, names = short_paths(names, room=console.width - 34)
-    table = Table(title=f"{report['images']} images, {report['positives']} called "
-                        f"{report['positive']} at {report['threshold']:.3f} "
-                        f"({report['threshold_source']})"
+    argmax = report["positive"] is None
+    decided = "each called the class of highest probability" if argmax else (
+        f"{report['positives']} called {report['positive']} at {report['threshold']:.3f} "
+        f"({report['threshold_source']})")
+    table = Table(title=f"{report['images']} images, {decided}"
                         + (f"\nimages under {folder}/" if folder else ""))
     table.add_column(key, no_wrap=True)
     if report["groups"]:
         table.add_column("images", justify="right")
-    table.add_column(f"P({report['positive']})" + (f", {report['aggregate']}"
-                                                   if report["groups"] else ""), justify="right")
+    table.add_column(("P(decision)" if argmax else f"P({report['positive']})")
+                     + (f", {report['aggregate']}" if report["groups"] else ""), justify="right")
     table.add_column("decision")
     for name, row in zip(names, rows[:shown], strict=True):
         table.add_row(name, *([str(row["images"])] if report["groups"] else []),

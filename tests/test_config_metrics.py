@@ -78,12 +78,15 @@ def test_bootstrap_is_repeatable_and_resamples_patients():
     assert low < roc_auc(truth, score) < high
 
 
-def test_summary_metrics_multiclass_positive():
+def test_summary_metrics_of_three_classes_have_no_positive_class():
+    """Three classes: argmax accuracy, balanced accuracy (mean recall), macro AUC; a
+    sensitivity would need a positive class, so it is NaN whatever index is passed."""
     probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]])
     labels = np.array([0, 1, 2, 1])
-    m = summary_metrics(probs, labels, positive_index=1)
+    m = summary_metrics(probs, labels, positive_index=None)
     assert m["acc"] == pytest.approx(0.75)
-    assert m["sensitivity"] == pytest.approx(0.5)
+    assert m["balanced_acc"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert np.isnan(m["sensitivity"]) and np.isnan(m["specificity"])
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
@@ -122,7 +125,7 @@ def test_positive_class_and_monitor_rules():
     from fedct.metrics import monitor_value, positive_index
 
     assert positive_index(["CT_COVID", "CT_NonCOVID"], "CT_COVID") == 0
-    assert positive_index(["a", "b", "c"], None) == 2
+    assert positive_index(["a", "b", "c"], None) is None  # more classes: argmax, no positive
     assert monitor_value({"loss": 0.3}, "val_loss") == -0.3
     assert monitor_value({"auc": float("nan")}, "val_auc") == float("-inf")
 

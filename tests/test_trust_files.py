@@ -203,11 +203,11 @@ def test_fuzzed_manifests_give_a_one_line_error_or_the_same_split(split_dir, tmp
 
 def rewrite_manifest(split_dir, change, *, update_digest: bool):
     """Edit a split's manifest rows; with `update_digest`, as if `fedct split` had written it."""
-    from fedct.data.manifest import _write_manifest
+    from fedct.data.manifest import write_manifest
 
     split = load_split(split_dir)
     entries = change(split.entries)
-    _write_manifest(split_dir / MANIFEST, entries)
+    write_manifest(split_dir / MANIFEST, entries)
     if update_digest:
         meta = yaml.safe_load((split_dir / SPLIT_YAML).read_text())
         meta["manifest_digest"] = manifest_digest(entries)

@@ -21,7 +21,7 @@ from fedct import runs
 from fedct.cli import app
 from fedct.config import FederateConfig, PretrainConfig
 from fedct.configure import build_config
-from fedct.data.manifest import MANIFEST, SPLIT_YAML, _write_manifest, load_split, manifest_digest
+from fedct.data.manifest import MANIFEST, SPLIT_YAML, load_split, manifest_digest, write_manifest
 from fedct.federated import simulation
 from fedct.locks import exclusive, lock_path
 from fedct.pretrain import run_pretrain
@@ -204,7 +204,7 @@ def test_a_client_without_rows_fails_its_part_and_the_round_goes_on(split_dir, t
     shutil.copytree(split_dir, copy)
     entries = [dataclasses.replace(e, client=0) if e.client == 1 else e
                for e in load_split(copy).entries]
-    _write_manifest(copy / MANIFEST, entries)  # as a split tool that left client 1 empty would
+    write_manifest(copy / MANIFEST, entries)  # as a split tool that left client 1 empty would
     meta = yaml.safe_load((copy / SPLIT_YAML).read_text())
     meta["manifest_digest"] = manifest_digest(entries)
     (copy / SPLIT_YAML).write_text(yaml.safe_dump(meta, sort_keys=False))

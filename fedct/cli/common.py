@@ -101,3 +101,19 @@ def print_json(payload: dict) -> None:
     from fedct.files import json_safe
 
     sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")
+
+
+# How NIfTI volumes become slices: split, evaluate --data and predict take the same two options.
+SlicesOption = Annotated[str | None, typer.Option(help="Volumes (.nii, .nii.gz): which slices become images: all, every:K, middle:N (the N central ones) or lung[:F] (at least a share F, 0.05 unless given, of the slice is aerated lung, -950 to -500 HU). \\[default: lung; evaluate, predict: the checkpoint's training rule]")]
+WindowOption = Annotated[str | None, typer.Option(help="Volumes: the Hounsfield window that maps a slice to 8 bits: lung (level -600, width 1500), mediastinum (40, 400) or LEVEL,WIDTH. \\[default: lung; evaluate, predict: the checkpoint's training window]")]
+
+
+def volume_options(slices: str | None, window: str | None, checkpoint=None):
+    """VolumeOptions from the flags, else from what the checkpoint's training split used,
+    else the defaults (each value checked, one-line errors)."""
+    from fedct.data.volumes import VolumeOptions
+    from fedct.runs import read_sidecar
+
+    trained = (read_sidecar(checkpoint).get("volumes") or {}) if checkpoint else {}
+    return VolumeOptions(slices=slices or trained.get("slices", "lung"),
+                         window=window or trained.get("window", "lung"))

@@ -8,7 +8,16 @@ from typing import Annotated
 import click
 import typer
 
-from fedct.cli.common import command, console, err_console, floats, one_line_errors
+from fedct.cli.common import (
+    SlicesOption,
+    WindowOption,
+    command,
+    console,
+    err_console,
+    floats,
+    one_line_errors,
+    volume_options,
+)
 from fedct.data.partition import SCHEMES
 from fedct.tables import print_split_table
 
@@ -22,16 +31,28 @@ def synth(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     difficulty: Annotated[float, typer.Option(help="0 easy .. 1 hard.")] = 0.5,
     sites: Annotated[int, typer.Option(help="Number of simulated hospitals (the site column).")] = 4,
+    classes: Annotated[int, typer.Option(help="2: CT_COVID, CT_NonCOVID; 3: CT_CAP (dense consolidation), CT_COVID (ground glass), CT_Normal.")] = 2,
+    volumes: Annotated[bool, typer.Option(help="Write --n NIfTI chest CT volumes in Hounsfield units (abdomen to neck, lesions over a run of slices), labelled per patient.")] = False,
+    depth: Annotated[int, typer.Option(help="--volumes: slices per volume.")] = 24,
     force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
-    """Write synthetic axial chest-CT slices (CT_COVID / CT_NonCOVID), 4 slices per patient.
+    """Write synthetic axial chest-CT slices (CT_COVID / CT_NonCOVID, or three classes with
+    --classes 3), 4 slices per patient; or, with --volumes, one NIfTI volume per patient.
 
     Example: fedct synth data/synth --n 400 --seed 0
     """
+    if volumes:
+        from fedct.data.synthetic_volumes import write_synthetic_volumes
+
+        path = write_synthetic_volumes(out, n=n, seed=seed, size=size, depth=depth,
+                                       sites=sites, classes=classes, force=force)
+        console.print(f"wrote {n} volumes to {path / 'volumes'} (labels, patients and sites "
+                      f"in {path / 'dataset.csv'})")
+        return
     from fedct.data.synthetic import write_synthetic
 
     path = write_synthetic(out, n=n, seed=seed, size=size, difficulty=difficulty, sites=sites,
-                           force=force)
+                           classes=classes, force=force)
     console.print(f"wrote {n} images to {path} (groups and sites in {path / 'dataset.csv'})")
 
 
@@ -54,6 +75,8 @@ def split(
     group_pattern: Annotated[str | None, typer.Option(help="Regex on file names giving the patient id (first group).")] = None,
     positive: Annotated[str | None, typer.Option(help="Name of the positive class (default: guessed, e.g. CT_COVID).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same manifest.")] = 0,
+    slices: SlicesOption = None,
+    window: WindowOption = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and list them.")] = False,
     force: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
@@ -73,7 +96,8 @@ def split(
         local_val=local_val, seed=seed, folds=folds, fold=fold,
     )
     path, meta = run_split(dataset, out, options, group_pattern=group_pattern, positive=positive,
-                           skip_bad=skip_bad, force=force)
+                           skip_bad=skip_bad, force=force,
+                           volumes=volume_options(slices, window))
     for problem in meta["dataset"]["skipped"]:
         err_console.print(f"skipped: {problem}", highlight=False)
     for warning in meta.get("warnings", []):

@@ -8,7 +8,16 @@ from typing import Annotated
 import click
 import typer
 
-from fedct.cli.common import command, console, err_console, one_line_errors, print_json
+from fedct.cli.common import (
+    SlicesOption,
+    WindowOption,
+    command,
+    console,
+    err_console,
+    one_line_errors,
+    print_json,
+    volume_options,
+)
 from fedct.data.partition import SPLITS
 from fedct.operating_point import RULES
 from fedct.tables import print_evaluation, print_explanations, print_predictions
@@ -32,6 +41,8 @@ def evaluate(
     federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name.")] = None,
     explain: Annotated[Path | None, typer.Option(help="Folder for Grad-CAM heat maps of every image, a subfolder per checkpoint.")] = None,
     cam_layer: Annotated[str | None, typer.Option(help="--explain: the module Grad-CAM reads. \\[default: the deepest feature stage at least 8 cells a side]")] = None,
+    slices: SlicesOption = None,
+    window: WindowOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Score checkpoints: accuracy, sensitivity, specificity, PPV, NPV, F1, AUC with 95% CIs.
@@ -53,7 +64,8 @@ def evaluate(
         report = run_evaluate(checkpoints, split_dir=split_dir, on=on, data=data,
                               per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
                               device=device, tta=tta, threshold=threshold, explain=explain,
-                              cam_layer=cam_layer)
+                              cam_layer=cam_layer,
+                              volumes=volume_options(slices, window, checkpoints[0]))
     if json_out:
         print_json(report)
         return
@@ -104,12 +116,15 @@ def predict_command(
     tta: Annotated[bool, typer.Option(help="Average each image's and its mirror's probabilities.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    slices: SlicesOption = None,
+    window: WindowOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print every prediction as JSON on stdout.")] = False,
 ) -> None:
     """Classify new, unlabelled images at the checkpoint's stored threshold.
 
     A DICOM file gives one slice (a multi-frame file: its middle frame, as in training); a
-    folder of DICOM files is grouped by series.
+    folder of DICOM files is grouped by series. A NIfTI volume (.nii, .nii.gz) gives the
+    slices --slices keeps, grouped by volume.
 
     Example: fedct predict runs/stage2/final scans/ --out preds.csv --explain heatmaps/
     """
@@ -120,7 +135,8 @@ def predict_command(
         report = run_predict(checkpoint, inputs, out=out, aggregate_rule=aggregate,
                              group_column=group_column, threshold=threshold, skip_bad=skip_bad,
                              explain=explain, cam_layer=cam_layer, tta=tta, device=device,
-                             force=force, on_batch=callback)
+                             force=force, on_batch=callback,
+                             volumes=volume_options(slices, window, checkpoint))
     for problem in report["skipped"]:
         err_console.print(f"skipped: {problem}", highlight=False, soft_wrap=True)
     for note in report["notes"]:
@@ -154,7 +170,9 @@ def export_command(
         print_json(report)
         return
     checked = report["checked"]
+    decision = (f"threshold {report['threshold']:.3f} for {report['positive']}"
+                if report["positive"] else "the class of highest probability")
     console.print(f"wrote {report['out']} and {report['sidecar']}: {report['classes']}, "
-                  f"threshold {report['threshold']:.3f} for {report['positive']}; "
+                  f"{decision}; "
                   f"{checked['runtime']} matches fedct within {checked['max_abs_difference']:.1e} "
                   f"on {checked['batch']} images", highlight=False)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from fedct.data.sources import decode_image
+from fedct.data.volumes import WINDOWS, decode_slices
 from fedct.errors import FedctError
 
 
@@ -49,30 +50,55 @@ def file_stamp(stat: os.stat_result) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
 
 
-def _cache_key(paths: list[Path], size: int) -> str:
+def _cache_key(paths: list[Path], size: int, slices: list[int | None] | None,
+               level_width: tuple[float, float] | None) -> str:
     digest = hashlib.sha256(f"v2:{size}".encode())
-    for path in paths:
-        digest.update(f"{path}\0{file_stamp(path.stat())}\n".encode())
+    if slices is not None and any(s is not None for s in slices):  # 2-D keys stay as they were
+        digest.update(f"slices {level_width}\n".encode())
+    for k, path in enumerate(paths):
+        where = "" if slices is None or slices[k] is None else f"#{slices[k]}"
+        digest.update(f"{path}{where}\0{file_stamp(path.stat())}\n".encode())
     return digest.hexdigest()[:32]
 
 
 def decode_resized(path: Path, size: int) -> np.ndarray:
-    image = Image.fromarray(decode_image(path))
+    return resized(decode_image(path), size)
+
+
+def resized(pixels: np.ndarray, size: int) -> np.ndarray:
+    image = Image.fromarray(pixels)
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0))
 
 
-def load_images(paths: list[Path], size: int, *, use_cache: bool = True) -> torch.Tensor:
-    """All images as one uint8 tensor [N, 1, size, size], from the cache when it is there."""
+def load_images(paths: list[Path], size: int, *, use_cache: bool = True,
+                slices: list[int | None] | None = None,
+                level_width: tuple[float, float] | None = None) -> torch.Tensor:
+    """All images as one uint8 tensor [N, 1, size, size], from the cache when it is there.
+    `slices`: for each path, the slice of its volume (None: a 2-D image), windowed at
+    `level_width`; each volume is read once, one at a time."""
     if not paths:
         return torch.zeros((0, 1, size, size), dtype=torch.uint8)
-    target = cache_dir() / f"images-{_cache_key(paths, size)}.pt"
+    target = cache_dir() / f"images-{_cache_key(paths, size, slices, level_width)}.pt"
     if use_cache and target.is_file():
         try:
             return torch.load(target, weights_only=True)
         except (RuntimeError, OSError, EOFError):
             target.unlink(missing_ok=True)
+    slices = slices or [None] * len(paths)
+    flat = [k for k, s in enumerate(slices) if s is None]
+    arrays: list[np.ndarray | None] = [None] * len(paths)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        arrays = list(pool.map(lambda p: decode_resized(p, size), paths))
+        for k, array in zip(flat, pool.map(lambda k: decode_resized(paths[k], size), flat),
+                            strict=True):
+            arrays[k] = array
+    volumes: dict[Path, list[int]] = {}
+    for k, s in enumerate(slices):
+        if s is not None:
+            volumes.setdefault(paths[k], []).append(k)
+    for path, rows in volumes.items():
+        for k, pixels in zip(rows, decode_slices(path, [slices[k] for k in rows],
+                                                 level_width or WINDOWS["lung"]), strict=True):
+            arrays[k] = resized(pixels, size)
     images = torch.from_numpy(np.stack(arrays)).unsqueeze(1).contiguous()
     if use_cache:
         write_cache(target, images)
@@ -147,11 +173,15 @@ class SplitImages:
 
     def __init__(self, split, size: int, *, classes: list[str] | None = None):
         self.split = split
-        self.index = {e.row.path: i for i, e in enumerate(split.entries)}
-        self.images = load_images([split.root / e.row.path for e in split.entries], size)
+        self.index = {e.row.key: i for i, e in enumerate(split.entries)}
+        volumes = split.meta.get("volumes")
+        self.images = load_images([split.root / e.row.path for e in split.entries], size,
+                                  slices=[e.row.slice for e in split.entries],
+                                  level_width=(float(volumes["level"]), float(volumes["width"]))
+                                  if volumes else None)
         self.class_index = {name: i for i, name in enumerate(classes or split.classes)}
 
     def dataset(self, entries, transform) -> ImageTensorDataset:
-        rows = torch.as_tensor([self.index[e.row.path] for e in entries], dtype=torch.long)
+        rows = torch.as_tensor([self.index[e.row.key] for e in entries], dtype=torch.long)
         labels = [self.class_index[e.row.label] for e in entries]
         return ImageTensorDataset(self.images[rows], labels, transform)

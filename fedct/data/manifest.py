@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import hashlib
 import os
@@ -18,25 +17,22 @@ import yaml
 
 from fedct import __version__
 from fedct.data import partition
-from fedct.data.sources import Dataset, Row, check_files, fingerprint, read_dataset
+from fedct.data.manifest_file import (  # noqa: F401 (the split directory's names, here)
+    COLUMNS,
+    LOCAL_VAL,
+    Entry,
+    manifest_digest,
+    read_manifest,
+    write_manifest,
+)
+from fedct.data.sources import Dataset, check_files, fingerprint, read_dataset
+from fedct.data.volumes import VolumeOptions
 from fedct.errors import FedctError
 from fedct.files import staging_dir
 
 MANIFEST = "manifest.csv"
 SPLIT_YAML = "split.yaml"
 PARTITION_PNG = "partition.png"
-COLUMNS = ("path", "label", "group", "site", "split", "client")
-LOCAL_VAL = "local_val"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One manifest row: a dataset row with its split and its client (None: held by no client)."""
-
-    row: Row
-    split: str
-    client: int | None
-
 
 @dataclass
 class SplitOptions:
@@ -155,17 +151,19 @@ def run_split(
     positive: str | None = None,
     skip_bad: bool = False,
     force: bool = False,
+    volumes: VolumeOptions | None = None,
 ) -> tuple[Path, dict]:
-    """Read, check, split and write a split directory atomically; returns it and its metadata."""
+    """Read, check, split and write a split directory atomically; returns it and its metadata.
+    `volumes`: how NIfTI volumes become slices (recorded in split.yaml for every later read)."""
     from fedct.locks import exclusive
 
     with exclusive(out, "split"):
         return _split(dataset_path, Path(out), options, group_pattern=group_pattern,
-                      positive=positive, skip_bad=skip_bad, force=force)
+                      positive=positive, skip_bad=skip_bad, force=force, volumes=volumes)
 
 
 def _split(dataset_path, out: Path, options: SplitOptions, *, group_pattern, positive, skip_bad,
-           force) -> tuple[Path, dict]:
+           force, volumes) -> tuple[Path, dict]:
     from fedct.runs import refuse_overlap
 
     source = Path(dataset_path)
@@ -174,7 +172,7 @@ def _split(dataset_path, out: Path, options: SplitOptions, *, group_pattern, pos
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FedctError(f"{out}: exists and is not empty (use --force to replace it)")
     dataset = read_dataset(dataset_path, group_pattern=group_pattern, positive=positive)
-    dataset = check_files(dataset, skip_bad=skip_bad)
+    dataset = check_files(dataset, skip_bad=skip_bad, volumes=volumes)
     entries, clients = make_split(dataset, options)
     meta = {
         "fedct_version": __version__,
@@ -196,16 +194,18 @@ def _split(dataset_path, out: Path, options: SplitOptions, *, group_pattern, pos
                       "classes_per_client": options.classes_per_client, "by": options.by,
                       "min_per_client": options.min_per_client, "local_val": options.local_val},
     }
+    if dataset.volumes is not None:
+        meta["volumes"] = dataset.volumes.record()
     meta.update(summarize(entries, dataset.classes, clients))
     meta["manifest_digest"] = manifest_digest(entries)
-    if all(r.group == r.path for r in dataset.rows):
+    if all(r.group == r.path and r.slice is None for r in dataset.rows):
         meta["warnings"] = [f"{dataset.source}: no patient column, so images are split one by one "
                             "and slices of one patient can land in two splits or clients (give a "
                             "group column or --group-pattern)"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(out)
     try:
-        _write_manifest(tmp / MANIFEST, entries)
+        write_manifest(tmp / MANIFEST, entries)
         (tmp / SPLIT_YAML).write_text(yaml.safe_dump(meta, sort_keys=False))
         plot_partition(meta, tmp / PARTITION_PNG)
         _replace_dir(tmp, out)
@@ -224,27 +224,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-
-
-def manifest_digest(entries: list[Entry]) -> str:
-    """A digest of every manifest row, split and client included: split.yaml's record of
-    which image is in which split and client, in which order (an edit that moves test rows
-    into a client's training rows, or reorders what a client trains on, is refused)."""
-    digest = hashlib.sha256()
-    for e in entries:
-        digest.update(f"{e.row.path}\0{e.row.label}\0{e.row.group}\0{e.row.site}\0{e.split}"
-                      f"\0{'' if e.client is None else e.client}\n".encode())
-    return digest.hexdigest()
-
-
-def _write_manifest(path: Path, entries: list[Entry]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
-        for e in entries:
-            r = e.row
-            writer.writerow([r.path, r.label, r.group, r.site, e.split,
-                             "" if e.client is None else e.client])
 
 
 def plot_partition(meta: dict, path: Path) -> None:
@@ -280,11 +259,13 @@ def load_split(directory: str | Path, *, verify: bool = True) -> Split:
         if not needed.is_file():
             raise FedctError(f"{needed}: not found (is {directory} a `fedct split` output?)")
     meta, root, classes = _read_split_meta(meta_path)
-    entries = _read_manifest(manifest, classes, int(meta["partition"]["clients"]))
+    entries = read_manifest(manifest, classes, int(meta["partition"]["clients"]))
     recorded = meta.get("manifest_digest")
     if recorded is not None and recorded != manifest_digest(entries):
         raise FedctError(f"{manifest}: edited since `fedct split` wrote it (its rows, splits or "
                          f"clients differ from {SPLIT_YAML}'s digest); run `fedct split` again")
+    if any(e.row.slice is not None for e in entries):
+        check_volume_record(meta_path, meta.get("volumes"))
     split = Split(directory=directory, root=root, entries=entries, classes=classes,
                   positive=meta.get("positive"), meta=meta)
     if verify:
@@ -307,45 +288,26 @@ def _read_split_meta(path: Path) -> tuple[dict, Path, list[str]]:
     classes = [str(c) for c in classes]
     if meta.get("positive") is not None and meta["positive"] not in classes:
         raise FedctError(f"{path}: key 'positive' is {meta['positive']!r}, not one of {classes}")
+    if meta.get("positive") is not None and len(classes) > 2:
+        raise FedctError(f"{path}: key 'positive' is {meta['positive']!r}; {len(classes)} classes "
+                         "have none (they are decided by the highest probability)")
     if not (isinstance(clients, int) and not isinstance(clients, bool) and clients >= 0):
         raise FedctError(f"{path}: key 'partition.clients' is {clients!r}, expected a count >= 0")
     return meta, root, classes
 
 
-def _read_manifest(manifest: Path, classes: list[str], clients: int) -> list[Entry]:
-    """Every row checked: its label, split and client, a path inside the dataset, once."""
-    entries, seen = [], {}
+def check_volume_record(path: Path, record) -> None:
+    """split.yaml's record of how volumes became slices: a manifest of slices needs it whole."""
+    if not isinstance(record, dict):
+        raise FedctError(f"{path}: the manifest lists volume slices but key 'volumes' is "
+                         f"{record!r}; run `fedct split` again")
     try:
-        with manifest.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise FedctError(f"{manifest}: expected columns {','.join(COLUMNS)}")
-            lines = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise FedctError(f"{manifest}: unreadable manifest ({exc.__class__.__name__})") from None
-    splits = (*partition.SPLITS, LOCAL_VAL)
-    for line_no, item in enumerate(lines, start=2):
-        where = f"{manifest}:{line_no}"
-        if any(v is None for v in item.values()) or None in item:
-            raise FedctError(f"{where}: expected {len(COLUMNS)} cells")
-        path = item["path"]
-        if not path or Path(path).is_absolute() or ".." in Path(path).parts:
-            raise FedctError(f"{where}: path {path!r} is empty or outside the dataset folder")
-        if path in seen:
-            raise FedctError(f"{where}: path {path!r} is listed again (first on line {seen[path]})")
-        seen[path] = line_no
-        if item["label"] not in classes:
-            raise FedctError(f"{where}: label {item['label']!r} not in split.yaml classes")
-        if item["split"] not in splits:
-            raise FedctError(f"{where}: split {item['split']!r}, expected one of {', '.join(splits)}")
-        client = item["client"]
-        if client and not (client.isdigit() and int(client) < clients):
-            raise FedctError(f"{where}: client {client!r}, expected a client number from 0 to "
-                             f"{clients - 1} or empty")
-        row = Row(path=path, label=item["label"], group=item["group"], site=item["site"],
-                  split=item["split"])
-        entries.append(Entry(row=row, split=item["split"], client=int(client) if client else None))
-    return entries
+        options = VolumeOptions(slices=str(record.get("slices")), window=str(record.get("window")))
+    except FedctError as exc:
+        raise FedctError(f"{path}: key 'volumes': {exc}") from None
+    if (record.get("level"), record.get("width")) != options.level_width:
+        raise FedctError(f"{path}: key 'volumes' has level {record.get('level')!r} and width "
+                         f"{record.get('width')!r}, not those of window {options.window!r}")
 
 
 def split_digest(split: Split) -> str:
@@ -374,9 +336,9 @@ def verify_fingerprint(split: Split) -> None:
     if not expected:
         return
     digest = hashlib.sha256(f"{expected}\n".encode())
-    for entry in sorted(split.entries, key=lambda e: e.row.path):
+    for entry in sorted(split.entries, key=lambda e: e.row.key):
         stat = (split.root / entry.row.path).stat()
-        digest.update(f"{entry.row.path}\0{entry.row.label}\0{entry.row.group}\0{entry.row.site}"
+        digest.update(f"{entry.row.key}\0{entry.row.label}\0{entry.row.group}\0{entry.row.site}"
                       f"\0{file_stamp(stat)}\n".encode())
     marker = cache_dir() / f"verified-{digest.hexdigest()[:32]}"
     if marker.is_file():

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
+from fedct.data.volumes import VolumeOptions, is_volume, volume_slices
 from fedct.errors import FedctError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
@@ -29,13 +30,20 @@ NEGATIVE_NAME = re.compile(r"(^|[^a-z])(non|normal|neg|healthy|control|benign)",
 
 @dataclass(frozen=True)
 class Row:
-    """One image: its path relative to the dataset root and what is known about it."""
+    """One image: its path relative to the dataset root and what is known about it; a slice
+    of a volume is the volume's path and the slice's index."""
 
     path: str
     label: str
     group: str = ""
     site: str = ""
     split: str = ""
+    slice: int | None = None
+
+    @property
+    def key(self) -> str:
+        """What tells rows apart: the path, with the slice of a volume."""
+        return self.path if self.slice is None else f"{self.path}#{self.slice}"
 
 
 @dataclass
@@ -48,6 +56,7 @@ class Dataset:
     classes: list[str]
     positive: str | None = None
     skipped: list[str] = field(default_factory=list)
+    volumes: VolumeOptions | None = None  # how its volumes became slices, when it has any
 
     def label_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.classes)}
@@ -87,7 +96,7 @@ def _read_image_folder(root: Path) -> Dataset:
 
 
 def looks_like_image(path: Path) -> bool:
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in IMAGE_SUFFIXES or is_volume(path):
         return True
     return path.suffix == "" and is_dicom(path)
 
@@ -206,7 +215,13 @@ def _choose_positive(classes: list[str], asked: str | None, known: str | None) -
     if asked:
         if asked not in classes:
             raise FedctError(f"--positive {asked!r} is not a class (classes: {', '.join(classes)})")
+        if len(classes) > 2:
+            raise FedctError(f"--positive {asked}: needs two classes; this dataset has "
+                             f"{len(classes)} ({', '.join(classes)}), decided by the highest "
+                             "probability")
         return asked
+    if len(classes) > 2:
+        return None
     if known or len(classes) != 2:
         return known
     negatives = [c for c in classes if NEGATIVE_NAME.search(c)]
@@ -215,9 +230,13 @@ def _choose_positive(classes: list[str], asked: str | None, known: str | None) -
     return classes[1]
 
 
-def check_files(dataset: Dataset, *, skip_bad: bool, workers: int = 4) -> Dataset:
-    """Decode every image once; stop on the first bad one, or drop and list them."""
-    paths = [dataset.root / r.path for r in dataset.rows]
+def check_files(dataset: Dataset, *, skip_bad: bool, workers: int = 4,
+                volumes: VolumeOptions | None = None) -> Dataset:
+    """Decode every image once; stop on the first bad one, or drop and list them. A volume
+    becomes a row per slice its rule keeps (`volumes`, or the default rule and window)."""
+    if any(is_volume(r.path) and r.slice is None for r in dataset.rows):
+        dataset = expand_volumes(dataset, volumes or VolumeOptions(), skip_bad=skip_bad)
+    paths = [dataset.root / r.path for r in dataset.rows if r.slice is None]
 
     def problem(path: Path) -> str | None:
         try:
@@ -227,13 +246,36 @@ def check_files(dataset: Dataset, *, skip_bad: bool, workers: int = 4) -> Datase
         return None
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(pool.map(problem, paths))
+        problems = iter(list(pool.map(problem, paths)))
+    problems = [None if r.slice is not None else next(problems) for r in dataset.rows]
     bad = [p for p in problems if p]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more; --skip-bad skips them)" if len(bad) > 1 else ""
         raise FedctError(bad[0] + more)
     kept = [row for row, p in zip(dataset.rows, problems, strict=True) if p is None]
-    return replace(dataset, rows=kept, skipped=bad)
+    return replace(dataset, rows=kept, skipped=[*dataset.skipped, *bad])
+
+
+def expand_volumes(dataset: Dataset, options: VolumeOptions, *, skip_bad: bool) -> Dataset:
+    """Each volume's row becomes a row per slice `options` keep (its group, the volume's
+    path unless the data named one); volumes are read one at a time."""
+    rows, bad = [], []
+    for row in dataset.rows:
+        if not is_volume(row.path) or row.slice is not None:
+            rows.append(row)
+            continue
+        try:
+            kept = volume_slices(dataset.root / row.path, options)
+        except FedctError as exc:
+            if not skip_bad:
+                raise FedctError(f"{exc} (--skip-bad skips bad inputs and lists them)") from None
+            bad.append(str(exc))
+            continue
+        rows += [replace(row, slice=k) for k in kept]
+    if not rows:
+        raise FedctError(f"{dataset.source}: no readable image or volume (first problem: "
+                         f"{bad[0] if bad else 'none'})")
+    return replace(dataset, rows=rows, skipped=[*dataset.skipped, *bad], volumes=options)
 
 
 def decode_image(path: str | Path, *, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
@@ -321,9 +363,14 @@ def _dicom_colour(path: Path, pixels: np.ndarray, samples: int) -> np.ndarray:
 
 
 def fingerprint(dataset: Dataset) -> str:
-    """SHA-256 over every row and every image's bytes: later commands detect a changed dataset."""
+    """SHA-256 over every row and every image's bytes: later commands detect a changed
+    dataset. A volume's bytes are hashed once for all its slices."""
     digest = hashlib.sha256()
-    for row in sorted(dataset.rows, key=lambda r: r.path):
-        digest.update(f"{row.path}\0{row.label}\0{row.group}\0{row.site}\0".encode())
-        digest.update(hashlib.sha256((dataset.root / row.path).read_bytes()).digest())
+    files: dict[str, bytes] = {}
+    for row in sorted(dataset.rows, key=lambda r: (r.path, -1 if r.slice is None else r.slice)):
+        where = "" if row.slice is None else f"{row.slice}\0"
+        digest.update(f"{row.path}\0{row.label}\0{row.group}\0{row.site}\0{where}".encode())
+        if row.path not in files:
+            files[row.path] = hashlib.sha256((dataset.root / row.path).read_bytes()).digest()
+        digest.update(files[row.path])
     return digest.hexdigest()

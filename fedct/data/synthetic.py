@@ -4,7 +4,9 @@ Each patient has a body outline, two lungs, a heart and a spine; vessels are bri
 the lungs. Positive patients carry ground-glass-like patches; some negatives carry faint
 look-alike blobs, and sites differ in contrast and noise, so the task is learnable but not
 trivially separable. `difficulty` (0 easy .. 1 hard) scales both effects. Where each patch
-lies is kept (`lesions.npz`), so explanations can be checked against the truth.
+lies is kept (`lesions.npz`), so explanations can be checked against the truth. With three
+classes, a third (CT_CAP, community-acquired pneumonia) carries one or two small dense
+consolidations instead, and the negatives are called CT_Normal.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from PIL import Image, ImageFilter
 from fedct.errors import FedctError
 
 POSITIVE, NEGATIVE = "CT_COVID", "CT_NonCOVID"
+THREE_CLASSES = ("CT_CAP", "CT_COVID", "CT_Normal")  # consolidation, ground glass, none
 SLICES_PER_PATIENT = 4
 LESIONS = "lesions.npz"
 LESION_LEVEL = 0.25  # a pixel is lesion where the patches reach this share of their strength
@@ -45,8 +48,10 @@ def _blobs(xx, yy, rng, count, sigma_range, amplitude, centers_mask):
 
 
 def synth_slice(rng: np.random.Generator, *, size: int, positive: bool, difficulty: float,
-                anatomy: dict, site: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """The slice's uint8 pixels and, for a positive, the boolean mask of its patches."""
+                anatomy: dict, site: dict,
+                consolidation: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The slice's uint8 pixels and, for a positive, the boolean mask of its patches
+    (ground glass, or small dense consolidations with `consolidation`)."""
     yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
     scale = anatomy["scale"] * rng.uniform(0.95, 1.05)
     image = np.zeros((size, size))
@@ -63,7 +68,12 @@ def synth_slice(rng: np.random.Generator, *, size: int, positive: bool, difficul
     image += _blobs(xx, yy, rng, int(rng.integers(15, 30)), (0.008, 0.02), 0.35, lungs) * lungs
     strength = 0.4 * (1.0 - difficulty) + 0.08
     mask = None
-    if positive:
+    if positive and consolidation:
+        patches = _blobs(xx, yy, rng, int(rng.integers(1, 3)), (0.025, 0.05), 2.2 * strength,
+                         lungs)
+        image += patches * lungs
+        mask = (patches * lungs) > LESION_LEVEL * 2.2 * strength
+    elif positive:
         patches = _blobs(xx, yy, rng, int(rng.integers(1, 5)), (0.05, 0.13), strength, lungs)
         image += patches * lungs
         mask = (patches * lungs) > LESION_LEVEL * strength
@@ -76,31 +86,39 @@ def synth_slice(rng: np.random.Generator, *, size: int, positive: bool, difficul
 
 
 def write_synthetic(out: str | Path, *, n: int = 400, seed: int = 0, size: int = 128,
-                    difficulty: float = 0.5, sites: int = 4, force: bool = False) -> Path:
-    """Write an ImageFolder (CT_COVID/, CT_NonCOVID/), `dataset.csv` with group and site,
-    and `lesions.npz`: each positive image's lesion mask under its path."""
+                    difficulty: float = 0.5, sites: int = 4, classes: int = 2,
+                    force: bool = False) -> Path:
+    """Write an ImageFolder (CT_COVID/, CT_NonCOVID/; or CT_CAP/, CT_COVID/, CT_Normal/ for
+    three classes), `dataset.csv` with group and site, and `lesions.npz`: each lesion
+    image's mask under its path."""
     out = Path(out)
     if n < 2 or size < 32 or not 0 <= difficulty <= 1 or sites < 1:
         raise FedctError("synth: need --n >= 2, --size >= 32, 0 <= --difficulty <= 1, --sites >= 1")
+    if classes not in (2, 3):
+        raise FedctError(f"synth --classes {classes}: 2 (COVID, non-COVID) or 3 (CAP, COVID, "
+                         "normal)")
+    names = (POSITIVE, NEGATIVE) if classes == 2 else THREE_CLASSES
     if out.exists() and any(out.iterdir()) and not force:
         raise FedctError(f"{out}: exists and is not empty (use --force to replace it)")
     rng = np.random.default_rng(seed)
     site_params = [{"gain": rng.uniform(0.85, 1.15), "offset": rng.uniform(-0.05, 0.05),
                     "noise": rng.uniform(0.02, 0.05)} for _ in range(sites)]
-    for name in (POSITIVE, NEGATIVE):
+    for name in names:
         (out / name).mkdir(parents=True, exist_ok=True)
     rows = []
     lesions = {}
     patients = (n + SLICES_PER_PATIENT - 1) // SLICES_PER_PATIENT
     written = 0
     for patient in range(patients):
-        positive = patient % 2 == 0
+        label = (POSITIVE, NEGATIVE, "CT_CAP")[patient % classes]
+        label = "CT_Normal" if classes == 3 and label == NEGATIVE else label
+        positive = label != NEGATIVE and label != "CT_Normal"
         site = int(rng.integers(sites))
         anatomy = {"scale": rng.uniform(0.85, 1.05), "lung": rng.uniform(0.9, 1.1)}
         for s in range(min(SLICES_PER_PATIENT, n - written)):
             pixels, mask = synth_slice(rng, size=size, positive=positive, difficulty=difficulty,
-                                 anatomy=anatomy, site=site_params[site])
-            label = POSITIVE if positive else NEGATIVE
+                                       anatomy=anatomy, site=site_params[site],
+                                       consolidation=label == "CT_CAP")
             rel = f"{label}/p{patient:04d}_s{s}.png"
             Image.fromarray(pixels, mode="L").save(out / rel)
             if mask is not None:

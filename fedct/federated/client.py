@@ -17,6 +17,7 @@ from fedct.federated import features, strategies
 from fedct.federated.local_loss import local_loss
 from fedct.federated.protocol import ClientReply, Evaluation, Status, Update, Weights
 from fedct.models import norm_keys
+from fedct.multiclass import ClassHistograms
 from fedct.operating_point import ScoreHistogram
 from fedct.training import (
     make_optimizer,
@@ -171,7 +172,7 @@ def run_client_round(model: nn.Module, global_weights: Weights, data: ClientData
 
 def client_evaluate(model: nn.Module, global_weights: Weights,
                     dataset: ImageTensorDataset | None, config, state: dict, *, client_id: int,
-                    device: torch.device, positive_index: int) -> Evaluation:
+                    device: torch.device, positive_index: int | None) -> Evaluation:
     """Score the global model (with this client's own norms under FedBN) on the client's
     rows (its validation rows, or what `fedct evaluate` asks for); only aggregates leave
     the client."""
@@ -182,11 +183,15 @@ def client_evaluate(model: nn.Module, global_weights: Weights,
                             device=device, channels_last=config.channels_last, amp=config.amp,
                             tta=config.tta)
     picked = probs[np.arange(len(labels)), labels]
-    histogram = ScoreHistogram.of(labels == positive_index, probs[:, positive_index])
     loss_sum = float(-np.log(np.clip(picked, 1e-12, 1.0)).sum())
+    correct = int((probs.argmax(axis=1) == labels).sum())
+    if positive_index is None:  # more than two classes: per-class histograms, confusion matrix
+        return Evaluation(client_id, examples=len(labels), loss_sum=loss_sum, correct=correct,
+                          **ClassHistograms.of(labels, probs).flat())
+    histogram = ScoreHistogram.of(labels == positive_index, probs[:, positive_index])
     if config.eval_release == "counts":  # only tp, fn, fp, tn leave: 2 bins at the threshold
         histogram, loss_sum = histogram.collapsed(float(config.threshold)), 0.0
     return Evaluation(client_id, examples=len(labels), loss_sum=loss_sum,
-                      correct=int((probs.argmax(axis=1) == labels).sum()),
+                      correct=correct,
                       positives=tuple(int(v) for v in histogram.positives),
                       negatives=tuple(int(v) for v in histogram.negatives))

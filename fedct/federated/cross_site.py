@@ -19,7 +19,7 @@ from fedct.errors import FedctError
 from fedct.evaluation import checkpoint_names, score_checkpoint, write_evaluation
 from fedct.federated.protocol import Evaluation, RoundSpec, RunExtras, Status
 from fedct.federated.validation import histogram_of
-from fedct.metrics import positive_index
+from fedct.metrics import positive_class
 from fedct.operating_point import ScoreHistogram
 from fedct.runs import checkpoint_paths, read_sidecar
 
@@ -31,7 +31,7 @@ def spec_of(meta: dict) -> RoundSpec:
     classes = list(meta["classes"])
     return RoundSpec(round=0, planned_rounds=0, architecture=meta["architecture"],
                      classes=tuple(classes),
-                     positive=classes[positive_index(classes, meta.get("positive"))],
+                     positive=positive_class(classes, meta.get("positive")),
                      mean=tuple(float(v) for v in meta["mean"]),
                      std=tuple(float(v) for v in meta["std"]),
                      groupnorm=bool(meta.get("dp_safe")))

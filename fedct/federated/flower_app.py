@@ -229,7 +229,8 @@ def main(grid: Grid, context: Context) -> None:
     run_rounds(setup, Path(extras.out), transport, num_clients=num_clients, schedule=schedule,
                eval_plan=eval_schedule(num_clients, config), device=device,
                view=RoundView(console, rounds=config.rounds, dp=config.dp, live=False,
-                              client_lines=True, federated=config.monitor.startswith("fed_")),
+                              client_lines=True, federated=config.monitor.startswith("fed_"),
+                              classes=len(setup.classes)),
                resume=extras.resume)
 
 

@@ -140,6 +140,12 @@ def evaluate_on_flower(checkpoints: list, *, federation: str | None, on: str,
     if threshold is not None and parse_rule(threshold)[0] != "fixed":
         raise FedctError(f"--threshold {threshold} with --engine flower: give a number; each "
                          "node scores at a fixed threshold")
+    for checkpoint in checkpoints:
+        classes = read_sidecar(checkpoint)["classes"]
+        if len(classes) > 2:
+            raise FedctError(f"{checkpoint}: --engine flower scores two-class models so far; "
+                             f"this one has {len(classes)} classes (score it with the embedded "
+                             "engine on a split)")
     sizes = {tuple(read_sidecar(c)["input_size"]) for c in checkpoints}
     if len(sizes) != 1:
         raise FedctError(f"--engine flower: the checkpoints have different input sizes "

@@ -149,4 +149,4 @@ def node_evaluate(node_config: dict, run_id: int, config: FederateConfig,
     path = state_path(node_config, run_id, client_id)
     state = torch.load(path, weights_only=True) if path.is_file() else new_client_state(config)
     return client_evaluate(model, global_weights, dataset, config, state, client_id=client_id,
-                           device=device, positive_index=list(spec.classes).index(spec.positive))
+                           device=device, positive_index=spec.positive_index)

@@ -55,10 +55,14 @@ class RoundSpec:
     planned_rounds: int  # rounds this client is scheduled for: what its privacy budget must last
     architecture: str
     classes: tuple[str, ...]
-    positive: str  # the class whose score the evaluation histograms count
     mean: tuple[float, ...]
     std: tuple[float, ...]
     groupnorm: bool  # the server's BatchNorm layers are GroupNorm (DP full)
+    positive: str | None = None  # two classes: the class the histograms count; else argmax
+
+    @property
+    def positive_index(self) -> int | None:
+        return None if self.positive is None else list(self.classes).index(self.positive)
 
 
 @dataclass
@@ -111,7 +115,9 @@ class RoundResult:
 class Evaluation:
     """A client's scores of the global model on its own validation rows, as aggregates only:
     the loss sum, argmax-correct count, and histograms of the positive-class score per label
-    (bins of `fedct.operating_point`)."""
+    (bins of `fedct.operating_point`); for more than two classes, one such pair per class
+    (its own score, its rows against the others, concatenated) and the argmax confusion
+    matrix (row-major)."""
 
     client_id: int
     examples: int = 0
@@ -119,6 +125,7 @@ class Evaluation:
     correct: int = 0
     positives: tuple[int, ...] = ()
     negatives: tuple[int, ...] = ()
+    confusion: tuple[int, ...] = ()
     status: Status = Status.EVALUATED
     detail: str = ""
 

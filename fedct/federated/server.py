@@ -23,9 +23,17 @@ from fedct.federated import strategies
 from fedct.federated.protocol import ClientReply, Evaluation, SecureSum, Status, Weights
 from fedct.federated.setup import RunSetup
 from fedct.federated.strategies.base import RunningAverage, Strategy, check_update
-from fedct.federated.validation import CLIENT_FIELDS, CLIENTS_CSV, append_rows, client_rows, pool
+from fedct.federated.validation import (
+    CLIENT_FIELDS,
+    CLIENTS_CSV,
+    append_rows,
+    client_rows,
+    empty_histogram,
+    pool,
+)
 from fedct.federated.view import RoundView
 from fedct.models import norm_keys
+from fedct.multiclass import ClassHistograms
 from fedct.operating_point import ScoreHistogram, operating_point
 from fedct.records import RunRecorder, score
 from fedct.runs import read_sidecar, save_checkpoint
@@ -119,11 +127,11 @@ class RoundServer:
             trainable=self.setup.trainable, num_clients=self.num_clients)
         return weights
 
-    def evaluate(self, weights: Weights) -> tuple[dict, ScoreHistogram]:
+    def evaluate(self, weights: Weights) -> tuple[dict, ScoreHistogram | ClassHistograms]:
         """The global model on the coordinator's pooled val rows (NaN where it has none)."""
         setup = self.setup
         if setup.pooled_val is None:
-            return dict(NO_SCORES), ScoreHistogram.empty()
+            return dict(NO_SCORES), empty_histogram(len(setup.classes))
         setup.model.load_state_dict(weights)
         return score(setup.model, make_loader(setup.pooled_val, batch_size=64, train=False, seed=0),
                      device=self.device, config=setup.config, positive_index=setup.positive_index)
@@ -135,7 +143,7 @@ class RoundServer:
         commit the round in resume.pt."""
         config = self.setup.config
         pooled, pooled_histogram = self.evaluate(weights)
-        federated, evaluations = pool(evaluations)
+        federated, evaluations = pool(evaluations, len(self.setup.classes))
         counts = float(config.threshold) if config.eval_release == "counts" else None
         fed = federated.metrics(counts)
         on_federated = config.monitor.startswith("fed_")
@@ -156,7 +164,7 @@ class RoundServer:
                "max_epsilon": self.max_epsilon(), "lr": round_lr(config, round_number),
                "seconds": round(time.perf_counter() - started, 2)}
         append_rows(self.out / CLIENTS_CSV, CLIENT_FIELDS,
-                    client_rows(round_number, evaluations, counts))
+                    client_rows(round_number, evaluations, counts, len(self.setup.classes)))
         if config.dp:
             self._append_privacy(round_number, replies)
         self.recorder.record(round_number, row, weights=weights,

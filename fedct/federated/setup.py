@@ -22,8 +22,9 @@ from fedct.data.manifest import Split, load_split
 from fedct.errors import FedctError
 from fedct.federated.protocol import RoundSpec
 from fedct.federated.run_model import model_spec
-from fedct.metrics import positive_index
+from fedct.metrics import positive_class, positive_index
 from fedct.models import ModelSpec, build_model, data_config
+from fedct.multiclass import check_settings
 from fedct.runs import checkpoint_meta, checkpoint_paths, read_sidecar
 
 
@@ -103,13 +104,13 @@ class RunSetup:
     model: nn.Module
     data_cfg: dict
     classes: list[str]
-    positive: str
+    positive: str | None  # None: more than two classes, decided by argmax
     split: Split | None  # the coordinator's split, when it has one
     images: SplitImages | None  # its images, decoded once
     pooled_val: ImageTensorDataset | None
 
     @property
-    def positive_index(self) -> int:
+    def positive_index(self) -> int | None:
         return positive_index(self.classes, self.positive)
 
     @property
@@ -121,7 +122,10 @@ class RunSetup:
         return checkpoint_meta(architecture=self.spec.architecture, classes=self.classes,
                                positive=self.positive, data_cfg=self.data_cfg, stage="federate",
                                engine=engine, fedbn=config.fedbn, dp=config.dp, tta=config.tta,
-                               dp_safe=self.spec.groupnorm)
+                               dp_safe=self.spec.groupnorm,
+                               **({"volumes": self.split.meta["volumes"]}
+                                  if self.split is not None and self.split.meta.get("volumes")
+                                  else {}))
 
     def inputs(self) -> dict:
         return run_inputs(self.split, self.init)
@@ -158,8 +162,9 @@ def prepare_setup(config: FederateConfig, *, init: str,
         raise FedctError(f"--init {init}: without a split the classes must come from a fedct "
                          "checkpoint")
     classes = list(split.classes if split is not None else init_meta["classes"])
-    positive = (split.positive if split is not None else init_meta.get("positive")) \
-        or classes[positive_index(classes, None)]
+    positive = positive_class(classes, split.positive if split is not None
+                              else init_meta.get("positive"))
+    check_settings(config, classes)
     spec = model_spec(config, init_meta.get("architecture", config.model), len(classes),
                       groupnorm=bool(init_meta.get("dp_safe")))
     model = build_model(spec, pretrained=init)

@@ -113,7 +113,7 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
     planned = planned_rounds(schedule, len(clients))
     place_model(setup.model, config, device)
     view = RoundView(console, rounds=config.rounds, dp=config.dp,
-                     federated=config.monitor.startswith("fed_"))
+                     federated=config.monitor.startswith("fed_"), classes=len(setup.classes))
     for data in clients:
         warning = privacy.delta_warning(len(data.train), config)
         if warning:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fedct.federated.protocol import Evaluation, Status, Weights
+from fedct.multiclass import ClassHistograms
 from fedct.operating_point import BINS, ScoreHistogram
 
 CLIENTS_CSV = "clients.csv"
@@ -27,9 +28,21 @@ CLIENT_FIELDS = ["round", "client", "status", "examples", "positives", "loss", "
 EvaluateRound = Callable[[int, Weights, list[int]], Iterable[Evaluation]]
 
 
-def histogram_of(evaluation: Evaluation) -> ScoreHistogram:
+def empty_histogram(classes: int) -> ScoreHistogram | ClassHistograms:
+    return ClassHistograms.empty(classes) if classes > 2 else ScoreHistogram.empty()
+
+
+def histogram_of(evaluation: Evaluation, classes: int = 2) -> ScoreHistogram | ClassHistograms:
+    """The evaluation's histograms, checked against its shape and row count (per class for
+    more than two classes)."""
     if not evaluation.examples:
-        return ScoreHistogram.empty()
+        return empty_histogram(classes)
+    if classes > 2:
+        histograms = ClassHistograms.from_flat(evaluation.positives, evaluation.negatives,
+                                               evaluation.confusion, classes)
+        if histograms.n != evaluation.examples:
+            raise ValueError(f"client {evaluation.client_id}: malformed evaluation histograms")
+        return histograms
     positives = np.asarray(evaluation.positives, dtype=np.int64)
     negatives = np.asarray(evaluation.negatives, dtype=np.int64)
     if positives.shape != (BINS,) or negatives.shape != (BINS,) \
@@ -42,7 +55,7 @@ def histogram_of(evaluation: Evaluation) -> ScoreHistogram:
 class Pooled:
     """The round's evaluations summed over the clients that scored any rows."""
 
-    histogram: ScoreHistogram
+    histogram: ScoreHistogram | ClassHistograms
     examples: int = 0
     loss_sum: float = 0.0
     correct: int = 0
@@ -58,18 +71,20 @@ class Pooled:
                     "specificity": nan, "balanced_acc": nan}
         if counts is not None:
             return {**self.histogram.metrics(counts), "loss": nan, "auc": nan}
-        at_half = self.histogram.metrics(0.5)
+        at_half = self.histogram.metrics() if isinstance(self.histogram, ClassHistograms) \
+            else self.histogram.metrics(0.5)
         return {**at_half, "loss": self.loss_sum / self.examples,
                 "acc": self.correct / self.examples}
 
 
-def pool(evaluations: Iterable[Evaluation]) -> tuple[Pooled, list[Evaluation]]:
+def pool(evaluations: Iterable[Evaluation],
+         classes: int = 2) -> tuple[Pooled, list[Evaluation]]:
     """The pooled aggregates, and the evaluations with malformed ones marked failed."""
-    pooled, checked = Pooled(ScoreHistogram.empty()), []
+    pooled, checked = Pooled(empty_histogram(classes)), []
     for evaluation in evaluations:
         if evaluation.status is Status.EVALUATED and evaluation.examples:
             try:
-                histogram = histogram_of(evaluation)
+                histogram = histogram_of(evaluation, classes)
             except ValueError as exc:
                 evaluation = Evaluation(evaluation.client_id, status=Status.REJECTED,
                                         detail=str(exc))
@@ -84,9 +99,10 @@ def pool(evaluations: Iterable[Evaluation]) -> tuple[Pooled, list[Evaluation]]:
 
 
 def client_rows(round_number: int, evaluations: list[Evaluation],
-                counts: float | None = None) -> list[dict]:
+                counts: float | None = None, classes: int = 2) -> list[dict]:
     """clients.csv rows: each client's own figures on its own rows (at 0.5, or at the
-    threshold of `counts`); a client with no validation rows has none."""
+    threshold of `counts`; argmax and macro AUC for more than two classes, with no
+    positives count); a client with no validation rows has none."""
     rows = []
     for e in evaluations:
         if e.status is Status.EVALUATED and not e.examples:
@@ -94,8 +110,9 @@ def client_rows(round_number: int, evaluations: list[Evaluation],
         row = {"round": round_number, "client": e.client_id, "status": e.status.value,
                "examples": e.examples, "detail": e.detail}
         if e.status is Status.EVALUATED and e.examples:
-            one = Pooled(histogram_of(e), e.examples, e.loss_sum, e.correct, 1).metrics(counts)
-            row.update(positives=int(np.sum(e.positives)),
+            one = Pooled(histogram_of(e, classes), e.examples, e.loss_sum, e.correct,
+                         1).metrics(counts)
+            row.update(positives=int(np.sum(e.positives)) if classes == 2 else "",
                        **{k: round(one[k], 6) for k in ("loss", "acc", "sensitivity",
                                                         "specificity", "auc")})
         rows.append(row)

@@ -28,8 +28,9 @@ class RoundView:
     """Feed it round and client events; it renders them live or prints a line per round."""
 
     def __init__(self, console: Console, *, rounds: int, dp: bool, live: bool | None = None,
-                 client_lines: bool = False, federated: bool = False):
+                 client_lines: bool = False, federated: bool = False, classes: int = 2):
         self.console = console
+        self.argmax = classes > 2  # no threshold: argmax accuracy and balanced accuracy
         # which val the run selects on: its columns are shown (fed_* or the pooled val_*)
         self.prefix = "fed" if federated else "val"
         self.client_lines = client_lines  # without a live table: a line as each client answers
@@ -108,11 +109,16 @@ class RoundView:
 
     def _render(self) -> Group:
         val = "federated val" if self.prefix == "fed" else "val"
+        caption = (f"on {val}: the class of highest probability; AUC macro one-vs-rest; "
+                   "bal acc = mean recall; * best round" if self.argmax else
+                   f"on {val}: acc@.5 at threshold 0.5; acc, sens, spec at the threshold thr "
+                   "chosen on it; * best round")
         rounds = Table(title=f"rounds ({len(self.rows)}/{self.rounds} done)", title_justify="left",
                        box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0, 0, 1),
-                       caption=f"on {val}: acc@.5 at threshold 0.5; acc, sens, spec at the "
-                               "threshold thr chosen on it; * best round", caption_justify="left")
-        for name in ("round", "n", "loss", "AUC", "acc@.5", "thr", "acc", "sens", "spec"):
+                       caption=caption, caption_justify="left")
+        names = ("round", "n", "loss", "AUC", "acc", "bal acc") if self.argmax else \
+            ("round", "n", "loss", "AUC", "acc@.5", "thr", "acc", "sens", "spec")
+        for name in names:
             rounds.add_column(name, justify="right")
         if self.dp:
             rounds.add_column("eps", justify="right")
@@ -120,9 +126,10 @@ class RoundView:
         for row in self.rows[-SHOWN_ROUNDS:]:
             cells = [f"{row['round']}{' *' if row['round'] == self.best_round else ''}",
                      str(row["clients"]), _number(row["train_loss"]),
-                     _number(row[f"{self.prefix}_auc"]), _number(row[f"{self.prefix}_acc"]),
-                     _number(row["threshold"]), _number(row["thr_acc"]),
-                     _number(row["thr_sensitivity"]), _number(row["thr_specificity"])]
+                     _number(row[f"{self.prefix}_auc"]), _number(row[f"{self.prefix}_acc"])]
+            cells += [_number(row[f"{self.prefix}_balanced_acc"])] if self.argmax else [
+                _number(row["threshold"]), _number(row["thr_acc"]),
+                _number(row["thr_sensitivity"]), _number(row["thr_specificity"])]
             if self.dp:
                 cells.append(_number(row["max_epsilon"], 2))
             cells.append(_number(row["seconds"], 1))
