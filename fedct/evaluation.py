@@ -17,6 +17,7 @@ from fedct.locks import exclusive
 from fedct.metrics import (
     binary_metrics,
     bootstrap,
+    one_class_note,
     plot_confusion,
     plot_reliability,
     plot_roc,
@@ -31,6 +32,7 @@ from fedct.operating_point import (
     operating_point,
     parse_rule,
 )
+from fedct.patients import parse_aggregate, patient_meta, patient_rows
 from fedct.runs import checkpoint_paths, read_checkpoint, read_config, read_sidecar, refuse_overlap
 from fedct.training import pick_device, predict, set_threads
 
@@ -93,17 +95,6 @@ def tta_note(name: str, meta: dict, tta: bool) -> str | None:
                 "are mirrored, so the threshold may sit elsewhere on them")
     return (f"{name}: its threshold was chosen on val scored with test-time mirroring; add "
             "--tta to score it the way it was chosen")
-
-
-def one_class_note(truth: np.ndarray, positive: str, negative: str) -> str | None:
-    """What one-class data (an external healthy cohort, say) can and cannot measure."""
-    if truth.all():
-        return (f"every image is {positive}: sensitivity is defined; specificity, NPV and "
-                "AUC are not (shown as -)")
-    if not truth.any():
-        return (f"no image is {positive}: specificity is defined; sensitivity, PPV, F1 and "
-                "AUC are not (shown as -)")
-    return None
 
 
 def data_for(*, split_dir, on, data, volumes: VolumeOptions | None = None) -> Split:
@@ -303,11 +294,19 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                  seed: int = 0, batch_size: int = 64, device: str = "auto",
                  tta: bool = False, threshold: str | None = None,
                  explain: str | Path | None = None, cam_layer: str | None = None,
-                 volumes: VolumeOptions | None = None) -> dict:
+                 volumes: VolumeOptions | None = None, level: str = "slice",
+                 aggregate: str = "mean") -> dict:
     """Score checkpoints on a split's rows or on `data` (whose volumes become slices by
-    `volumes`); write the report, plots and model-card records."""
+    `volumes`), per slice or per patient (`aggregate` of its slices); write the report,
+    plots and model-card records."""
     if not checkpoints:
         raise FedctError("give at least one checkpoint")
+    if level not in ("slice", "patient"):
+        raise FedctError(f"--level {level!r}: choose slice or patient")
+    parse_aggregate(aggregate)
+    if level == "patient" and explain is not None:
+        raise FedctError("--explain with --level patient: heat maps are per slice; score per "
+                         "slice to draw them")
     check_bootstrap(n_boot)
     check_threshold(threshold)
     names = checkpoint_names(checkpoints)
@@ -348,16 +347,24 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
         probs, labels = predict(model, make_loader(dataset, batch_size=batch_size, train=False,
                                                    seed=0), device=dev, channels_last=False,
                                 tta=tta)
+        rows, row_groups = scopes, groups
+        if level == "patient":  # one row per patient, resampled as such
+            labels, probs, rows = patient_rows(labels, probs, groups, scopes, aggregate,
+                                               positive=None if positive is None
+                                               else classes.index(positive))
+            meta, note = patient_meta(meta, aggregate)
+            notes.update([note] if note else [])
+            row_groups = None
         if positive is None:  # more than two classes: argmax decisions, no threshold
             results += score_classes(name, str(checkpoint_paths(checkpoint)[0]), meta, labels,
-                                     probs, groups, scopes, n_boot=n_boot, seed=seed)
+                                     probs, row_groups, rows, n_boot=n_boot, seed=seed)
             curves[name] = (labels, probs)
             del model
             continue
         prob = probs[:, classes.index(positive)]
         truth = labels == classes.index(positive)
         results += score_checkpoint(name, str(checkpoint_paths(checkpoint)[0]), meta, positive,
-                                    truth, prob, groups, scopes, threshold=threshold,
+                                    truth, prob, row_groups, rows, threshold=threshold,
                                     n_boot=n_boot, seed=seed)
         curves[name] = (truth, prob)
         negative = next((c for c in classes if c != positive), "negative")
@@ -372,11 +379,13 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
                                                 meta, threshold, truth, prob)[0],
                                             target=classes.index(positive), device=dev)
         del model
-    where = f"--data {data}" if data else f"{split_dir} --on {on}"
+    where = (f"--data {data}" if data else f"{split_dir} --on {on}") + (
+        f", per patient ({aggregate} of its slices)" if level == "patient" else "")
     report = {"data": where, "split": None if data else str(Path(split_dir).resolve()),
               "images": len(split.entries), "bootstrap": n_boot, "seed": seed,
-              "tta": tta,
-              "grouped_bootstrap": len(set(groups)) < len(groups), "results": results,
+              "tta": tta, "level": level, **({"aggregate": aggregate} if level == "patient" else {}),
+              "grouped_bootstrap": level == "slice" and len(set(groups)) < len(groups),
+              "results": results,
               "notes": sorted(notes),
               **({"explanations": explained} if explain else {})}
     return write_evaluation(out_dir, report, curves, negative)

@@ -29,6 +29,17 @@ def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def one_class_note(truth: np.ndarray, positive: str, negative: str) -> str | None:
+    """What one-class data (an external healthy cohort, say) can and cannot measure."""
+    if truth.all():
+        return (f"every image is {positive}: sensitivity is defined; specificity, NPV and "
+                "AUC are not (shown as -)")
+    if not truth.any():
+        return (f"no image is {positive}: specificity is defined; sensitivity, PPV, F1 and "
+                "AUC are not (shown as -)")
+    return None
+
+
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     """95% Wilson interval of a proportion (scipy); NaN for no trials. It treats the trials
     as independent: slices of one patient are not, so read it as a lower bound on the width."""

@@ -27,7 +27,7 @@ LIMITS = """\
   protocols, populations or disease prevalence is unknown until measured there
   (`fedct evaluate --data`).
 - Decisions are per image {decision}; a patient-level decision
-  (`fedct predict` groups) aggregates slices and was not itself validated here.
+  (`fedct predict` groups) aggregates slices; `fedct evaluate --level patient` scores it.
 - Intervals assume independent images; slices of one patient are not, so they are too
   narrow unless marked as a patient bootstrap."""
 
@@ -149,11 +149,20 @@ def _validation(report: dict, split_meta: dict | None) -> list[str]:
               f"| specificity at the threshold | {_proportion(best.get('thr_specificity'), n_all - n_pos)} |",
               "",
               f"Operating threshold {_fmt(point.get('threshold'))}: rule `{point.get('rule')}` "
-              f"chosen on {point.get('source')}.",
+              f"chosen on {point.get('source')}; these figures are per image (slice)."
+              + _patient_line(report.get("patient_operating_point")),
               "Intervals: Wilson (proportions) and Hanley-McNeil (AUC), images taken as independent"
               if n_all else "Intervals need the class counts of the validation rows, which stay "
               "on the sites: see Evaluations", ""]
     return lines
+
+
+def _patient_line(point: dict | None) -> str:
+    if not point:
+        return ""
+    return (f" Per patient ({point['aggregate']} of its slices), the threshold is "
+            f"{_fmt(point['threshold'])}, rule `{point['rule']}` chosen on {point['source']} "
+            f"({point['patients']} patients): `fedct predict` decides groups with it.")
 
 
 def _privacy(config: dict, report: dict) -> list[str]:

@@ -1,10 +1,12 @@
 """`fedct predict`: classify new, unlabelled scans with a checkpoint at its stored threshold.
 
 Images are decoded and preprocessed by the very code that trained and scores the model
-(`decode_image`, `make_transform`, `training.predict`). Per patient or series the mean
-probability is the default aggregate: it stays on the scale the slice threshold was chosen
-on and one odd slice moves it little; `max` flags a patient when any slice looks positive
-(more sensitive, and more false alarms the more slices a series has).
+(`decode_image`, `make_transform`, `training.predict`). Per patient, series or volume the
+mean probability is the default aggregate: one odd slice moves it little, and a run whose
+val rows share patients stores a threshold chosen on their means, which decides groups;
+`max` (or `top:K`) flags a patient when any slice (or K) looks positive, more sensitive and
+with more false alarms the more slices a series has. Without a stored patient-level
+threshold for the aggregate, groups are decided at the slice threshold.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from fedct.evaluation import check_threshold, chosen_threshold, load_model, tta_
 from fedct.files import atomic_write
 from fedct.metrics import positive_class
 from fedct.multiclass import ARGMAX, check_classes
+from fedct.patients import aggregate_scores, parse_aggregate
 from fedct.runs import checkpoint_paths, read_sidecar, refuse_overlap, refuse_overwriting_inputs
 from fedct.training import pick_device, predict, set_threads
 
-AGGREGATES = ("mean", "max")
 BATCH = 32
 
 
@@ -120,14 +122,15 @@ def _series(path: Path) -> str:
 
 def aggregate(rows: list[dict], *, rule: str, threshold: float, positive: str,
               negative: str) -> list[dict]:
-    """One row per group: its images' mean (or max) probability and the decision on it."""
+    """One row per group: its images' aggregated probability (mean, max or top:K mean) and
+    the decision on it."""
     groups: dict[str, list[float]] = {}
     for row in rows:
         if row["group"]:
             groups.setdefault(row["group"], []).append(row["probability"])
     out = []
     for group, probabilities in groups.items():
-        value = float(np.mean(probabilities) if rule == "mean" else np.max(probabilities))
+        value = aggregate_scores(np.asarray(probabilities), rule)
         out.append({"group": group, "images": len(probabilities), "rule": rule,
                     "probability": value, "decision": positive if value >= threshold else negative,
                     "threshold": threshold})
@@ -169,8 +172,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     `out` (a row per image) and, when groups are known (a volume is one), `out` with
     `.groups.csv` (a row per group). Nothing is written if an input is bad and `skip_bad`
     is off."""
-    if aggregate_rule not in AGGREGATES:
-        raise FedctError(f"--aggregate {aggregate_rule!r}: choose from {', '.join(AGGREGATES)}")
+    parse_aggregate(aggregate_rule)
     check_threshold(threshold)
     out = Path(out)
     groups_out = out.with_suffix(".groups.csv")
@@ -180,9 +182,9 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     classes = list(read_sidecar(checkpoint)["classes"])
     if len(classes) > 2:  # before any inference
         check_classes([{"classes": classes}], threshold=threshold, explain=explain)
-        if aggregate_rule == "max":
-            raise FedctError(f"--aggregate max: calls a group positive when any slice is; a model "
-                             f"of {len(classes)} classes has no positive class (use mean)")
+        if aggregate_rule != "mean":
+            raise FedctError(f"--aggregate {aggregate_rule}: ranks slices by a positive class; a "
+                             f"model of {len(classes)} classes has none (use mean)")
     items, bad_volumes = volume_items(items, volumes or VolumeOptions(), skip_bad=skip_bad)
     model, meta = load_model(checkpoint)
     positive = positive_class(classes, meta.get("positive"))
@@ -212,7 +214,12 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
     finally:
         if explainer:
             explainer.discard()  # heat maps of a run that did not finish; none once finished
-    grouped = aggregate(rows, rule=aggregate_rule, threshold=cut, positive=positive,
+    group_cut, group_source = cut, source
+    patient = meta.get("patient_operating_point")
+    if positive and threshold is None and patient and patient["aggregate"] == aggregate_rule:
+        group_cut = float(patient["threshold"])
+        group_source = f"{patient['rule']} on {patient['source']}"
+    grouped = aggregate(rows, rule=aggregate_rule, threshold=group_cut, positive=positive,
                         negative=negative) if positive else aggregate_classes(rows, classes)
     atomic_write(out, lambda p: p.write_text(_csv(rows)))
     if grouped:
@@ -226,6 +233,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
               "positives": sum(r["decision"] == positive for r in rows) if positive else None,
               "out": str(out), "groups_out": str(groups_out) if grouped else None,
               "aggregate": aggregate_rule, "predictions": rows, "groups": grouped,
+              "group_threshold": group_cut, "group_threshold_source": group_source,
               "notes": [note] if note else []}
     if explained:
         report["explanations"] = explained

@@ -29,7 +29,7 @@ from fedct.models import apply_freeze, create_model, data_config
 from fedct.multiclass import ARGMAX, check_settings
 from fedct.operating_point import operating_point, threshold_story
 from fedct.recipes import average_states, batch_mix, mixed_loss
-from fedct.records import RunRecorder, score
+from fedct.records import RunRecorder, patient_point, score
 from fedct.runs import (
     check_resume_inputs,
     checkpoint_meta,
@@ -154,11 +154,16 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                            if averaging else 0, prefix="epoch", tensorboard=config.tensorboard)
     index = positive_index(split.classes, positive)
 
-    def score_val(weights) -> tuple[dict, dict]:
-        """Val metrics at 0.5 and the operating point chosen on val."""
-        metrics, histogram = score(weights, val_loader, device=device, config=config,
-                                   positive_index=index)
-        return metrics, operating_point(config.threshold, histogram, "val")
+    val_groups = [e.row.group for e in val_rows]
+
+    def score_val(weights) -> tuple[dict, dict, dict]:
+        """Val metrics at 0.5 and the operating points chosen on val: the slice one, and the
+        patient one ({} when val has no patient of several slices)."""
+        metrics, histogram, patients = score(weights, val_loader, device=device, config=config,
+                                             positive_index=index, groups=val_groups)
+        patient = patient_point(config.threshold, patients, "val")
+        return (metrics, operating_point(config.threshold, histogram, "val"),
+                {"patient_operating_point": patient} if patient else {})
 
     state = {"epoch": 0, "bad_epochs": 0}
     inputs = {"split": str(Path(split_dir).resolve()), "split_digest": split_digest(split)}
@@ -203,7 +208,7 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
             seconds = time.perf_counter() - tick
             train_seconds += seconds
             train_examples += result["examples"]
-            metrics, point = score_val(scored)
+            metrics, point, patient = score_val(scored)
             row = {"epoch": epoch, "train_loss": result["loss"], **val_row(metrics, point),
                    "lr": max(g["lr"] for g in optimizer.param_groups), "seconds": round(seconds, 2)}
             history.append(row)
@@ -212,7 +217,8 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
                 f"{threshold_story('val', row)} ({seconds:.1f}s)", highlight=False)
             meta = checkpoint_meta(architecture=config.model, classes=split.classes,
                                    positive=positive, data_cfg=dcfg, stage="pretrain",
-                                   tta=config.tta, **volumes, epoch=epoch, metrics=row, operating_point=point)
+                                   tta=config.tta, **volumes, **patient, epoch=epoch, metrics=row,
+                                   operating_point=point)
             improved = recorder.record(epoch, row, weights=scored.state_dict(), meta=meta,
                                        metrics=metrics)
             state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
@@ -242,6 +248,7 @@ def _pretrain(split_dir: str | Path, out: str | Path, config: PretrainConfig, *,
         "stage": "pretrain", "run": str(out), "best_epoch": recorder.best_step,
         "monitor": config.monitor, "best": best_meta["metrics"],
         "operating_point": best_meta["operating_point"],
+        "patient_operating_point": best_meta.get("patient_operating_point"),
         "last": history[-1] if history else None,
         "averaged": averaged,
         "train_images": len(train_rows), "val_images": len(val_rows),
@@ -261,9 +268,9 @@ def average_last_epochs(out: Path, scored: torch.nn.Module, last_epoch: int, cou
     epochs = list(range(max(1, last_epoch - count + 1), last_epoch + 1))
     states = [read_checkpoint(out / f"epoch-{e:04d}")[0] for e in epochs]
     scored.load_state_dict(average_states(states))
-    metrics, point = score_val(scored)
+    metrics, point, patient = score_val(scored)
     row = {"epochs": epochs, **val_row(metrics, point)}
     save_checkpoint(out / "averaged", scored.state_dict(),
                     meta(epoch=last_epoch, averaged_epochs=epochs, metrics=row,
-                         operating_point=point))
+                         operating_point=point, **patient))
     return row

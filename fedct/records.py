@@ -16,7 +16,8 @@ import torch
 
 from fedct.metrics import summary_metrics
 from fedct.multiclass import ClassHistograms
-from fedct.operating_point import ScoreHistogram
+from fedct.operating_point import ScoreHistogram, operating_point
+from fedct.patients import PATIENT_AGGREGATE, by_patient, has_patients
 from fedct.runs import (
     SUMMARY,
     CheckpointTracker,
@@ -30,17 +31,32 @@ from fedct.training import mean_loss, predict
 
 
 def score(model: torch.nn.Module, loader, *, device: torch.device, config,
-          positive_index: int) -> tuple[dict, ScoreHistogram | ClassHistograms]:
+          positive_index: int | None, groups=None) -> tuple[dict, ScoreHistogram | ClassHistograms,
+                                                             ScoreHistogram | None]:
     """A step's numbers on one loader (loss, accuracy, AUC, sensitivity, specificity,
-    balanced accuracy at 0.5) and its score histogram, for the operating point (per class
-    for more than two classes)."""
+    balanced accuracy at 0.5), its score histogram, for the operating point (per class for
+    more than two classes), and, for two classes when the rows' `groups` share patients,
+    the histogram of the patients' mean scores, for the patient-level operating point."""
     probs, truth = predict(model, loader, device=device, channels_last=config.channels_last,
                            amp=config.amp, tta=config.tta)
     metrics = summary_metrics(probs, truth, positive_index)
     metrics["loss"] = mean_loss(probs, truth)
     if probs.shape[1] > 2:
-        return metrics, ClassHistograms.of(truth, probs)
-    return metrics, ScoreHistogram.of(truth == positive_index, probs[:, positive_index])
+        return metrics, ClassHistograms.of(truth, probs), None
+    patients = None
+    if groups is not None and has_patients(groups):
+        found = by_patient(groups, truth, probs, PATIENT_AGGREGATE, positive=positive_index)
+        patients = ScoreHistogram.of(found["labels"] == positive_index, found["scores"])
+    return (metrics, ScoreHistogram.of(truth == positive_index, probs[:, positive_index]),
+            patients)
+
+
+def patient_point(rule: str, patients: ScoreHistogram | None, source: str) -> dict | None:
+    """The patient-level operating point chosen by `rule` on val patients, with its aggregate."""
+    if patients is None:
+        return None
+    return {**operating_point(rule, patients, f"{source}, per patient"),
+            "aggregate": PATIENT_AGGREGATE, "patients": patients.n_pos + patients.n_neg}
 
 
 class RunRecorder:

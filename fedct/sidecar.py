@@ -100,20 +100,33 @@ def check_fields(meta, sidecar: Path) -> dict:
             raise FedctError(f"{sidecar}: key 'operating_point' must be the argmax rule without "
                              f"a threshold: the model has {len(classes)} classes")
     elif point is not None:
-        if not isinstance(point, dict) or not _number(point.get("threshold")) \
-                or not 0 < point["threshold"] < 1:
-            raise FedctError(f"{sidecar}: key 'operating_point' has threshold "
-                             f"{point.get('threshold') if isinstance(point, dict) else point!r}, "
-                             "expected a number in (0, 1)")
-        for key in ("rule", "source"):
-            if not isinstance(point.get(key, ""), str):
-                raise FedctError(f"{sidecar}: key 'operating_point.{key}' is not text")
+        _check_point(sidecar, "operating_point", point)
+    patient = meta.get("patient_operating_point")
+    if patient is not None:
+        _check_point(sidecar, "patient_operating_point", patient)
+        if len(classes) > 2 or patient.get("aggregate") not in ("mean", "max") and not str(
+                patient.get("aggregate")).startswith("top:"):
+            raise FedctError(f"{sidecar}: key 'patient_operating_point' has aggregate "
+                             f"{patient.get('aggregate')!r}, expected mean, max or top:K of a "
+                             "two-class model")
     if "metrics" in meta and not isinstance(meta["metrics"], dict):
         raise bad("metrics", "a mapping")
     if WEIGHTS_DIGEST in meta and not (isinstance(meta[WEIGHTS_DIGEST], str)
                                        and len(meta[WEIGHTS_DIGEST]) == 64):
         raise bad(WEIGHTS_DIGEST, "a SHA-256 hex digest")
     return meta
+
+
+def _check_point(sidecar, key: str, point) -> None:
+    """An operating point: a threshold in (0, 1), its rule and source as text."""
+    if not isinstance(point, dict) or not _number(point.get("threshold")) \
+            or not 0 < point["threshold"] < 1:
+        raise FedctError(f"{sidecar}: key '{key}' has threshold "
+                         f"{point.get('threshold') if isinstance(point, dict) else point!r}, "
+                         "expected a number in (0, 1)")
+    for name in ("rule", "source"):
+        if not isinstance(point.get(name, ""), str):
+            raise FedctError(f"{sidecar}: key '{key}.{name}' is not text")
 
 
 def header_digest(weights: Path) -> str | None:

@@ -139,8 +139,8 @@ def print_evaluation(console: Console, report: dict) -> None:
                           end_section=label in ("AUC (any threshold)", "at 0.5: specificity"))
         table.add_row("ECE (calibration)", *(number(r["calibration"]["ece"]) for r in chunk))
         console.print(table)
-    console.print(f"95% CIs below each figure, by {'patient' if report['grouped_bootstrap'] else 'image'} "
-                  "bootstrap. Chosen thresholds: " + "; ".join(sorted(
+    console.print(f"95% CIs below each figure, by {bootstrap_unit(report)} bootstrap. Chosen "
+                  "thresholds: " + "; ".join(sorted(
                       {f"{r['checkpoint']}: {r['chosen']['source']}" for r in results})),
                   highlight=False)
     for note in report.get("notes", []):
@@ -182,11 +182,17 @@ def print_class_evaluation(console: Console, report: dict) -> None:
                               end_section=key == "auc")
         table.add_row("ECE (predicted class)", *(number(r["calibration"]["ece"]) for r in chunk))
         console.print(table)
-    console.print(f"95% CIs below the headline figures, by "
-                  f"{'patient' if report['grouped_bootstrap'] else 'image'} bootstrap; per "
+    console.print(f"95% CIs below the headline figures, by {bootstrap_unit(report)} "
+                  "bootstrap; per "
                   "class: that class against all others.", highlight=False)
     for note in report.get("notes", []):
         console.print(f"note: {note}", highlight=False)
+
+
+def bootstrap_unit(report: dict) -> str:
+    """What the bootstrap resampled: patients (grouped slices, or rows that are patients)."""
+    return "patient" if report["grouped_bootstrap"] or report.get("level") == "patient" \
+        else "image"
 
 
 def print_predictions(console: Console, report: dict, shown: int = 20) -> None:
@@ -200,6 +206,12 @@ def print_predictions(console: Console, report: dict, shown: int = 20) -> None:
     decided = "each called the class of highest probability" if argmax else (
         f"{report['positives']} called {report['positive']} at {report['threshold']:.3f} "
         f"({report['threshold_source']})")
+    if report["groups"] and not argmax:
+        called = sum(g["decision"] == report["positive"] for g in report["groups"])
+        groups = len(report["groups"])
+        decided += (f"; {groups} group{'s' if groups != 1 else ''}, {called} called "
+                    f"{report['positive']} "
+                    f"at {report['group_threshold']:.3f} ({report['group_threshold_source']})")
     table = Table(title=f"{report['images']} images, {decided}"
                         + (f"\nimages under {folder}/" if folder else ""))
     table.add_column(key, no_wrap=True)

@@ -194,3 +194,59 @@ def test_a_model_trained_on_volumes_scores_and_predicts_them_with_its_window(
     every = run_predict(tmp_path / "run" / "best", [volume], out=tmp_path / "all.csv",
                         volumes=VolumeOptions(slices="all"))
     assert every["images"] == 20
+
+
+def test_patient_scores_aggregate_slices_and_refuse_a_patient_of_two_labels():
+    from fedct.patients import by_patient, parse_aggregate
+
+    groups = ["a", "a", "a", "b", "c", "c"]
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    probs = np.stack([1 - np.array([.9, .2, .4, .3, .1, .7]), [.9, .2, .4, .3, .1, .7]], axis=1)
+    for rule, expected in (("mean", [0.5, 0.3, 0.4]), ("max", [0.9, 0.3, 0.7]),
+                           ("top:2", [0.65, 0.3, 0.4])):
+        got = by_patient(groups, labels, probs, rule, positive=1)
+        assert got["ids"] == ["a", "b", "c"] and got["labels"].tolist() == [1, 0, 0]
+        assert got["scores"] == pytest.approx(expected) and got["slices"].tolist() == [3, 1, 2]
+    with pytest.raises(FedctError, match="patient 'c': its slices carry 2 labels"):
+        by_patient(groups, np.array([1, 1, 1, 0, 0, 1]), probs, "mean", positive=1)
+    for bad in ("median", "top:0", "top:x"):
+        with pytest.raises(FedctError, match="choose mean, max or top:K"):
+            parse_aggregate(bad)
+
+
+def test_a_run_stores_a_patient_threshold_that_evaluate_and_predict_use(volumes, volume_split,
+                                                                         tmp_path):
+    from fedct.evaluation import run_evaluate
+    from fedct.predict import run_predict
+    from fedct.pretrain import run_pretrain
+    from fedct.runs import read_sidecar
+
+    settings = {k: v for k, v in TINY.items() if k not in ("rounds", "local_steps")}
+    config = build_config(PretrainConfig, None, {**settings, "epochs": 2, "pretrained": "none",
+                                                 "threshold": "youden"})
+    run_pretrain(volume_split, tmp_path / "run", config, quiet=True)
+    meta = read_sidecar(tmp_path / "run" / "best")
+    split = load_split(volume_split)
+    val_patients = {e.row.group for e in split.entries if e.split == "val"}
+    point = meta["patient_operating_point"]
+    assert point["aggregate"] == "mean" and point["patients"] == len(val_patients)
+    assert point["source"] == "val, per patient" and point["rule"] == "youden"
+    report = run_evaluate([tmp_path / "run" / "best"], split_dir=volume_split, on="test",
+                          n_boot=20, out=tmp_path / "eval", level="patient")
+    (result,) = report["results"]
+    test_patients = {e.row.group for e in split.entries if e.split == "test"}
+    assert result["n"] == len(test_patients) and report["level"] == "patient"
+    assert result["chosen"]["threshold"] == pytest.approx(point["threshold"])
+    assert "per patient" in result["chosen"]["source"] and not report["notes"]
+    other = run_evaluate([tmp_path / "run" / "best"], split_dir=volume_split, on="test",
+                         n_boot=0, out=tmp_path / "eval-max", level="patient", aggregate="max")
+    assert other["results"][0]["chosen"]["threshold"] == pytest.approx(meta["operating_point"]
+                                                                       ["threshold"])
+    assert "no patient-level threshold for aggregate max" in other["notes"][0]
+    card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    assert "per patient (mean of its slices)" in card
+    predicted = run_predict(tmp_path / "run" / "best", [volumes / "volumes" / "p0002.nii.gz"],
+                            out=tmp_path / "p.csv")
+    assert predicted["group_threshold"] == pytest.approx(point["threshold"])
+    (group,) = predicted["groups"]
+    assert group["threshold"] == pytest.approx(point["threshold"])

@@ -41,6 +41,8 @@ def evaluate(
     federation: Annotated[str | None, typer.Option(help="flower: the SuperLink connection name.")] = None,
     explain: Annotated[Path | None, typer.Option(help="Folder for Grad-CAM heat maps of every image, a subfolder per checkpoint.")] = None,
     cam_layer: Annotated[str | None, typer.Option(help="--explain: the module Grad-CAM reads. \\[default: the deepest feature stage at least 8 cells a side]")] = None,
+    level: Annotated[str, typer.Option(click_type=click.Choice(("slice", "patient")), help="slice: every image; patient: one row per patient (group) or volume, its score the --aggregate of its slices, decided at the checkpoint's patient-level threshold when it stored one for that aggregate.")] = "slice",
+    aggregate: Annotated[str, typer.Option(help="--level patient: mean, max or top:K (mean of the K highest) slice probability.")] = "mean",
     slices: SlicesOption = None,
     window: WindowOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
@@ -64,7 +66,7 @@ def evaluate(
         report = run_evaluate(checkpoints, split_dir=split_dir, on=on, data=data,
                               per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
                               device=device, tta=tta, threshold=threshold, explain=explain,
-                              cam_layer=cam_layer,
+                              cam_layer=cam_layer, level=level, aggregate=aggregate,
                               volumes=volume_options(slices, window, checkpoints[0]))
     if json_out:
         print_json(report)
@@ -107,7 +109,7 @@ def predict_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: RUN/best, RUN/final.safetensors, or a run directory.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images, folders (recursive), CSV lists with a path column, DICOM files or series folders.")],
     out: Annotated[Path, typer.Option("--out", help="CSV to write, a row per image (and OUT.groups.csv, a row per patient or series).")],
-    aggregate: Annotated[str, typer.Option(click_type=click.Choice(("mean", "max")), help="Per patient or series: mean (keeps the slice threshold's scale) or max (any slice positive) probability.")] = "mean",
+    aggregate: Annotated[str, typer.Option(help="Per patient, series or volume: mean, max (any slice positive) or top:K (mean of the K highest) slice probability; decided at the checkpoint's patient-level threshold when it stored one for this aggregate, else at its slice threshold.")] = "mean",
     group_column: Annotated[str | None, typer.Option(help="CSV lists: the column naming each image's patient or series (must be there). \\[default: group, where present]")] = None,
     threshold: Annotated[float | None, typer.Option(help="Decide at this threshold instead of the checkpoint's stored one.")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable inputs and list them (otherwise the first stops the run, nothing written).")] = False,

@@ -35,7 +35,7 @@ from fedct.federated.view import RoundView
 from fedct.models import norm_keys
 from fedct.multiclass import ClassHistograms
 from fedct.operating_point import ScoreHistogram, operating_point
-from fedct.records import RunRecorder, score
+from fedct.records import RunRecorder, patient_point, score
 from fedct.runs import read_sidecar, save_checkpoint
 from fedct.training import round_lr
 
@@ -43,6 +43,12 @@ PRIVACY_CSV = "privacy.csv"
 METRICS = ("loss", "acc", "auc", "sensitivity", "specificity", "balanced_acc")
 NO_SCORES = {k: float("nan") for k in METRICS}
 PRIVACY_FIELDS = ["round", "client", "epsilon", "steps", "noise_multiplier", "status"]
+
+
+def patient_meta(rule: str, patients: ScoreHistogram | None) -> dict:
+    """The sidecar's patient-level operating point, chosen on the pooled val patients."""
+    point = patient_point(rule, patients, "pooled val")
+    return {"patient_operating_point": point} if point else {}
 
 
 @dataclass
@@ -127,14 +133,17 @@ class RoundServer:
             trainable=self.setup.trainable, num_clients=self.num_clients)
         return weights
 
-    def evaluate(self, weights: Weights) -> tuple[dict, ScoreHistogram | ClassHistograms]:
-        """The global model on the coordinator's pooled val rows (NaN where it has none)."""
+    def evaluate(self, weights: Weights) -> tuple[dict, ScoreHistogram | ClassHistograms,
+                                                  ScoreHistogram | None]:
+        """The global model on the coordinator's pooled val rows (NaN where it has none),
+        and their patients' histogram when they share patients."""
         setup = self.setup
         if setup.pooled_val is None:
-            return dict(NO_SCORES), empty_histogram(len(setup.classes))
+            return dict(NO_SCORES), empty_histogram(len(setup.classes)), None
         setup.model.load_state_dict(weights)
         return score(setup.model, make_loader(setup.pooled_val, batch_size=64, train=False, seed=0),
-                     device=self.device, config=setup.config, positive_index=setup.positive_index)
+                     device=self.device, config=setup.config, positive_index=setup.positive_index,
+                     groups=[e.row.group for e in setup.split.select(split="val")])
 
     def record(self, round_number: int, weights: Weights, replies: list[ClientReply],
                evaluations: list[Evaluation], *, updated: bool, started: float,
@@ -142,7 +151,7 @@ class RoundServer:
         """Score, choose the operating point, append the CSV rows, write checkpoints, and
         commit the round in resume.pt."""
         config = self.setup.config
-        pooled, pooled_histogram = self.evaluate(weights)
+        pooled, pooled_histogram, patients = self.evaluate(weights)
         federated, evaluations = pool(evaluations, len(self.setup.classes))
         counts = float(config.threshold) if config.eval_release == "counts" else None
         fed = federated.metrics(counts)
@@ -169,7 +178,8 @@ class RoundServer:
             self._append_privacy(round_number, replies)
         self.recorder.record(round_number, row, weights=weights,
                              meta={**self.meta, "round": round_number, "metrics": row,
-                                   "operating_point": point},
+                                   "operating_point": point,
+                                   **patient_meta(config.threshold, patients)},
                              epsilon=self.epsilon if config.dp else None)
         self.view.round_finished(row, best_round=self.recorder.best_step)
         self.round = round_number
@@ -186,6 +196,7 @@ class RoundServer:
                   "strategy": config.strategy, "best_round": self.recorder.best_step,
                   "monitor": config.monitor, "best": best_meta["metrics"],
                   "operating_point": best_meta["operating_point"],
+                  "patient_operating_point": best_meta.get("patient_operating_point"),
                   "final": last_meta["metrics"], "dp": config.dp,
                   "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())}
                   if config.dp else None,
