@@ -250,3 +250,29 @@ def test_a_run_stores_a_patient_threshold_that_evaluate_and_predict_use(volumes,
     assert predicted["group_threshold"] == pytest.approx(point["threshold"])
     (group,) = predicted["groups"]
     assert group["threshold"] == pytest.approx(point["threshold"])
+
+
+def test_a_node_with_its_own_volumes_reads_the_slices_its_split_client_does(volume_split,
+                                                                            tmp_path):
+    from fedct.config import FederateConfig
+    from fedct.federated.node import node_data
+    from fedct.federated.protocol import RoundSpec
+
+    split = load_split(volume_split)
+    mine = {}
+    for e in split.select(clients=[1], split="train"):
+        mine[e.row.path] = (e.row.label, e.row.group)
+    site = split.root / "site-1.csv"
+    with site.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "group"])
+        writer.writerows([path, *info] for path, info in mine.items())
+    config = build_config(FederateConfig, None, TINY)
+    spec = RoundSpec(round=1, planned_rounds=2, architecture="test_efficientnet",
+                     classes=tuple(split.classes), mean=(0.5,) * 3, std=(0.25,) * 3,
+                     groupnorm=False, positive=split.positive)
+    own = node_data({"data": str(site), "client-id": 1}, config, spec)
+    by_split = node_data({"split": str(volume_split), "client-id": 1}, config, spec)
+    assert len(own.train) == len(by_split.train) > len(mine)  # several slices per volume
+    assert own.train.images.sum() == by_split.train.images.sum()
+    assert sorted(own.train.labels.tolist()) == sorted(by_split.train.labels.tolist())

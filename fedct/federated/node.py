@@ -25,7 +25,8 @@ from fedct import privacy
 from fedct.config import FederateConfig
 from fedct.data.loading import SplitImages, cache_dir, make_transform
 from fedct.data.manifest import LOCAL_VAL, Entry, Split, load_split
-from fedct.data.sources import read_dataset
+from fedct.data.sources import expand_volumes, read_dataset
+from fedct.data.volumes import VolumeOptions, is_volume
 from fedct.errors import FedctError
 from fedct.federated.client import (
     ClientData,
@@ -62,12 +63,16 @@ def node_split(node_config: dict, spec: RoundSpec) -> Split:
         return split.subset(split.select(clients=[client_id]))
     if "data" not in node_config:
         raise FedctError("node config: give data=PATH (the node's own images) or split=SPLIT_DIR")
+    volumes = VolumeOptions(slices=str(node_config.get("slices", "lung")),
+                            window=str(node_config.get("window", "lung")))
     entries = [Entry(row=r, split=role, client=client_id)
                for key, role in (("data", "train"), ("val", LOCAL_VAL), ("test", "test"))
                if key in node_config
-               for r in _own_rows(Path(str(node_config[key])), classes)]
+               for r in _own_rows(Path(str(node_config[key])), classes, volumes)]
+    sliced = any(e.row.slice is not None for e in entries)
     return Split(directory=Path(str(node_config["data"])), root=Path("/"), classes=classes,
-                 positive=None, entries=entries)
+                 positive=None, entries=entries,
+                 meta={"volumes": volumes.record()} if sliced else {})
 
 
 def _transforms(config: FederateConfig, spec: RoundSpec) -> tuple:
@@ -97,9 +102,12 @@ def node_rows(node_config: dict, config: FederateConfig, spec: RoundSpec, rows: 
     return images.dataset(entries, _transforms(config, spec)[1])
 
 
-def _own_rows(source: Path, classes: list[str]) -> list:
-    """A node's own dataset's rows, with absolute paths, labelled by the server's classes."""
+def _own_rows(source: Path, classes: list[str], volumes: VolumeOptions) -> list:
+    """A node's own dataset's rows, with absolute paths, labelled by the server's classes;
+    its volumes as the slices `volumes` keep (node config `slices=`, `window=`)."""
     dataset = read_dataset(source)
+    if any(is_volume(r.path) for r in dataset.rows):
+        dataset = expand_volumes(dataset, volumes, skip_bad=False)
     unknown = sorted({r.label for r in dataset.rows} - set(classes))
     if unknown:
         raise FedctError(f"{source}: class {unknown[0]!r} is not one the server trains "
