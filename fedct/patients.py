@@ -72,6 +72,13 @@ def by_patient(groups, labels: np.ndarray, probs: np.ndarray, rule: str, *,
             "slices": np.array(counts), "scores": np.array(scores)}
 
 
+def one_label_each(groups, labels) -> bool:
+    """Whether every group's rows carry one label."""
+    seen: dict = {}
+    return all(seen.setdefault(g, y) == y for g, y in zip(groups, np.asarray(labels).tolist(),
+                                                          strict=True))
+
+
 def has_patients(groups) -> bool:
     """Whether rows share patients at all (else a patient level is the slice level)."""
     groups = list(groups)

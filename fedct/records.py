@@ -17,7 +17,7 @@ import torch
 from fedct.metrics import summary_metrics
 from fedct.multiclass import ClassHistograms
 from fedct.operating_point import ScoreHistogram, operating_point
-from fedct.patients import PATIENT_AGGREGATE, by_patient, has_patients
+from fedct.patients import PATIENT_AGGREGATE, by_patient, has_patients, one_label_each
 from fedct.runs import (
     SUMMARY,
     CheckpointTracker,
@@ -36,7 +36,8 @@ def score(model: torch.nn.Module, loader, *, device: torch.device, config,
     """A step's numbers on one loader (loss, accuracy, AUC, sensitivity, specificity,
     balanced accuracy at 0.5), its score histogram, for the operating point (per class for
     more than two classes), and, for two classes when the rows' `groups` share patients,
-    the histogram of the patients' mean scores, for the patient-level operating point."""
+    the histogram of the patients' mean scores, for the patient-level operating point (none
+    when a patient's slices carry two labels: such groups are not patients to diagnose)."""
     probs, truth = predict(model, loader, device=device, channels_last=config.channels_last,
                            amp=config.amp, tta=config.tta)
     metrics = summary_metrics(probs, truth, positive_index)
@@ -44,7 +45,7 @@ def score(model: torch.nn.Module, loader, *, device: torch.device, config,
     if probs.shape[1] > 2:
         return metrics, ClassHistograms.of(truth, probs), None
     patients = None
-    if groups is not None and has_patients(groups):
+    if groups is not None and has_patients(groups) and one_label_each(groups, truth):
         found = by_patient(groups, truth, probs, PATIENT_AGGREGATE, positive=positive_index)
         patients = ScoreHistogram.of(found["labels"] == positive_index, found["scores"])
     return (metrics, ScoreHistogram.of(truth == positive_index, probs[:, positive_index]),

@@ -276,3 +276,25 @@ def test_a_node_with_its_own_volumes_reads_the_slices_its_split_client_does(volu
     assert len(own.train) == len(by_split.train) > len(mine)  # several slices per volume
     assert own.train.images.sum() == by_split.train.images.sum()
     assert sorted(own.train.labels.tolist()) == sorted(by_split.train.labels.tolist())
+
+
+def test_val_groups_with_two_labels_give_no_patient_threshold_and_no_failure(tmp_path):
+    """Groups that are sites or studies rather than patients (two labels in one) train as
+    before: no patient-level threshold is stored, nothing fails."""
+    from fedct.data.synthetic import write_synthetic
+    from fedct.pretrain import run_pretrain
+    from fedct.runs import read_sidecar
+
+    data = write_synthetic(tmp_path / "data", n=96, seed=1, size=48)
+    with (data / "dataset.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    with (data / "mixed.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "group"])
+        writer.writeheader()
+        writer.writerows({"path": r["path"], "label": r["label"], "group": f"g{k // 8}"}
+                         for k, r in enumerate(rows))  # 8 rows: two patients, two labels
+    run_split(data / "mixed.csv", tmp_path / "split", SplitOptions(clients=1, seed=0))
+    settings = {k: v for k, v in TINY.items() if k not in ("rounds", "local_steps")}
+    config = build_config(PretrainConfig, None, {**settings, "epochs": 1, "pretrained": "none"})
+    run_pretrain(tmp_path / "split", tmp_path / "run", config, quiet=True)
+    assert "patient_operating_point" not in read_sidecar(tmp_path / "run" / "best")
