@@ -159,7 +159,8 @@ def print_class_evaluation(console: Console, report: dict) -> None:
     95% CIs, then each class's sensitivity, specificity, PPV and AUC against the rest."""
     results = report["results"]
     scopes = {r["data"] for r in results}
-    console.print(f"{report['data']}: {len(results[0]['classes'])} classes, each image called "
+    unit = "patient" if report.get("level") == "patient" else "image"
+    console.print(f"{report['data']}: {len(results[0]['classes'])} classes, each {unit} called "
                   "the class of highest probability", highlight=False)
     for start in range(0, len(results), RESULTS_PER_TABLE):
         chunk = results[start:start + RESULTS_PER_TABLE]
