@@ -90,9 +90,15 @@ LEGEND = {"train_loss": "train loss", "val_loss": "val loss", "fed_loss": "feder
           "fed_acc": "federated val accuracy at 0.5", "fed_auc": "federated val AUC"}
 
 
-def plot_curves(out: Path, best: int | None = None) -> Path | None:
+ARGMAX_LEGEND = {"val_acc": "val accuracy (highest probability)", "val_auc": "val macro AUC",
+                 "fed_acc": "federated val accuracy (highest probability)",
+                 "fed_auc": "federated val macro AUC"}
+
+
+def plot_curves(out: Path, best: int | None = None, argmax: bool = False) -> Path | None:
     """Loss, accuracy and AUC per epoch or round from summary.csv, the best step marked,
-    and each client's epsilon from privacy.csv when the run was private."""
+    and each client's epsilon from privacy.csv when the run was private (`argmax`: more
+    than two classes, accuracy of the most probable class and macro AUC)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,15 +112,17 @@ def plot_curves(out: Path, best: int | None = None) -> Path | None:
     privacy = _read_rows(out / "privacy.csv")
     panels = 3 if privacy else 2
     figure, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8))
-    figure.suptitle(f"run {out.parent.name}/{out.name}" + (f": best {step} {best}" if best
-                                                            else ""), fontsize=10)
+    named = Path(out).resolve()
+    figure.suptitle(f"run {named.parent.name}/{named.name}" + (f": best {step} {best}" if best
+                                                                else ""), fontsize=10)
     for ax, keys, title in ((axes[0], ("train_loss", "val_loss", "fed_loss"), "loss"),
                             (axes[1], ("val_acc", "val_auc", "fed_acc", "fed_auc"),
                              "validation accuracy and AUC")):
         for key in keys:
             series = _series(rows, step, key)
             if series:
-                ax.plot(*series, marker="o", markersize=3, label=LEGEND[key])
+                ax.plot(*series, marker="o", markersize=3,
+                        label={**LEGEND, **(ARGMAX_LEGEND if argmax else {})}[key])
         if best:
             ax.axvline(best, color="0.5", linestyle=":", linewidth=1, label=f"best {step}")
         ax.set_title(title, fontsize=10)
@@ -144,5 +152,6 @@ def finish_run(out: Path, report: dict, board: TensorBoardLog) -> None:
 
     write_report(out, report)
     board.close()
-    plot_curves(out, best=report.get("best_epoch") or report.get("best_round"))
+    plot_curves(out, best=report.get("best_epoch") or report.get("best_round"),
+                argmax=(report.get("operating_point") or {}).get("rule") == "argmax")
     write_model_card(out)

@@ -105,7 +105,7 @@ def three(tmp_path_factory):
     split = make_split(data, root / "split", clients=3, local_val=0.25)
     config = build_config(PretrainConfig, None, {
         **{k: v for k, v in SETTINGS.items() if k not in ("rounds", "local_steps")},
-        "epochs": 12, "pretrained": "none"})
+        "epochs": 30, "pretrained": "none"})
     run_pretrain(split, root / "stage1", config, quiet=True)
     return {"root": root, "data": data, "split": split, "stage1": root / "stage1"}
 
