@@ -39,7 +39,8 @@ def number(value) -> str:
 
 
 def print_stage1(console: Console, report: dict, out) -> None:
-    """The best epoch on val: AUC, then the figures at the chosen threshold and at 0.5."""
+    """The best epoch on val: AUC, then the figures at the chosen threshold and at 0.5 (for
+    more than two classes: macro AUC, accuracy and balanced accuracy of the most probable)."""
     best, point = report["best"], report["operating_point"]
     table = Table(title=f"stage 1: best epoch {report['best_epoch']} by {report['monitor']}",
                   box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
@@ -48,17 +49,14 @@ def print_stage1(console: Console, report: dict, out) -> None:
             table.add_column(column, justify="right")
         table.add_row("highest probability", number(best["val_auc"]), number(best["val_acc"]),
                       number(best.get("val_balanced_acc")))
-        console.print(table)
-        console.print(f"wrote {out}/best.safetensors (+ last, summary.csv, report.json); "
-                      f"{report['train_images_per_second']} train images/s")
-        return
-    for column in ("val", "AUC", "threshold", "accuracy", "sensitivity", "specificity"):
-        table.add_column(column, justify="right")
-    table.add_row(f"at {point['rule']}", number(best["val_auc"]), f"{point['threshold']:.3f}",
-                  number(point["acc"]), number(point["sensitivity"]),
-                  number(point["specificity"]))
-    table.add_row("at 0.5", "", "0.500", number(best["val_acc"]),
-                  number(best["val_sensitivity"]), number(best["val_specificity"]))
+    else:
+        for column in ("val", "AUC", "threshold", "accuracy", "sensitivity", "specificity"):
+            table.add_column(column, justify="right")
+        table.add_row(f"at {point['rule']}", number(best["val_auc"]),
+                      f"{point['threshold']:.3f}", number(point["acc"]),
+                      number(point["sensitivity"]), number(point["specificity"]))
+        table.add_row("at 0.5", "", "0.500", number(best["val_acc"]),
+                      number(best["val_sensitivity"]), number(best["val_specificity"]))
     console.print(table)
     console.print(f"wrote {out}/best.safetensors (+ last, summary.csv, report.json); "
                   f"{report['train_images_per_second']} train images/s")
@@ -68,21 +66,18 @@ def print_federate(console: Console, report: dict, out) -> None:
     """The final round on the val the run selects on, the best round and its threshold."""
     final, point = report["final"], report["operating_point"]
     p = report["monitor"].split("_", 1)[0]
+    best = f"best round {report['best_round']} by {report['monitor']}"
     if point["rule"] == "argmax":  # more than two classes: no threshold
-        console.print(f"final (round {report['rounds']}): {'federated ' if p == 'fed' else ''}"
-                      f"val macro AUC {number(final[f'{p}_auc'])}, acc {number(final[f'{p}_acc'])}, "
-                      f"balanced acc {number(final[f'{p}_balanced_acc'])} (highest probability); "
-                      f"best round {report['best_round']} by {report['monitor']}"
-                      + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""),
-                      highlight=False)
-        console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")
-        return
+        figures = (f"val macro AUC {number(final[f'{p}_auc'])}, acc {number(final[f'{p}_acc'])}, "
+                   f"balanced acc {number(final[f'{p}_balanced_acc'])} (highest probability); "
+                   f"{best}")
+    else:
+        figures = (f"val AUC {number(final[f'{p}_auc'])}, acc {number(final[f'{p}_acc'])} at "
+                   f"0.5; {best}, threshold {point['threshold']:.3f} ({point['rule']} on "
+                   f"{point['source']}: acc {number(point['acc'])}, sens "
+                   f"{number(point['sensitivity'])}, spec {number(point['specificity'])})")
     console.print(f"final (round {report['rounds']}): {'federated ' if p == 'fed' else ''}"
-                  f"val AUC {number(final[f'{p}_auc'])}, acc {number(final[f'{p}_acc'])} at "
-                  f"0.5; best round {report['best_round']} by {report['monitor']}, threshold "
-                  f"{point['threshold']:.3f} ({point['rule']} on {point['source']}: acc "
-                  f"{number(point['acc'])}, sens {number(point['sensitivity'])}, spec "
-                  f"{number(point['specificity'])})"
+                  + figures
                   + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""),
                   highlight=False)
     console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")
@@ -113,6 +108,23 @@ EVALUATION_ROWS = (  # (row label, which figures, key); "chosen": at the chosen 
 RESULTS_PER_TABLE = 4  # result columns beside the labels: legible at 80 columns
 
 
+def _result_tables(results: list[dict]):
+    """Tables of at most four results each, columns named by checkpoint (and scope, with a
+    row of counts, when there are several scopes), and the results each holds; the caller
+    adds the metric rows."""
+    scopes = {r["data"] for r in results}
+    for start in range(0, len(results), RESULTS_PER_TABLE):
+        chunk = results[start:start + RESULTS_PER_TABLE]
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column(f"n = {chunk[0]['n']}" if len(scopes) == 1 else "", no_wrap=True)
+        for r in chunk:
+            table.add_column(r["checkpoint"] + ("" if len(scopes) == 1 else f"\n{r['data']}"),
+                             justify="right")
+        if len(scopes) > 1:
+            table.add_row("images", *(str(r["n"]) for r in chunk))
+        yield table, chunk
+
+
 def print_evaluation(console: Console, report: dict) -> None:
     """Metrics as rows, one column per checkpoint and data scope (at most four a table, so
     it reads at 80 columns): first the figures at the threshold each checkpoint chose on
@@ -123,17 +135,8 @@ def print_evaluation(console: Console, report: dict) -> None:
     if positive is None:
         print_class_evaluation(console, report)
         return
-    scopes = {r["data"] for r in results}
     console.print(f"{report['data']}: positive class {positive}", highlight=False)
-    for start in range(0, len(results), RESULTS_PER_TABLE):
-        chunk = results[start:start + RESULTS_PER_TABLE]
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column(f"n = {chunk[0]['n']}" if len(scopes) == 1 else "", no_wrap=True)
-        for r in chunk:
-            table.add_column(r["checkpoint"] + ("" if len(scopes) == 1 else f"\n{r['data']}"),
-                             justify="right")
-        if len(scopes) > 1:
-            table.add_row("images", *(str(r["n"]) for r in chunk))
+    for table, chunk in _result_tables(results):
         for label, which, key in EVALUATION_ROWS:
             table.add_row(label, *(_cell(r[which], key) for r in chunk),
                           end_section=label in ("AUC (any threshold)", "at 0.5: specificity"))
@@ -158,19 +161,10 @@ def print_class_evaluation(console: Console, report: dict) -> None:
     """The evaluation of a model of more than two classes: the headline figures with their
     95% CIs, then each class's sensitivity, specificity, PPV and AUC against the rest."""
     results = report["results"]
-    scopes = {r["data"] for r in results}
     unit = "patient" if report.get("level") == "patient" else "image"
     console.print(f"{report['data']}: {len(results[0]['classes'])} classes, each {unit} called "
                   "the class of highest probability", highlight=False)
-    for start in range(0, len(results), RESULTS_PER_TABLE):
-        chunk = results[start:start + RESULTS_PER_TABLE]
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column(f"n = {chunk[0]['n']}" if len(scopes) == 1 else "", no_wrap=True)
-        for r in chunk:
-            table.add_column(r["checkpoint"] + ("" if len(scopes) == 1 else f"\n{r['data']}"),
-                             justify="right")
-        if len(scopes) > 1:
-            table.add_row("images", *(str(r["n"]) for r in chunk))
+    for table, chunk in _result_tables(results):
         for label, key in CLASS_ROWS:
             table.add_row(label, *(_cell(r["chosen"], key) for r in chunk),
                           end_section=key == "auc")
