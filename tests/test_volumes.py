@@ -298,3 +298,93 @@ def test_val_groups_with_two_labels_give_no_patient_threshold_and_no_failure(tmp
     config = build_config(PretrainConfig, None, {**settings, "epochs": 1, "pretrained": "none"})
     run_pretrain(tmp_path / "split", tmp_path / "run", config, quiet=True)
     assert "patient_operating_point" not in read_sidecar(tmp_path / "run" / "best")
+
+
+def test_a_dicom_series_reads_as_the_same_volume_in_order_of_position(tmp_path):
+    pytest.importorskip("pydicom")
+    from fedct.data.series import write_series
+
+    hu = np.maximum(np.round(read_volume_like_chest()), -1024)  # what uint16 + -1024 holds
+    write_series(tmp_path / "series", hu, (0.7, 0.7, 5.0))
+    write_volume(tmp_path / "same.nii.gz", hu, (0.7, 0.7, 5.0))
+    files = sorted((tmp_path / "series").iterdir())
+    files[0].rename(tmp_path / "series" / "zz-first-by-position.dcm")  # names do not order
+    series = read_volume(tmp_path / "series")
+    assert series.shape == hu.shape
+    assert np.array_equal(series, read_volume(tmp_path / "same.nii.gz"))
+    assert choose_slices(series, "lung", tmp_path) == choose_slices(hu, "lung", tmp_path)
+
+
+def test_a_series_that_is_not_one_whole_axial_series_is_named_in_one_line(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from fedct.data.series import write_series
+
+    hu = read_volume_like_chest()[:6]
+
+    def fresh(name):
+        folder = tmp_path / name
+        write_series(folder, hu, (0.7, 0.7, 5.0))
+        return folder, sorted(folder.iterdir())
+
+    cases = []
+    folder, files = fresh("mixed")
+    write_series(folder / "other", hu[:1], (0.7, 0.7, 5.0))
+    (folder / "other" / "slice0000.dcm").rename(folder / "extra.dcm")
+    cases.append((folder, "files of 2 series"))
+    folder, files = fresh("gap")
+    files[3].unlink()
+    cases.append((folder, "slice spacing varies from 5.00 to 10.00 mm"))
+    folder, files = fresh("twice")
+    ds = pydicom.dcmread(files[2])
+    ds.ImagePositionPatient = pydicom.dcmread(files[1]).ImagePositionPatient
+    ds.save_as(files[2])
+    cases.append((folder, "lie at one position"))
+    folder, files = fresh("nowhere")
+    ds = pydicom.dcmread(files[0])
+    del ds.ImagePositionPatient
+    ds.save_as(files[0])
+    cases.append((folder, "no ImagePositionPatient"))
+    folder, files = fresh("sagittal")
+    for file in files:
+        ds = pydicom.dcmread(file)
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.save_as(file)
+    cases.append((folder, "not an axial slice"))
+    for folder, message in cases:
+        with pytest.raises(FedctError, match=message):
+            read_volume(folder)
+
+
+def test_dicom_series_split_and_predict_like_nifti_volumes(tmp_path):
+    pytest.importorskip("pydicom")
+    data = write_synthetic_volumes(tmp_path / "data", n=6, seed=3, size=32, depth=12,
+                                   dicom=True)
+    run_split(data / "dataset.csv", tmp_path / "split", SplitOptions(clients=1, seed=0))
+    split = load_split(tmp_path / "split")
+    assert {e.row.path for e in split.entries} == {f"volumes/p{k:04d}" for k in range(6)}
+    images = SplitImages(split, 32)
+    entry = split.entries[0]
+    expected = resized(window(read_volume(split.root / entry.row.path)[entry.row.slice],
+                              (-600.0, 1500.0)), 32)
+    assert np.array_equal(images.images[images.index[entry.row.key]][0].numpy(), expected)
+    hu = read_volume(data / "volumes" / "p0004")
+    from fedct.data.series import write_series
+
+    write_series(data / "volumes" / "p0004", hu + 10.0, (0.7, 0.7, 5.0))  # same names
+    with pytest.raises(FedctError, match="changed since it was split"):
+        load_split(tmp_path / "split")
+
+
+def test_predict_reads_series_listed_in_a_csv(checkpoint, tmp_path):
+    pytest.importorskip("pydicom")
+    from fedct.predict import run_predict
+
+    data = write_synthetic_volumes(tmp_path / "data", n=2, seed=4, size=32, depth=12,
+                                   dicom=True)
+    listing = data / "scans.csv"
+    listing.write_text("path\nvolumes/p0000\nvolumes/p0001\n")
+    report = run_predict(checkpoint, [listing], out=tmp_path / "p.csv")
+    expected = sum(len(choose_slices(read_volume(data / "volumes" / f"p{k:04d}"), "lung", data))
+                   for k in range(2))
+    assert report["images"] == expected
+    assert [g["group"] for g in report["groups"]] == ["volumes/p0000", "volumes/p0001"]

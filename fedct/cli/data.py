@@ -34,6 +34,7 @@ def synth(
     classes: Annotated[int, typer.Option(help="2: CT_COVID, CT_NonCOVID; 3: CT_CAP (dense consolidation), CT_COVID (ground glass), CT_Normal.")] = 2,
     volumes: Annotated[bool, typer.Option(help="Write --n NIfTI chest CT volumes in Hounsfield units (abdomen to neck, lesions over a run of slices), labelled per patient.")] = False,
     depth: Annotated[int, typer.Option(help="--volumes: slices per volume.")] = 24,
+    dicom: Annotated[bool, typer.Option(help="--volumes: write each volume as a DICOM series (a folder of slices) instead of NIfTI.")] = False,
     force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Write synthetic axial chest-CT slices (CT_COVID / CT_NonCOVID, or three classes with
@@ -45,7 +46,8 @@ def synth(
         from fedct.data.synthetic_volumes import write_synthetic_volumes
 
         path = write_synthetic_volumes(out, n=n, seed=seed, size=size, depth=depth,
-                                       sites=sites, classes=classes, force=force)
+                                       sites=sites, classes=classes, dicom=dicom,
+                                       force=force)
         console.print(f"wrote {n} volumes to {path / 'volumes'} (labels, patients and sites "
                       f"in {path / 'dataset.csv'})")
         return
@@ -59,7 +61,7 @@ def synth(
 @command(rich_help_panel="Data")
 @one_line_errors
 def split(
-    dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or CSV path,label[,group][,site][,split].")],
+    dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or CSV path,label[,group][,site][,split]; a path may be a NIfTI volume or a DICOM series' folder.")],
     out: Annotated[Path, typer.Option("--out", help="Split directory to write.")],
     scheme: Annotated[str, typer.Option(click_type=click.Choice(SCHEMES), help="Client partition: iid, dirichlet, shards, quantity, natural.")] = "iid",
     clients: Annotated[int | None, typer.Option(help="Number of clients (natural: one per value).")] = None,

@@ -50,6 +50,14 @@ def file_stamp(stat: os.stat_result) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
 
 
+def path_stamp(path: Path) -> str:
+    """`file_stamp` of a file, or of every file in a folder (a DICOM series)."""
+    if not path.is_dir():
+        return file_stamp(path.stat())
+    return ";".join(f"{p.name}:{file_stamp(p.stat())}" for p in sorted(path.iterdir())
+                    if p.is_file())
+
+
 def _cache_key(paths: list[Path], size: int, slices: list[int | None] | None,
                level_width: tuple[float, float] | None) -> str:
     digest = hashlib.sha256(f"v2:{size}".encode())
@@ -57,7 +65,7 @@ def _cache_key(paths: list[Path], size: int, slices: list[int | None] | None,
         digest.update(f"slices {level_width}\n".encode())
     for k, path in enumerate(paths):
         where = "" if slices is None or slices[k] is None else f"#{slices[k]}"
-        digest.update(f"{path}{where}\0{file_stamp(path.stat())}\n".encode())
+        digest.update(f"{path}{where}\0{path_stamp(path)}\n".encode())
     return digest.hexdigest()[:32]
 
 

@@ -326,9 +326,9 @@ def verify_fingerprint(split: Split) -> None:
     changes the ctime), so a Flower node answering every round, or a command run again, does
     not re-read every image.
     """
-    from fedct.data.loading import cache_dir, file_stamp
+    from fedct.data.loading import cache_dir, path_stamp
 
-    missing = [e.row.path for e in split.entries if not (split.root / e.row.path).is_file()]
+    missing = [e.row.path for e in split.entries if not (split.root / e.row.path).exists()]
     if missing:
         raise FedctError(f"{split.root / missing[0]}: image listed in {split.directory / MANIFEST} "
                          f"is missing ({len(missing)} missing)")
@@ -337,9 +337,9 @@ def verify_fingerprint(split: Split) -> None:
         return
     digest = hashlib.sha256(f"{expected}\n".encode())
     for entry in sorted(split.entries, key=lambda e: e.row.key):
-        stat = (split.root / entry.row.path).stat()
+
         digest.update(f"{entry.row.key}\0{entry.row.label}\0{entry.row.group}\0{entry.row.site}"
-                      f"\0{file_stamp(stat)}\n".encode())
+                      f"\0{path_stamp(split.root / entry.row.path)}\n".encode())
     marker = cache_dir() / f"verified-{digest.hexdigest()[:32]}"
     if marker.is_file():
         return

@@ -234,7 +234,7 @@ def check_files(dataset: Dataset, *, skip_bad: bool, workers: int = 4,
                 volumes: VolumeOptions | None = None) -> Dataset:
     """Decode every image once; stop on the first bad one, or drop and list them. A volume
     becomes a row per slice its rule keeps (`volumes`, or the default rule and window)."""
-    if any(is_volume(r.path) and r.slice is None for r in dataset.rows):
+    if any(r.slice is None and is_volume(dataset.root / r.path) for r in dataset.rows):
         dataset = expand_volumes(dataset, volumes or VolumeOptions(), skip_bad=skip_bad)
     paths = [dataset.root / r.path for r in dataset.rows if r.slice is None]
 
@@ -261,7 +261,7 @@ def expand_volumes(dataset: Dataset, options: VolumeOptions, *, skip_bad: bool) 
     path unless the data named one); volumes are read one at a time."""
     rows, bad = [], []
     for row in dataset.rows:
-        if not is_volume(row.path) or row.slice is not None:
+        if row.slice is not None or not is_volume(dataset.root / row.path):
             rows.append(row)
             continue
         try:
@@ -362,6 +362,16 @@ def _dicom_colour(path: Path, pixels: np.ndarray, samples: int) -> np.ndarray:
     return np.clip(gray + 0.5, 0, 255).astype(np.uint8) if pixels.max() <= 255 else _stretch(gray)
 
 
+def content_digest(path: Path) -> bytes:
+    """SHA-256 of a file's bytes, or of a series folder's files (names and bytes)."""
+    if not path.is_dir():
+        return hashlib.sha256(path.read_bytes()).digest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(f"{file.name}\0".encode() + hashlib.sha256(file.read_bytes()).digest())
+    return digest.digest()
+
+
 def fingerprint(dataset: Dataset) -> str:
     """SHA-256 over every row and every image's bytes: later commands detect a changed
     dataset. A volume's bytes are hashed once for all its slices."""
@@ -371,6 +381,6 @@ def fingerprint(dataset: Dataset) -> str:
         where = "" if row.slice is None else f"{row.slice}\0"
         digest.update(f"{row.path}\0{row.label}\0{row.group}\0{row.site}\0{where}".encode())
         if row.path not in files:
-            files[row.path] = hashlib.sha256((dataset.root / row.path).read_bytes()).digest()
+            files[row.path] = content_digest(dataset.root / row.path)
         digest.update(files[row.path])
     return digest.hexdigest()

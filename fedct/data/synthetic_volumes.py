@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedct.data.series import write_series
 from fedct.data.synthetic import NEGATIVE, POSITIVE, THREE_CLASSES
 from fedct.data.volumes import write_volume
 from fedct.errors import FedctError
@@ -86,9 +87,9 @@ def synth_volume(rng: np.random.Generator, *, size: int, depth: int, lesion: str
 
 def write_synthetic_volumes(out: str | Path, *, n: int = 24, seed: int = 0, size: int = 64,
                             depth: int = 24, sites: int = 3, classes: int = 2,
-                            force: bool = False) -> Path:
-    """Write `n` volumes (one per patient) under OUT/volumes/ and OUT/dataset.csv
-    (path, label, group, site)."""
+                            dicom: bool = False, force: bool = False) -> Path:
+    """Write `n` volumes (one per patient) under OUT/volumes/, as NIfTI files or (`dicom`)
+    as DICOM series, one folder each, and OUT/dataset.csv (path, label, group, site)."""
     out = Path(out)
     if n < 2 or size < 32 or depth < 8 or sites < 1 or classes not in (2, 3):
         raise FedctError("synth --volumes: need --n >= 2, --size >= 32, --depth >= 8, "
@@ -107,8 +108,11 @@ def write_synthetic_volumes(out: str | Path, *, n: int = 24, seed: int = 0, size
         noise, offset = site_params[site]
         volume = synth_volume(rng, size=size, depth=depth, lesion=lesion, noise=noise,
                               offset=offset)
-        rel = f"volumes/p{patient:04d}.nii.gz"
-        write_volume(out / rel, volume, SPACING)
+        rel = f"volumes/p{patient:04d}" + ("" if dicom else ".nii.gz")
+        if dicom:
+            write_series(out / rel, volume, SPACING)
+        else:
+            write_volume(out / rel, volume, SPACING)
         rows.append((rel, label, f"p{patient:04d}", f"site{site}"))
     with (out / "dataset.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -1,5 +1,5 @@
-"""CT volumes (NIfTI, `.nii` / `.nii.gz`) as axial slices, by a stated rule, windowed in
-Hounsfield units.
+"""CT volumes (NIfTI, `.nii` / `.nii.gz`, or a folder holding one DICOM series) as axial
+slices, by a stated rule, windowed in Hounsfield units.
 
 A volume is read with nibabel (the `volumes` extra), turned to the closest canonical (RAS+)
 orientation and cut along its superior axis; each slice is shown as a radiologist sees it
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedct.data.series import is_series, read_series
 from fedct.errors import FedctError
 
 SUFFIXES = (".nii", ".nii.gz")
@@ -28,7 +29,8 @@ LUNG_SHARE = 0.05
 
 
 def is_volume(path: str | Path) -> bool:
-    return str(path).lower().endswith(SUFFIXES)
+    """A NIfTI file, or a folder holding a DICOM series (give the path as found on disk)."""
+    return str(path).lower().endswith(SUFFIXES) or is_series(Path(path))
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,14 @@ def parse_window(text: str) -> tuple[float, float]:
 
 
 def read_volume(path: Path) -> np.ndarray:
-    """The volume in HU as [slices, rows, columns], inferior to superior, each slice
+    """The volume (a NIfTI file, or a DICOM series' folder: `fedct.data.series`) in HU as
+    [slices, rows, columns], inferior to superior, each slice
     anterior up and the patient's right on the left; a one-line error naming the file for
     anything that is not one 3-D volume. Integer voxels with an integer rescale stay
     integers and the array is a view of the one read (a 512 x 512 x 300 int16 volume is
     150 MiB in memory, not 600 as float64); other voxels become float32."""
+    if Path(path).is_dir():
+        return read_series(Path(path))
     try:
         import nibabel as nib
     except ImportError:

@@ -106,7 +106,7 @@ def _own_rows(source: Path, classes: list[str], volumes: VolumeOptions) -> list:
     """A node's own dataset's rows, with absolute paths, labelled by the server's classes;
     its volumes as the slices `volumes` keep (node config `slices=`, `window=`)."""
     dataset = read_dataset(source)
-    if any(is_volume(r.path) for r in dataset.rows):
+    if any(is_volume(dataset.root / r.path) for r in dataset.rows):
         dataset = expand_volumes(dataset, volumes, skip_bad=False)
     unknown = sorted({r.label for r in dataset.rows} - set(classes))
     if unknown:
