@@ -204,7 +204,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
                                          positive=positive, negative=negative, dev=dev,
                                          tta=tta, skip_bad=skip_bad, explainer=explainer,
                                          on_batch=on_batch,
-                                         window=(volumes or VolumeOptions()).level_width)
+                                         options=volumes or VolumeOptions())
         skipped = [*bad_volumes, *skipped]
         if not rows:
             raise FedctError(f"every one of the {len(items)} inputs was bad, nothing written "
@@ -243,7 +243,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
 def _predict_batches(items: list[Item], model, transform, size: int, classes: list[str], *,
                      cut: float, positive: str | None, negative: str, dev, tta: bool,
                      skip_bad: bool, explainer, on_batch,
-                     window: tuple[float, float]) -> tuple[list[dict], list[str]]:
+                     options: VolumeOptions) -> tuple[list[dict], list[str]]:
     """A row per readable item (its positive-class probability and the decision at `cut`;
     with no positive class, the class of highest probability and every class's), and the
     problems of the items skipped."""
@@ -253,7 +253,9 @@ def _predict_batches(items: list[Item], model, transform, size: int, classes: li
         batch, pixels = [], []
         for item in items[start:start + BATCH]:
             try:
-                pixels.append(decode_resized(item.path, size) if item.slice is None else
+                window = options.level_width
+                pixels.append(decode_resized(item.path, size, window, options.slope_intercept)
+                              if item.slice is None else
                               resized(window_hu(volume(item.path)[item.slice], window), size))
                 batch.append(item)
             except FedctError as exc:

@@ -90,7 +90,8 @@ def check_fields(meta, sidecar: Path) -> dict:
     if meta.get("volumes") is not None:
         volumes = meta["volumes"]
         try:
-            VolumeOptions(slices=str(volumes["slices"]), window=str(volumes["window"]))
+            VolumeOptions(slices=str(volumes["slices"]), window=str(volumes["window"]),
+                          rescale=str(volumes.get("rescale", "")))
         except (TypeError, KeyError, FedctError):
             raise bad("volumes", "the slice rule and window its training split used") from None
     point = meta.get("operating_point")

@@ -388,3 +388,31 @@ def test_predict_reads_series_listed_in_a_csv(checkpoint, tmp_path):
                    for k in range(2))
     assert report["images"] == expected
     assert [g["group"] for g in report["groups"]] == ["volumes/p0000", "volumes/p0001"]
+
+
+def test_16_bit_slices_are_windowed_with_a_stated_rescale_or_stretched_as_before(tmp_path):
+    from PIL import Image
+
+    from fedct.data.sources import decode_image
+
+    hu = read_volume_like_chest()[6]
+    stored = np.clip(np.round(hu) + 1024, 0, 65535).astype(np.uint16)
+    for label in ("CT_COVID", "CT_NonCOVID"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for k in range(4):
+            Image.fromarray(stored).save(tmp_path / "data" / label / f"s{k}.png")
+    path = tmp_path / "data" / "CT_COVID" / "s0.png"
+    windowed = decode_image(path, rescale=(1.0, -1024.0))
+    assert np.array_equal(windowed, window(np.round(hu).clip(-1024), (-600.0, 1500.0)))
+    stretched = decode_image(path)
+    assert stretched.min() == 0 and stretched.max() == 255  # its own extremes, as before
+    result = runner.invoke(app, ["split", str(tmp_path / "data"), "--out", str(tmp_path / "s"),
+                                 "--clients", "1", "--hu-rescale", "1,-1024"])
+    assert result.exit_code == 0, result.output
+    split = load_split(tmp_path / "s")
+    assert split.meta["volumes"]["rescale"] == "1,-1024"
+    images = SplitImages(split, 32)
+    assert np.array_equal(images.images[0][0].numpy(), resized(windowed, 32))
+    result = runner.invoke(app, ["split", str(tmp_path / "data"), "--out", str(tmp_path / "t"),
+                                 "--hu-rescale", "0,5"])
+    assert result.exit_code == 2 and "--hu-rescale 0,5" in result.output

@@ -108,7 +108,11 @@ SlicesOption = Annotated[str | None, typer.Option(help="Volumes (.nii, .nii.gz):
 WindowOption = Annotated[str | None, typer.Option(help="Volumes: the Hounsfield window that maps a slice to 8 bits: lung (level -600, width 1500), mediastinum (40, 400) or LEVEL,WIDTH. \\[default: lung; evaluate, predict: the checkpoint's training window]")]
 
 
-def volume_options(slices: str | None, window: str | None, checkpoint=None):
+RescaleOption = Annotated[str | None, typer.Option("--hu-rescale", help="16-bit PNG/TIFF slices: SLOPE,INTERCEPT that take their values to Hounsfield units (e.g. 1,-1024), so they are windowed by --window like DICOM and volumes. \\[default: none, each image stretched between its own extremes; evaluate, predict: the checkpoint's]")]
+
+
+def volume_options(slices: str | None, window: str | None, rescale: str | None = None,
+                   checkpoint=None):
     """VolumeOptions from the flags, else from what the checkpoint's training split used,
     else the defaults (each value checked, one-line errors)."""
     from fedct.data.volumes import VolumeOptions
@@ -116,4 +120,5 @@ def volume_options(slices: str | None, window: str | None, checkpoint=None):
 
     trained = (read_sidecar(checkpoint).get("volumes") or {}) if checkpoint else {}
     return VolumeOptions(slices=slices or trained.get("slices", "lung"),
-                         window=window or trained.get("window", "lung"))
+                         window=window or trained.get("window", "lung"),
+                         rescale=rescale or trained.get("rescale", ""))

@@ -9,6 +9,7 @@ import click
 import typer
 
 from fedct.cli.common import (
+    RescaleOption,
     SlicesOption,
     WindowOption,
     command,
@@ -79,6 +80,7 @@ def split(
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same manifest.")] = 0,
     slices: SlicesOption = None,
     window: WindowOption = None,
+    hu_rescale: RescaleOption = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and list them.")] = False,
     force: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
@@ -99,7 +101,7 @@ def split(
     )
     path, meta = run_split(dataset, out, options, group_pattern=group_pattern, positive=positive,
                            skip_bad=skip_bad, force=force,
-                           volumes=volume_options(slices, window))
+                           volumes=volume_options(slices, window, hu_rescale))
     for problem in meta["dataset"]["skipped"]:
         err_console.print(f"skipped: {problem}", highlight=False)
     for warning in meta.get("warnings", []):

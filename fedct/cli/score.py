@@ -9,6 +9,7 @@ import click
 import typer
 
 from fedct.cli.common import (
+    RescaleOption,
     SlicesOption,
     WindowOption,
     command,
@@ -45,6 +46,7 @@ def evaluate(
     aggregate: Annotated[str, typer.Option(help="--level patient: mean, max or top:K (mean of the K highest) slice probability.")] = "mean",
     slices: SlicesOption = None,
     window: WindowOption = None,
+    hu_rescale: RescaleOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Score checkpoints: accuracy, sensitivity, specificity, PPV, NPV, F1, AUC with 95% CIs.
@@ -67,7 +69,7 @@ def evaluate(
                               per_client=per_client, out=out, n_boot=bootstrap, seed=seed,
                               device=device, tta=tta, threshold=threshold, explain=explain,
                               cam_layer=cam_layer, level=level, aggregate=aggregate,
-                              volumes=volume_options(slices, window, checkpoints[0]))
+                              volumes=volume_options(slices, window, hu_rescale, checkpoints[0]))
     if json_out:
         print_json(report)
         return
@@ -120,6 +122,7 @@ def predict_command(
     force: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     slices: SlicesOption = None,
     window: WindowOption = None,
+    hu_rescale: RescaleOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print every prediction as JSON on stdout.")] = False,
 ) -> None:
     """Classify new, unlabelled images at the checkpoint's stored threshold.
@@ -138,7 +141,7 @@ def predict_command(
                              group_column=group_column, threshold=threshold, skip_bad=skip_bad,
                              explain=explain, cam_layer=cam_layer, tta=tta, device=device,
                              force=force, on_batch=callback,
-                             volumes=volume_options(slices, window, checkpoint))
+                             volumes=volume_options(slices, window, hu_rescale, checkpoint))
     for problem in report["skipped"]:
         err_console.print(f"skipped: {problem}", highlight=False, soft_wrap=True)
     for note in report["notes"]:

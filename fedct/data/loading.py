@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from fedct.data.sources import decode_image
-from fedct.data.volumes import WINDOWS, decode_slices
+from fedct.data.volumes import WINDOWS, decode_slices, parse_rescale
 from fedct.errors import FedctError
 
 
@@ -59,18 +59,20 @@ def path_stamp(path: Path) -> str:
 
 
 def _cache_key(paths: list[Path], size: int, slices: list[int | None] | None,
-               level_width: tuple[float, float] | None) -> str:
+               level_width: tuple[float, float] | None,
+               rescale: tuple[float, float] | None = None) -> str:
     digest = hashlib.sha256(f"v2:{size}".encode())
-    if slices is not None and any(s is not None for s in slices):  # 2-D keys stay as they were
-        digest.update(f"slices {level_width}\n".encode())
+    if rescale is not None or (slices is not None and any(s is not None for s in slices)):
+        digest.update(f"slices {level_width} {rescale}\n".encode())  # 2-D keys as they were
     for k, path in enumerate(paths):
         where = "" if slices is None or slices[k] is None else f"#{slices[k]}"
         digest.update(f"{path}{where}\0{path_stamp(path)}\n".encode())
     return digest.hexdigest()[:32]
 
 
-def decode_resized(path: Path, size: int) -> np.ndarray:
-    return resized(decode_image(path), size)
+def decode_resized(path: Path, size: int, window: tuple[float, float] = WINDOWS["lung"],
+                   rescale: tuple[float, float] | None = None) -> np.ndarray:
+    return resized(decode_image(path, window=window, rescale=rescale), size)
 
 
 def resized(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -80,13 +82,16 @@ def resized(pixels: np.ndarray, size: int) -> np.ndarray:
 
 def load_images(paths: list[Path], size: int, *, use_cache: bool = True,
                 slices: list[int | None] | None = None,
-                level_width: tuple[float, float] | None = None) -> torch.Tensor:
+                level_width: tuple[float, float] | None = None,
+                rescale: tuple[float, float] | None = None) -> torch.Tensor:
     """All images as one uint8 tensor [N, 1, size, size], from the cache when it is there.
     `slices`: for each path, the slice of its volume (None: a 2-D image), windowed at
-    `level_width`; each volume is read once, one at a time."""
+    `level_width` (as DICOM and, with `rescale` to HU, 16-bit images are); each volume is
+    read once, one at a time."""
     if not paths:
         return torch.zeros((0, 1, size, size), dtype=torch.uint8)
-    target = cache_dir() / f"images-{_cache_key(paths, size, slices, level_width)}.pt"
+    target = cache_dir() / f"images-{_cache_key(paths, size, slices, level_width, rescale)}.pt"
+    level_width = level_width or WINDOWS["lung"]
     if use_cache and target.is_file():
         try:
             return torch.load(target, weights_only=True)
@@ -96,8 +101,8 @@ def load_images(paths: list[Path], size: int, *, use_cache: bool = True,
     flat = [k for k, s in enumerate(slices) if s is None]
     arrays: list[np.ndarray | None] = [None] * len(paths)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for k, array in zip(flat, pool.map(lambda k: decode_resized(paths[k], size), flat),
-                            strict=True):
+        for k, array in zip(flat, pool.map(
+                lambda k: decode_resized(paths[k], size, level_width, rescale), flat), strict=True):
             arrays[k] = array
     volumes: dict[Path, list[int]] = {}
     for k, s in enumerate(slices):
@@ -105,7 +110,7 @@ def load_images(paths: list[Path], size: int, *, use_cache: bool = True,
             volumes.setdefault(paths[k], []).append(k)
     for path, rows in volumes.items():
         for k, pixels in zip(rows, decode_slices(path, [slices[k] for k in rows],
-                                                 level_width or WINDOWS["lung"]), strict=True):
+                                                 level_width), strict=True):
             arrays[k] = resized(pixels, size)
     images = torch.from_numpy(np.stack(arrays)).unsqueeze(1).contiguous()
     if use_cache:
@@ -186,7 +191,8 @@ class SplitImages:
         self.images = load_images([split.root / e.row.path for e in split.entries], size,
                                   slices=[e.row.slice for e in split.entries],
                                   level_width=(float(volumes["level"]), float(volumes["width"]))
-                                  if volumes else None)
+                                  if volumes else None,
+                                  rescale=parse_rescale((volumes or {}).get("rescale", "")))
         self.class_index = {name: i for i, name in enumerate(classes or split.classes)}
 
     def dataset(self, entries, transform) -> ImageTensorDataset:

@@ -264,7 +264,7 @@ def load_split(directory: str | Path, *, verify: bool = True) -> Split:
     if recorded is not None and recorded != manifest_digest(entries):
         raise FedctError(f"{manifest}: edited since `fedct split` wrote it (its rows, splits or "
                          f"clients differ from {SPLIT_YAML}'s digest); run `fedct split` again")
-    if any(e.row.slice is not None for e in entries):
+    if "volumes" in meta or any(e.row.slice is not None for e in entries):
         check_volume_record(meta_path, meta.get("volumes"))
     split = Split(directory=directory, root=root, entries=entries, classes=classes,
                   positive=meta.get("positive"), meta=meta)
@@ -302,7 +302,8 @@ def check_volume_record(path: Path, record) -> None:
         raise FedctError(f"{path}: the manifest lists volume slices but key 'volumes' is "
                          f"{record!r}; run `fedct split` again")
     try:
-        options = VolumeOptions(slices=str(record.get("slices")), window=str(record.get("window")))
+        options = VolumeOptions(slices=str(record.get("slices")), window=str(record.get("window")),
+                                rescale=str(record.get("rescale", "")))
     except FedctError as exc:
         raise FedctError(f"{path}: key 'volumes': {exc}") from None
     if (record.get("level"), record.get("width")) != options.level_width:

@@ -236,6 +236,8 @@ def check_files(dataset: Dataset, *, skip_bad: bool, workers: int = 4,
     becomes a row per slice its rule keeps (`volumes`, or the default rule and window)."""
     if any(r.slice is None and is_volume(dataset.root / r.path) for r in dataset.rows):
         dataset = expand_volumes(dataset, volumes or VolumeOptions(), skip_bad=skip_bad)
+    elif volumes is not None and volumes.rescale:  # 16-bit slices windowed: recorded too
+        dataset = replace(dataset, volumes=volumes)
     paths = [dataset.root / r.path for r in dataset.rows if r.slice is None]
 
     def problem(path: Path) -> str | None:
@@ -278,8 +280,10 @@ def expand_volumes(dataset: Dataset, options: VolumeOptions, *, skip_bad: bool) 
     return replace(dataset, rows=rows, skipped=[*dataset.skipped, *bad], volumes=options)
 
 
-def decode_image(path: str | Path, *, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
-    """Decode PNG/JPEG of any mode, or DICOM, into a 2-D uint8 array."""
+def decode_image(path: str | Path, *, window: tuple[float, float] = LUNG_WINDOW,
+                 rescale: tuple[float, float] | None = None) -> np.ndarray:
+    """Decode PNG/JPEG of any mode, or DICOM, into a 2-D uint8 array; DICOM and (with
+    `rescale`, slope and intercept to HU) 16-bit images through `window`."""
     path = Path(path)
     if not path.is_file():
         raise FedctError(f"{path}: image file not found")
@@ -288,7 +292,7 @@ def decode_image(path: str | Path, *, window: tuple[float, float] = LUNG_WINDOW)
     try:
         with Image.open(path) as image:
             image.load()
-            return _to_gray_uint8(image)
+            return _to_gray_uint8(image, window, rescale)
     except DecompressionBombError:
         raise FedctError(f"{path}: image too large to be a CT slice (over "
                          f"{Image.MAX_IMAGE_PIXELS * 2:,} pixels); refused unread") from None
@@ -296,10 +300,17 @@ def decode_image(path: str | Path, *, window: tuple[float, float] = LUNG_WINDOW)
         raise FedctError(f"{path}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
 
 
-def _to_gray_uint8(image: Image.Image) -> np.ndarray:
+def _to_gray_uint8(image: Image.Image, window: tuple[float, float],
+                   rescale: tuple[float, float] | None) -> np.ndarray:
     mode = image.mode
     if mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
-        return _stretch(np.asarray(image, dtype=np.float32))
+        values = np.asarray(image, dtype=np.float32)
+        if rescale is None:
+            return _stretch(values)
+        level, width = window
+        hounsfield = values * rescale[0] + rescale[1]
+        return (np.clip((hounsfield - level + width / 2) / width, 0.0, 1.0) * 255.0
+                + 0.5).astype(np.uint8)
     if mode in {"RGBA", "LA", "PA", "P"} or "transparency" in image.info:
         rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
         alpha = rgba[..., 3:4] / 255.0

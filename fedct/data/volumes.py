@@ -35,22 +35,45 @@ def is_volume(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class VolumeOptions:
-    """How volumes become slices: the slice rule and the window (level, width) in HU."""
+    """How volumes become slices: the slice rule and the window (level, width) in HU; and
+    `rescale` ("SLOPE,INTERCEPT"), which takes 16-bit PNG/TIFF slices to HU so that they
+    are windowed too (without it they are stretched between their own extremes)."""
 
     slices: str = "lung"
     window: str = "lung"
+    rescale: str = ""
 
     def __post_init__(self):
         parse_slices(self.slices)
         parse_window(self.window)
+        parse_rescale(self.rescale)
 
     @property
     def level_width(self) -> tuple[float, float]:
         return parse_window(self.window)
 
+    @property
+    def slope_intercept(self) -> tuple[float, float] | None:
+        return parse_rescale(self.rescale)
+
     def record(self) -> dict:
         level, width = self.level_width
-        return {"slices": self.slices, "window": self.window, "level": level, "width": width}
+        return {"slices": self.slices, "window": self.window, "level": level, "width": width,
+                **({"rescale": self.rescale} if self.rescale else {})}
+
+
+def parse_rescale(text: str) -> tuple[float, float] | None:
+    """(slope, intercept) from SLOPE,INTERCEPT, or None for no rescale."""
+    if not text:
+        return None
+    try:
+        slope, intercept = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise FedctError(f"--hu-rescale {text}: give SLOPE,INTERCEPT (e.g. 1,-1024)") from None
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+        raise FedctError(f"--hu-rescale {text}: a finite slope other than 0 and a finite "
+                         "intercept")
+    return slope, intercept
 
 
 def parse_slices(text: str) -> tuple[str, float]:
