@@ -148,11 +148,11 @@ def test_heat_maps_stay_apart_from_the_scans_and_a_failed_run_leaves_none(run, s
 
     real, calls = predict_module.decode_resized, []
 
-    def fail_late(path, size):
+    def fail_late(path, size, *options):
         calls.append(path)
         if len(calls) == 40:  # in the second batch, after 32 heat maps were drawn
             raise RuntimeError("the machine went away")
-        return real(path, size)
+        return real(path, size, *options)
 
     monkeypatch.setattr(predict_module, "decode_resized", fail_late)
     with pytest.raises(RuntimeError):

@@ -243,6 +243,9 @@ def test_a_run_stores_a_patient_threshold_that_evaluate_and_predict_use(volumes,
     assert other["results"][0]["chosen"]["threshold"] == pytest.approx(meta["operating_point"]
                                                                        ["threshold"])
     assert "no patient-level threshold for aggregate max" in other["notes"][0]
+    refused = runner.invoke(app, ["evaluate", str(tmp_path / "run" / "best"), "--engine",
+                                  "flower", "--level", "patient"])
+    assert refused.exit_code == 2 and "the nodes score slices" in refused.output
     card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
     assert "per patient (mean of its slices)" in card
     predicted = run_predict(tmp_path / "run" / "best", [volumes / "volumes" / "p0002.nii.gz"],

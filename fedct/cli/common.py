@@ -104,7 +104,7 @@ def print_json(payload: dict) -> None:
 
 
 # How NIfTI volumes become slices: split, evaluate --data and predict take the same two options.
-SlicesOption = Annotated[str | None, typer.Option(help="Volumes (.nii, .nii.gz): which slices become images: all, every:K, middle:N (the N central ones) or lung[:F] (at least a share F, 0.05 unless given, of the slice is aerated lung, -950 to -500 HU). \\[default: lung; evaluate, predict: the checkpoint's training rule]")]
+SlicesOption = Annotated[str | None, typer.Option(help="Volumes (.nii, .nii.gz, DICOM series): which slices become images: all, every:K, middle:N (the N central ones) or lung[:F] (at least a share F, 0.05 unless given, of the slice is aerated lung, -950 to -500 HU). \\[default: lung; evaluate, predict: the checkpoint's training rule]")]
 WindowOption = Annotated[str | None, typer.Option(help="Volumes: the Hounsfield window that maps a slice to 8 bits: lung (level -600, width 1500), mediastinum (40, 400) or LEVEL,WIDTH. \\[default: lung; evaluate, predict: the checkpoint's training window]")]
 
 

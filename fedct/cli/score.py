@@ -20,6 +20,7 @@ from fedct.cli.common import (
     volume_options,
 )
 from fedct.data.partition import SPLITS
+from fedct.errors import FedctError
 from fedct.operating_point import RULES
 from fedct.tables import print_evaluation, print_explanations, print_predictions
 
@@ -62,6 +63,9 @@ def evaluate(
     from fedct.federated.flower_run import evaluate_on_flower
 
     if engine == "flower":
+        if level != "slice":
+            raise FedctError("--level patient with --engine flower: the nodes score slices; "
+                             "score patients on a split or --data with the embedded engine")
         report = evaluate_on_flower(checkpoints, federation=federation, on=on, out=out,
                                     n_boot=bootstrap, seed=seed, threshold=threshold, tta=tta)
     else:
