@@ -206,26 +206,22 @@ def write_evaluation(out_dir: Path, report: dict, curves: dict, negative: str) -
     Returns the report with `out`."""
     pooled = [r for r in report["results"] if r["data"] == "all"]
     positive = report["results"][0]["positive"]
-    if positive is None:  # more than two classes
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "metrics.json",
-                     lambda p: p.write_text(json.dumps(json_safe(report), indent=2)))
-        write_class_plots(out_dir, pooled, curves, f"ROC on {report['data']}, one class vs rest")
-        cards = [record_in_run(r, data=report["data"], grouped=report["grouped_bootstrap"],
-                               split_dir=report.get("split")) for r in pooled]
-        return {**report, "out": str(out_dir), "model_cards": [c for c in cards if c]}
     cards = [record_in_run(r, data=report["data"], grouped=report["grouped_bootstrap"],
                            split_dir=report.get("split"))
              for r in pooled]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "metrics.json",
                  lambda p: p.write_text(json.dumps(json_safe(report), indent=2)))
-    plot_roc(curves, out_dir / "roc.png", f"ROC on {report['data']}",
-             points={r["checkpoint"]: r["chosen"] for r in pooled}, positive=positive)
-    plot_confusion({f"{r['checkpoint']} @ {r['chosen']['threshold']:.2f}": r["chosen"]["confusion"]
-                    for r in pooled}, out_dir / "confusion.png", positive, negative)
-    plot_reliability({r["checkpoint"]: r["calibration"] for r in pooled},
-                     out_dir / "reliability.png", positive)
+    if positive is None:  # more than two classes: a curve per class, every class's matrix
+        write_class_plots(out_dir, pooled, curves, f"ROC on {report['data']}, one class vs rest")
+    else:
+        plot_roc(curves, out_dir / "roc.png", f"ROC on {report['data']}",
+                 points={r["checkpoint"]: r["chosen"] for r in pooled}, positive=positive)
+        plot_confusion({f"{r['checkpoint']} @ {r['chosen']['threshold']:.2f}":
+                        r["chosen"]["confusion"] for r in pooled},
+                       out_dir / "confusion.png", positive, negative)
+        plot_reliability({r["checkpoint"]: r["calibration"] for r in pooled},
+                         out_dir / "reliability.png", positive)
     return {**report, "out": str(out_dir), "model_cards": [c for c in cards if c]}
 
 
@@ -317,7 +313,7 @@ def run_evaluate(checkpoints: list[str | Path], *, split_dir=None, on: str = "va
     out_dir = Path(out) if out else fresh_folder(
         checkpoint_paths(checkpoints[0])[0].parent / f"eval-{Path(data).stem if data else on}")
     check_evaluation_outputs(out_dir, names, split_dir=split_dir, data=data, explain=explain)
-    check_classes([read_sidecar(c) for c in checkpoints], threshold=threshold,
+    check_classes([read_sidecar(c)["classes"] for c in checkpoints], threshold=threshold,
                   explain=explain)
     set_threads()
     dev = pick_device(device)

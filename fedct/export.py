@@ -93,11 +93,17 @@ EXPORTERS = {"onnx": (_export_onnx, _run_onnx), "torchscript": (_export_torchscr
 def preprocessing(meta: dict) -> dict:
     """What turns a scan into the model's input, in words a runtime can follow."""
     size = [int(s) for s in meta["input_size"][-2:]]
+    volumes = meta.get("volumes") or {}  # the window and slice rule the model trained with
+    level, width = (volumes["level"], volumes["width"]) if volumes else LUNG_WINDOW
+    rescale = volumes.get("rescale")
     return {"layout": "NCHW float32", "height_width": size, "channels": 3,
-            "decode": "grayscale uint8: PNG/JPEG of any mode converted to luminance; DICOM "
-                      "rescaled to Hounsfield units and windowed at level "
-                      f"{LUNG_WINDOW[0]:g}, width {LUNG_WINDOW[1]:g}; a multi-frame file's "
-                      "middle frame",
+            "decode": "grayscale uint8: PNG/JPEG of any mode converted to luminance"
+                      + (f" (16-bit: HU = value x slope + intercept, {rescale}, then windowed)"
+                         if rescale else "")
+                      + "; DICOM rescaled to Hounsfield units and windowed at level "
+                      f"{level:g}, width {width:g}; a multi-frame file's middle frame"
+                      + (f"; volumes cut into axial slices by the rule {volumes['slices']} "
+                         "and windowed alike" if volumes else ""),
             "resize": "bicubic to height x width (Pillow, reducing_gap 3)",
             "scale": "pixel / 255", "replicate_gray_to_channels": True,
             "mean": list(meta["mean"]), "std": list(meta["std"]),

@@ -211,28 +211,42 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
 
 
 def plot_confusion(matrices: dict[str, dict], path: Path, positive: str, negative: str) -> None:
+    """Two-class confusion matrices (counts tp/fp/tn/fn), one panel per checkpoint."""
+    plot_confusion_grids({name: [[c["tn"], c["fp"]], [c["fn"], c["tp"]]]
+                          for name, c in matrices.items()}, path, [negative, positive],
+                         xlabel="predicted", ylabel="true")
+
+
+def plot_confusion_grids(grids: dict[str, list], path: Path, labels: list[str], *,
+                         xlabel: str, ylabel: str) -> None:
+    """Confusion matrices (rows true, columns predicted, in `labels` order), one panel per
+    checkpoint: each cell its count and its share of the row, coloured by that share."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.2), dpi=100,
+    k = len(labels)
+    side = max(3.2, 1.2 + 0.75 * k)
+    fig, axes = plt.subplots(1, len(grids), figsize=(side * len(grids), side), dpi=100,
                              squeeze=False)
-    for ax, (name, c) in zip(axes[0], matrices.items(), strict=True):
-        grid = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    for ax, (name, matrix) in zip(axes[0], grids.items(), strict=True):
+        grid = np.asarray(matrix)
         totals = grid.sum(axis=1, keepdims=True)
         shares = np.divide(grid, totals, out=np.zeros(grid.shape), where=totals > 0)
         image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)  # colour: share of the row
         for (i, j), v in np.ndenumerate(grid):
             red, green, blue, _ = image.cmap(image.norm(shares[i, j]))  # the cell decides
             light = 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.5
-            share = f"{100 * shares[i, j]:.0f}% of true" if totals[i, 0] else "-"
-            ax.text(j, i, f"{v}\n{share}", ha="center", va="center", fontsize=8,
+            share = (f"{100 * shares[i, j]:.0f}%" + (" of true" if k == 2 else "")
+                     if totals[i, 0] else "-")
+            ax.text(j, i, f"{v}\n{share}", ha="center", va="center", fontsize=8 if k == 2 else 7,
                     color="black" if light else "white")
-        ax.set_xticks([0, 1], [negative, positive], fontsize=7)
-        ax.set_yticks([0, 1], [negative, positive], fontsize=7)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        ax.set_xticks(range(k), labels, fontsize=7, **({} if k == 2 else
+                                                       {"rotation": 30, "ha": "right"}))
+        ax.set_yticks(range(k), labels, fontsize=7)
+        ax.set_xlabel(xlabel, fontsize=None if k == 2 else 8)
+        ax.set_ylabel(ylabel, fontsize=None if k == 2 else 8)
         ax.set_title(name, fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))

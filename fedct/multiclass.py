@@ -183,38 +183,6 @@ def argmax_point(acc: float, balanced_acc: float, source: str) -> dict:
             "sensitivity": nan, "specificity": nan, "balanced_acc": balanced_acc}
 
 
-def plot_confusion_matrix(matrices: dict[str, list], path: Path, classes: list[str]) -> None:
-    """Each checkpoint's confusion matrix, counts with the share of each true class's row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(classes)
-    side = 1.2 + 0.75 * k
-    fig, axes = plt.subplots(1, len(matrices), figsize=(side * len(matrices), side), dpi=100,
-                             squeeze=False)
-    for ax, (name, matrix) in zip(axes[0], matrices.items(), strict=True):
-        grid = np.asarray(matrix)
-        totals = grid.sum(axis=1, keepdims=True)
-        shares = np.divide(grid, totals, out=np.zeros(grid.shape), where=totals > 0)
-        image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-        for (i, j), v in np.ndenumerate(grid):
-            red, green, blue, _ = image.cmap(image.norm(shares[i, j]))
-            light = 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.5
-            share = f"{100 * shares[i, j]:.0f}%" if totals[i, 0] else "-"
-            ax.text(j, i, f"{v}\n{share}", ha="center", va="center", fontsize=7,
-                    color="black" if light else "white")
-        ax.set_xticks(range(k), classes, fontsize=7, rotation=30, ha="right")
-        ax.set_yticks(range(k), classes, fontsize=7)
-        ax.set_xlabel("predicted (highest probability)", fontsize=8)
-        ax.set_ylabel("true (share of the row)", fontsize=8)
-        ax.set_title(name, fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-
-
 def plot_class_rocs(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
                     classes: list[str], title: str) -> None:
     """One panel per checkpoint: each class's one-vs-rest ROC curve with its AUC."""
@@ -270,26 +238,28 @@ def score_classes(name: str, path: str, meta: dict, labels: np.ndarray, probs: n
 def write_class_plots(out_dir: Path, pooled: list[dict], curves: dict, title: str) -> None:
     """roc.png (each class against the rest), confusion.png (every class) and
     reliability.png (the predicted class's probability against how often it is right)."""
-    from fedct.metrics import plot_reliability
+    from fedct.metrics import plot_confusion_grids, plot_reliability
 
     classes = pooled[0]["classes"]
     plot_class_rocs(curves, out_dir / "roc.png", classes, title)
-    plot_confusion_matrix({r["checkpoint"]: r["metrics"]["confusion"] for r in pooled},
-                          out_dir / "confusion.png", classes)
+    plot_confusion_grids({r["checkpoint"]: r["metrics"]["confusion"] for r in pooled},
+                         out_dir / "confusion.png", classes,
+                         xlabel="predicted (highest probability)", ylabel="true (share of the row)")
     plot_reliability({r["checkpoint"]: r["calibration"] for r in pooled},
                      out_dir / "reliability.png", "the predicted class",
                      observed="share predicted right")
 
 
-def check_classes(metas: list[dict], *, threshold: str | None, explain) -> None:
-    """Before any inference: checkpoints of two and of more classes are not scored together
-    (their figures differ), and a model of more classes takes no threshold or heat maps."""
-    kinds = {len(m["classes"]) > 2 for m in metas}
+def check_classes(class_lists: list[list[str]], *, threshold: str | None, explain) -> None:
+    """Before any inference, from the checkpoints' classes: models of two and of more
+    classes are not scored together (their figures differ), and a model of more classes
+    takes no threshold or heat maps."""
+    kinds = {len(classes) > 2 for classes in class_lists}
     if len(kinds) > 1:
         raise FedctError("the checkpoints mix two-class and multi-class models: evaluate them "
                          "apart")
     if kinds == {True}:
-        classes = metas[0]["classes"]
+        classes = class_lists[0]
         if threshold is not None:
             refuse_binary_only(f"--threshold {threshold}", classes)
         if explain is not None:

@@ -29,7 +29,7 @@ from fedct.data.loading import (
     resized,
 )
 from fedct.data.sources import is_dicom, looks_like_image, read_csv_rows
-from fedct.data.volumes import VolumeOptions, is_volume, read_volume, volume_slices
+from fedct.data.volumes import VolumeOptions, is_volume, read_volume, slices_or_skip
 from fedct.data.volumes import window as window_hu
 from fedct.errors import FedctError
 from fedct.evaluation import check_threshold, chosen_threshold, load_model, tta_note
@@ -62,13 +62,7 @@ def volume_items(items: list[Item], options: VolumeOptions, *,
         if not is_volume(item.path):
             out.append(item)
             continue
-        try:
-            kept = volume_slices(item.path, options)
-        except FedctError as exc:
-            if not skip_bad:
-                raise FedctError(f"{exc} (--skip-bad skips bad inputs and lists them)") from None
-            skipped.append(str(exc))
-            continue
+        kept = slices_or_skip(item.path, options, skip_bad=skip_bad, skipped=skipped)
         out += [Item(item.path, f"{item.name}#{k}", item.group or item.name, k) for k in kept]
     return out, skipped
 
@@ -181,7 +175,7 @@ def run_predict(checkpoint: str | Path, inputs: list[Path], *, out: Path, aggreg
                   force=force)
     classes = list(read_sidecar(checkpoint)["classes"])
     if len(classes) > 2:  # before any inference
-        check_classes([{"classes": classes}], threshold=threshold, explain=explain)
+        check_classes([classes], threshold=threshold, explain=explain)
         if aggregate_rule != "mean":
             raise FedctError(f"--aggregate {aggregate_rule}: ranks slices by a positive class; a "
                              f"model of {len(classes)} classes has none (use mean)")
@@ -249,11 +243,11 @@ def _predict_batches(items: list[Item], model, transform, size: int, classes: li
     problems of the items skipped."""
     rows, skipped = [], []
     volume = functools.lru_cache(maxsize=1)(read_volume)  # one volume in memory, read once
+    window = options.level_width
     for start in range(0, len(items), BATCH):
         batch, pixels = [], []
         for item in items[start:start + BATCH]:
             try:
-                window = options.level_width
                 pixels.append(decode_resized(item.path, size, window, options.slope_intercept)
                               if item.slice is None else
                               resized(window_hu(volume(item.path)[item.slice], window), size))

@@ -71,14 +71,11 @@ def select_training_rows(split: Split, config: PretrainConfig):
 
 def val_row(metrics: dict, point: dict) -> dict:
     """An epoch's val columns: metrics at 0.5, then at the operating point chosen on val;
-    with more than two classes, the argmax figures (and its balanced accuracy) instead."""
-    if point["rule"] == ARGMAX:
-        return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_auc": metrics["auc"],
-                "val_balanced_acc": metrics["balanced_acc"], "threshold": point["threshold"],
-                "thr_acc": point["acc"], "thr_sensitivity": point["sensitivity"],
-                "thr_specificity": point["specificity"]}
+    with more than two classes (no threshold: those columns NaN) also the balanced
+    accuracy, which the epoch line reports for them."""
     return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_auc": metrics["auc"],
             "val_sensitivity": metrics["sensitivity"], "val_specificity": metrics["specificity"],
+            **({"val_balanced_acc": metrics["balanced_acc"]} if point["rule"] == ARGMAX else {}),
             "threshold": point["threshold"], "thr_acc": point["acc"],
             "thr_sensitivity": point["sensitivity"], "thr_specificity": point["specificity"]}
 

@@ -173,6 +173,10 @@ def test_a_model_trained_on_volumes_scores_and_predicts_them_with_its_window(
     config = build_config(PretrainConfig, None, {**settings, "epochs": 2, "pretrained": "none"})
     run_pretrain(volume_split, tmp_path / "run", config, quiet=True)
     assert read_sidecar(tmp_path / "run" / "best")["volumes"]["window"] == "lung"
+    from fedct.export import preprocessing
+
+    decode = preprocessing(read_sidecar(tmp_path / "run" / "best"))["decode"]
+    assert "level -600, width 1500" in decode and "by the rule lung" in decode
     split = load_split(volume_split)
     report = run_evaluate([tmp_path / "run" / "best"], data=volumes / "dataset.csv", n_boot=0,
                           out=tmp_path / "eval", volumes=VolumeOptions())

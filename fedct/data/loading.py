@@ -64,9 +64,10 @@ def _cache_key(paths: list[Path], size: int, slices: list[int | None] | None,
     digest = hashlib.sha256(f"v2:{size}".encode())
     if rescale is not None or (slices is not None and any(s is not None for s in slices)):
         digest.update(f"slices {level_width} {rescale}\n".encode())  # 2-D keys as they were
+    stamps = {path: path_stamp(path) for path in set(paths)}  # a volume's slices share one
     for k, path in enumerate(paths):
         where = "" if slices is None or slices[k] is None else f"#{slices[k]}"
-        digest.update(f"{path}{where}\0{path_stamp(path)}\n".encode())
+        digest.update(f"{path}{where}\0{stamps[path]}\n".encode())
     return digest.hexdigest()[:32]
 
 

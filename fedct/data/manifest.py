@@ -337,10 +337,10 @@ def verify_fingerprint(split: Split) -> None:
     if not expected:
         return
     digest = hashlib.sha256(f"{expected}\n".encode())
+    stamps = {p: path_stamp(split.root / p) for p in {e.row.path for e in split.entries}}
     for entry in sorted(split.entries, key=lambda e: e.row.key):
-
         digest.update(f"{entry.row.key}\0{entry.row.label}\0{entry.row.group}\0{entry.row.site}"
-                      f"\0{path_stamp(split.root / entry.row.path)}\n".encode())
+                      f"\0{stamps[entry.row.path]}\n".encode())
     marker = cache_dir() / f"verified-{digest.hexdigest()[:32]}"
     if marker.is_file():
         return

@@ -19,12 +19,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
-from fedct.data.volumes import VolumeOptions, is_volume, volume_slices
+from fedct.data.volumes import WINDOWS, VolumeOptions, is_volume, slices_or_skip
+from fedct.data.volumes import window as window_hu
 from fedct.errors import FedctError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
 FEDCT_OUTPUTS = ("split.yaml", "manifest.csv", "report.json", "summary.csv", "metrics.json")
-LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) in Hounsfield units
+LUNG_WINDOW = WINDOWS["lung"]  # (level, width) in Hounsfield units
 NEGATIVE_NAME = re.compile(r"(^|[^a-z])(non|normal|neg|healthy|control|benign)", re.IGNORECASE)
 
 
@@ -238,9 +239,10 @@ def check_files(dataset: Dataset, *, skip_bad: bool, workers: int = 4,
         dataset = expand_volumes(dataset, volumes or VolumeOptions(), skip_bad=skip_bad)
     elif volumes is not None and volumes.rescale:  # 16-bit slices windowed: recorded too
         dataset = replace(dataset, volumes=volumes)
-    paths = [dataset.root / r.path for r in dataset.rows if r.slice is None]
+    images = [r for r in dataset.rows if r.slice is None]  # slices: read as their volume was
 
-    def problem(path: Path) -> str | None:
+    def problem(row: Row) -> str | None:
+        path = dataset.root / row.path
         try:
             decode_image(path)
         except FedctError as exc:
@@ -248,8 +250,8 @@ def check_files(dataset: Dataset, *, skip_bad: bool, workers: int = 4,
         return None
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = iter(list(pool.map(problem, paths)))
-    problems = [None if r.slice is not None else next(problems) for r in dataset.rows]
+        found = dict(zip([r.key for r in images], pool.map(problem, images), strict=True))
+    problems = [found.get(r.key) for r in dataset.rows]
     bad = [p for p in problems if p]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more; --skip-bad skips them)" if len(bad) > 1 else ""
@@ -266,13 +268,7 @@ def expand_volumes(dataset: Dataset, options: VolumeOptions, *, skip_bad: bool) 
         if row.slice is not None or not is_volume(dataset.root / row.path):
             rows.append(row)
             continue
-        try:
-            kept = volume_slices(dataset.root / row.path, options)
-        except FedctError as exc:
-            if not skip_bad:
-                raise FedctError(f"{exc} (--skip-bad skips bad inputs and lists them)") from None
-            bad.append(str(exc))
-            continue
+        kept = slices_or_skip(dataset.root / row.path, options, skip_bad=skip_bad, skipped=bad)
         rows += [replace(row, slice=k) for k in kept]
     if not rows:
         raise FedctError(f"{dataset.source}: no readable image or volume (first problem: "
@@ -307,10 +303,7 @@ def _to_gray_uint8(image: Image.Image, window: tuple[float, float],
         values = np.asarray(image, dtype=np.float32)
         if rescale is None:
             return _stretch(values)
-        level, width = window
-        hounsfield = values * rescale[0] + rescale[1]
-        return (np.clip((hounsfield - level + width / 2) / width, 0.0, 1.0) * 255.0
-                + 0.5).astype(np.uint8)
+        return window_hu(values * rescale[0] + rescale[1], window)
     if mode in {"RGBA", "LA", "PA", "P"} or "transparency" in image.info:
         rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
         alpha = rgba[..., 3:4] / 255.0
@@ -356,9 +349,7 @@ def _decode_dicom(path: Path, window: tuple[float, float]) -> np.ndarray:
     hounsfield = pixels * float(getattr(ds, "RescaleSlope", 1)) + float(
         getattr(ds, "RescaleIntercept", 0)
     )
-    level, width = window
-    low = level - width / 2
-    return (np.clip((hounsfield - low) / width, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return window_hu(hounsfield, window)
 
 
 def _dicom_colour(path: Path, pixels: np.ndarray, samples: int) -> np.ndarray:

@@ -180,6 +180,19 @@ def choose_slices(volume: np.ndarray, rule: str, path: Path) -> list[int]:
     return kept
 
 
+def slices_or_skip(path: Path, options: VolumeOptions, *, skip_bad: bool,
+                   skipped: list[str]) -> list[int]:
+    """The slices `options` keep of the volume at `path`; a bad volume stops the command,
+    or with `skip_bad` is listed in `skipped` and gives none."""
+    try:
+        return volume_slices(path, options)
+    except FedctError as exc:
+        if not skip_bad:
+            raise FedctError(f"{exc} (--skip-bad skips bad inputs and lists them)") from None
+        skipped.append(str(exc))
+        return []
+
+
 def lung_share(hounsfield: np.ndarray) -> float:
     """The share of a slice that is aerated lung: pixels from -950 to -500 HU inside the
     body (the holes that soft tissue above -500 HU encloses), so noisy air around the
