@@ -58,6 +58,11 @@ class ScoreHistogram:
     def __add__(self, other: ScoreHistogram) -> ScoreHistogram:
         return ScoreHistogram(self.positives + other.positives, self.negatives + other.negatives)
 
+    def flat(self, prefix: str = "") -> dict:
+        """The two histograms as tuples of ints, as a message carries them."""
+        return {f"{prefix}positives": tuple(int(v) for v in self.positives),
+                f"{prefix}negatives": tuple(int(v) for v in self.negatives)}
+
     @property
     def n_pos(self) -> int:
         return int(self.positives.sum())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedct.errors import FedctError
+from fedct.operating_point import ScoreHistogram
 
 RULES = "mean, max or top:K"
 # What training stores its patient-level threshold for. On COVID-CT's val, max and top:K
@@ -83,6 +84,18 @@ def has_patients(groups) -> bool:
     """Whether rows share patients at all (else a patient level is the slice level)."""
     groups = list(groups)
     return len(set(groups)) < len(groups)
+
+
+def patient_histogram(groups, labels: np.ndarray, probs: np.ndarray,
+                      positive: int | None) -> ScoreHistogram | None:
+    """The histogram of the patients' mean positive-class scores, for a patient-level
+    operating point: two classes only, and only when the rows share patients and each
+    patient carries one label (else the groups are not patients to diagnose)."""
+    if positive is None or groups is None or not has_patients(groups) \
+            or not one_label_each(groups, labels):
+        return None
+    found = by_patient(groups, labels, probs, PATIENT_AGGREGATE, positive=positive)
+    return ScoreHistogram.of(found["labels"] == positive, found["scores"])
 
 
 def patient_rows(labels: np.ndarray, probs: np.ndarray, groups, scopes: dict, rule: str, *,

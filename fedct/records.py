@@ -17,7 +17,7 @@ import torch
 from fedct.metrics import summary_metrics
 from fedct.multiclass import ClassHistograms
 from fedct.operating_point import ScoreHistogram, operating_point
-from fedct.patients import PATIENT_AGGREGATE, by_patient, has_patients, one_label_each
+from fedct.patients import PATIENT_AGGREGATE, patient_histogram
 from fedct.runs import (
     SUMMARY,
     CheckpointTracker,
@@ -44,19 +44,15 @@ def score(model: torch.nn.Module, loader, *, device: torch.device, config,
     metrics["loss"] = mean_loss(probs, truth)
     if probs.shape[1] > 2:
         return metrics, ClassHistograms.of(truth, probs), None
-    patients = None
-    if groups is not None and has_patients(groups) and one_label_each(groups, truth):
-        found = by_patient(groups, truth, probs, PATIENT_AGGREGATE, positive=positive_index)
-        patients = ScoreHistogram.of(found["labels"] == positive_index, found["scores"])
     return (metrics, ScoreHistogram.of(truth == positive_index, probs[:, positive_index]),
-            patients)
+            patient_histogram(groups, truth, probs, positive_index))
 
 
 def patient_point(rule: str, patients: ScoreHistogram | None, source: str) -> dict | None:
     """The patient-level operating point chosen by `rule` on val patients, with its aggregate."""
     if patients is None:
         return None
-    return {**operating_point(rule, patients, f"{source}, per patient"),
+    return {**operating_point(rule, patients, f"{source}, per patient"), "auc": patients.auc(),
             "aggregate": PATIENT_AGGREGATE, "patients": patients.n_pos + patients.n_neg}
 
 

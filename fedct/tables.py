@@ -58,6 +58,7 @@ def print_stage1(console: Console, report: dict, out) -> None:
         table.add_row("at 0.5", "", "0.500", number(best["val_acc"]),
                       number(best["val_sensitivity"]), number(best["val_specificity"]))
     console.print(table)
+    print_patients(console, report.get("patient_operating_point"))
     console.print(f"wrote {out}/best.safetensors (+ last, summary.csv, report.json); "
                   f"{report['train_images_per_second']} train images/s")
 
@@ -80,7 +81,18 @@ def print_federate(console: Console, report: dict, out) -> None:
                   + figures
                   + (f"; max epsilon {report['max_epsilon']:.2f}" if report["dp"] else ""),
                   highlight=False)
+    print_patients(console, report.get("patient_operating_point"))
     console.print(f"wrote {out}/final.safetensors (+ best, last, summary.csv, report.json)")
+
+
+def print_patients(console: Console, point: dict | None) -> None:
+    """The best checkpoint's patient-level operating point, when val had patients."""
+    if point:
+        console.print(f"per patient ({point['aggregate']} of its slices, {point['patients']} "
+                      f"{point['source'].split(',')[0]} patients): AUC {number(point.get('auc'))}, "
+                      f"threshold {point['threshold']:.3f} ({point['rule']}): acc "
+                      f"{number(point['acc'])}, sens {number(point['sensitivity'])}, spec "
+                      f"{number(point['specificity'])}", highlight=False)
 
 
 def _cell(metrics: dict, name: str) -> str:

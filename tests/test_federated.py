@@ -317,6 +317,42 @@ def test_validation_pooled_federated_or_both(split_dir, tmp_path):
     assert best["operating_point"] == federated["operating_point"]
 
 
+def test_federated_validation_chooses_the_patient_threshold_on_the_clients_patients(
+        split_dir, tmp_path):
+    """With no pooled val, the clients' patient histograms (mean of each patient's slices)
+    pool into the patient-level operating point: the one the server would choose with every
+    client's local val rows in hand."""
+    from fedct.federated.validation import pool
+    from fedct.operating_point import operating_point
+    from fedct.patients import patient_histogram
+    from fedct.data.loading import make_loader
+    from fedct.training import predict
+
+    report = run(split_dir, tmp_path / "fed", val="federated", threshold="youden", rounds=1)
+    point = report["patient_operating_point"]
+    assert point["source"] == "federated val, per patient" and point["aggregate"] == "mean"
+    setup = prepare_setup(config(threshold="youden"), init="none", split_dir=split_dir)
+    weights, _ = read_checkpoint(tmp_path / "fed" / "final")
+    setup.model.load_state_dict(weights)
+    local = setup.split.select(split="local_val")
+    dataset = setup.images.dataset(local, setup.transform(train=False))
+    probs, labels = predict(setup.model, make_loader(
+        dataset, batch_size=64, train=False, seed=0), device=torch.device("cpu"))
+    central = patient_histogram([e.row.group for e in local], labels, probs,
+                                setup.positive_index)
+    assert point["patients"] == len({e.row.group for e in local}) == central.n_pos + central.n_neg
+    expected = operating_point("youden", central, "federated val, per patient")
+    assert {k: point[k] for k in expected} == pytest.approx(expected)
+    assert point["auc"] == pytest.approx(central.auc())
+    # a client's patient histograms are checked like its slice ones
+    message = client_module.client_evaluate(
+        setup.model, weights, dataset, setup.config, client_module.new_client_state(setup.config),
+        client_id=0, device=torch.device("cpu"), positive_index=setup.positive_index)
+    assert sum(message.patient_positives) + sum(message.patient_negatives) == point["patients"]
+    pooled, checked = pool([message, replace(message, client_id=1, patient_positives=(1,) * 3)])
+    assert pooled.clients == 1 and "malformed patient histograms" in checked[1].detail
+
+
 def test_counts_release_sends_only_confusion_counts_at_the_threshold(split_dir, tmp_path):
     """The same run with eval_release counts: the clients' figures at the threshold are those
     of the full histograms, and nothing else (no AUC, no loss) reaches the server."""

@@ -77,8 +77,9 @@ def run_and_compare(tmp_path, federation: Federation, embedded, settings: dict,
     assert clients.count("\n") == 1 + rounds * LOOPBACK_CLIENTS
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["rounds"] == rounds
-    assert report["operating_point"] == json.loads((embedded / "report.json").read_text())[
-        "operating_point"]
+    embedded_report = json.loads((embedded / "report.json").read_text())
+    for point in ("operating_point", "patient_operating_point"):
+        assert report[point] == embedded_report[point]
     return report, output
 
 
@@ -143,6 +144,7 @@ def test_a_coordinator_without_data_with_a_robust_strategy_equals_embedded(
     report, _ = run_and_compare(tmp_path, loopback, expected, settings,
                                 coordinator_split=False, init=init)
     assert report["monitor"] == "fed_auc" and report["operating_point"]["source"] == "federated val"
+    assert report["patient_operating_point"]["source"] == "federated val, per patient"
     assert report["final"]["val_auc"] is None and report["final"]["fed_auc"] > 0
     assert (tmp_path / "run" / "best.safetensors").is_file()
 

@@ -147,12 +147,15 @@ def make_transform(*, data_cfg: dict, train: bool, config) -> v2.Compose:
 
 
 class ImageTensorDataset(Dataset):
-    """Cached uint8 images with integer labels and a per-sample transform."""
+    """Cached uint8 images with integer labels, a per-sample transform and, where known,
+    each image's patient group (for patient-level validation)."""
 
-    def __init__(self, images: torch.Tensor, labels: list[int], transform):
+    def __init__(self, images: torch.Tensor, labels: list[int], transform,
+                 groups: list[str] | None = None):
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.transform = transform
+        self.groups = groups
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -199,4 +202,5 @@ class SplitImages:
     def dataset(self, entries, transform) -> ImageTensorDataset:
         rows = torch.as_tensor([self.index[e.row.key] for e in entries], dtype=torch.long)
         labels = [self.class_index[e.row.label] for e in entries]
-        return ImageTensorDataset(self.images[rows], labels, transform)
+        return ImageTensorDataset(self.images[rows], labels, transform,
+                                  groups=[e.row.group for e in entries])

@@ -19,6 +19,7 @@ from fedct.federated.protocol import ClientReply, Evaluation, Status, Update, We
 from fedct.models import norm_keys
 from fedct.multiclass import ClassHistograms
 from fedct.operating_point import ScoreHistogram
+from fedct.patients import patient_histogram
 from fedct.training import (
     make_optimizer,
     predict,
@@ -189,9 +190,9 @@ def client_evaluate(model: nn.Module, global_weights: Weights,
         return Evaluation(client_id, examples=len(labels), loss_sum=loss_sum, correct=correct,
                           **ClassHistograms.of(labels, probs).flat())
     histogram = ScoreHistogram.of(labels == positive_index, probs[:, positive_index])
+    patients = patient_histogram(dataset.groups, labels, probs, positive_index)
     if config.eval_release == "counts":  # only tp, fn, fp, tn leave: 2 bins at the threshold
-        histogram, loss_sum = histogram.collapsed(float(config.threshold)), 0.0
+        histogram, loss_sum, patients = histogram.collapsed(float(config.threshold)), 0.0, None
     return Evaluation(client_id, examples=len(labels), loss_sum=loss_sum,
-                      correct=correct,
-                      positives=tuple(int(v) for v in histogram.positives),
-                      negatives=tuple(int(v) for v in histogram.negatives))
+                      correct=correct, **histogram.flat(),
+                      **(patients.flat("patient_") if patients else {}))

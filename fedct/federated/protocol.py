@@ -117,7 +117,9 @@ class Evaluation:
     the loss sum, argmax-correct count, and histograms of the positive-class score per label
     (bins of `fedct.operating_point`); for more than two classes, one such pair per class
     (its own score, its rows against the others, concatenated) and the argmax confusion
-    matrix (row-major)."""
+    matrix (row-major). For two classes, when its rows share patients, the same pair of
+    histograms over its patients' mean scores (`patient_*`), for the patient-level
+    operating point."""
 
     client_id: int
     examples: int = 0
@@ -126,6 +128,8 @@ class Evaluation:
     positives: tuple[int, ...] = ()
     negatives: tuple[int, ...] = ()
     confusion: tuple[int, ...] = ()
+    patient_positives: tuple[int, ...] = ()
+    patient_negatives: tuple[int, ...] = ()
     status: Status = Status.EVALUATED
     detail: str = ""
 

@@ -45,9 +45,10 @@ NO_SCORES = {k: float("nan") for k in METRICS}
 PRIVACY_FIELDS = ["round", "client", "epsilon", "steps", "noise_multiplier", "status"]
 
 
-def patient_meta(rule: str, patients: ScoreHistogram | None) -> dict:
-    """The sidecar's patient-level operating point, chosen on the pooled val patients."""
-    point = patient_point(rule, patients, "pooled val")
+def patient_point_meta(rule: str, patients: ScoreHistogram | None, source: str) -> dict:
+    """The sidecar's patient-level operating point, chosen on the val patients the monitor
+    uses (pooled, or the clients' federated histograms)."""
+    point = patient_point(rule, patients, source)
     return {"patient_operating_point": point} if point else {}
 
 
@@ -156,9 +157,9 @@ class RoundServer:
         counts = float(config.threshold) if config.eval_release == "counts" else None
         fed = federated.metrics(counts)
         on_federated = config.monitor.startswith("fed_")
+        source = "federated val" if on_federated else "pooled val"
         point = operating_point(config.threshold,
-                                federated.histogram if on_federated else pooled_histogram,
-                                "federated val" if on_federated else "pooled val")
+                                federated.histogram if on_federated else pooled_histogram, source)
         accepted = [r.update for r in replies if r.status is Status.TRAINED] if updated else []
         examples = sum(u.examples for u in accepted)
         row = {"round": round_number, "clients": len(accepted),
@@ -179,7 +180,8 @@ class RoundServer:
         self.recorder.record(round_number, row, weights=weights,
                              meta={**self.meta, "round": round_number, "metrics": row,
                                    "operating_point": point,
-                                   **patient_meta(config.threshold, patients)},
+                                   **patient_point_meta(config.threshold, federated.patients
+                                                        if on_federated else patients, source)},
                              epsilon=self.epsilon if config.dp else None)
         self.view.round_finished(row, best_round=self.recorder.best_step)
         self.round = round_number

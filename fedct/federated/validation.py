@@ -51,15 +51,31 @@ def histogram_of(evaluation: Evaluation, classes: int = 2) -> ScoreHistogram | C
     return ScoreHistogram(positives, negatives)
 
 
+def patients_of(evaluation: Evaluation) -> ScoreHistogram | None:
+    """The evaluation's patient histograms (None when it sent none), checked: one bin
+    array per label, at least one patient and no more patients than rows."""
+    if not evaluation.patient_positives and not evaluation.patient_negatives:
+        return None
+    positives = np.asarray(evaluation.patient_positives, dtype=np.int64)
+    negatives = np.asarray(evaluation.patient_negatives, dtype=np.int64)
+    if positives.shape != (BINS,) or negatives.shape != (BINS,) or positives.min() < 0 \
+            or negatives.min() < 0 or not 0 < positives.sum() + negatives.sum() <= evaluation.examples:
+        raise ValueError(f"client {evaluation.client_id}: malformed patient histograms")
+    return ScoreHistogram(positives, negatives)
+
+
 @dataclass
 class Pooled:
-    """The round's evaluations summed over the clients that scored any rows."""
+    """The round's evaluations summed over the clients that scored any rows; `patients`,
+    the patient histograms of those that sent them (clients without patients of several
+    slices send none)."""
 
     histogram: ScoreHistogram | ClassHistograms
     examples: int = 0
     loss_sum: float = 0.0
     correct: int = 0
     clients: int = 0
+    patients: ScoreHistogram | None = None
 
     def metrics(self, counts: float | None = None) -> dict:
         """Loss, argmax accuracy and, at 0.5, sensitivity, specificity, balanced accuracy; AUC.
@@ -85,11 +101,15 @@ def pool(evaluations: Iterable[Evaluation],
         if evaluation.status is Status.EVALUATED and evaluation.examples:
             try:
                 histogram = histogram_of(evaluation, classes)
+                patients = patients_of(evaluation)
             except ValueError as exc:
                 evaluation = Evaluation(evaluation.client_id, status=Status.REJECTED,
                                         detail=str(exc))
             else:
                 pooled.histogram = pooled.histogram + histogram
+                if patients is not None:
+                    pooled.patients = patients if pooled.patients is None \
+                        else pooled.patients + patients
                 pooled.examples += evaluation.examples
                 pooled.loss_sum += evaluation.loss_sum
                 pooled.correct += evaluation.correct
