@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedct import __version__
-from fedct.data.sources import LUNG_WINDOW
+from fedct.data.decode import LUNG_WINDOW
 from fedct.errors import FedctError
 from fedct.evaluation import chosen_threshold, load_model
 from fedct.files import atomic_write

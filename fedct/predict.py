@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedct.data.decode import is_dicom
 from fedct.data.loading import (
     ImageTensorDataset,
     decode_resized,
@@ -28,7 +29,7 @@ from fedct.data.loading import (
     make_transform,
     resized,
 )
-from fedct.data.sources import is_dicom, looks_like_image, read_csv_rows
+from fedct.data.sources import looks_like_image, read_csv_rows
 from fedct.data.volumes import VolumeOptions, is_volume, read_volume, slices_or_skip
 from fedct.data.volumes import window as window_hu
 from fedct.errors import FedctError

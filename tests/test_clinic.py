@@ -15,7 +15,7 @@ from fedct import export as export_module
 from fedct.cli import app
 from fedct.config import FederateConfig
 from fedct.configure import build_config
-from fedct.data.sources import decode_image
+from fedct.data.decode import decode_image
 from fedct.evaluation import load_model
 from fedct.federated import simulation
 from fedct.tracking import TensorBoardLog

@@ -322,10 +322,10 @@ def test_federated_validation_chooses_the_patient_threshold_on_the_clients_patie
     """With no pooled val, the clients' patient histograms (mean of each patient's slices)
     pool into the patient-level operating point: the one the server would choose with every
     client's local val rows in hand."""
+    from fedct.data.loading import make_loader
     from fedct.federated.validation import pool
     from fedct.operating_point import operating_point
     from fedct.patients import patient_histogram
-    from fedct.data.loading import make_loader
     from fedct.training import predict
 
     report = run(split_dir, tmp_path / "fed", val="federated", threshold="youden", rounds=1)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedct.data.sources import check_files, decode_image, read_dataset
+from fedct.data.decode import decode_image
+from fedct.data.sources import check_files, read_dataset
 from fedct.errors import FedctError
 
 
@@ -90,6 +91,60 @@ def test_csv_reads_groups_sites_and_orders_classes_by_numeric_label(tmp_path, sy
     synth = read_dataset(synth_dir / "dataset.csv")
     assert {r.site for r in synth.rows} <= {"site0", "site1", "site2", "site3"}
     assert len({r.group for r in synth.rows}) == 40
+
+
+def test_a_folder_row_labels_one_patients_slices_and_patient_labels_must_agree(tmp_path):
+    """A CSV may label a patient instead of each slice: a row whose path is a folder of
+    slices (DICOM series under it stay volumes), or a patient_label column over groups."""
+    blank = np.zeros((8, 8), np.uint8)
+    for patient, slices in (("p1", 3), ("p2", 2)):
+        (tmp_path / "ct" / patient / "SR_2").mkdir(parents=True)
+        for k in range(slices):
+            _save(tmp_path / "ct" / patient / "SR_2" / f"IMG{k}.png", blank, "L")
+    (tmp_path / "ct" / "p2" / "notes.txt").write_text("not an image")
+    (tmp_path / "d.csv").write_text("path,label,site\nct/p1,COVID,a\nct/p2/,normal,b\n")
+    rows = read_dataset(tmp_path / "d.csv").rows
+    assert [(r.path, r.label, r.group, r.site) for r in rows] == [
+        ("ct/p1/SR_2/IMG0.png", "COVID", "ct/p1", "a"), ("ct/p1/SR_2/IMG1.png", "COVID", "ct/p1", "a"),
+        ("ct/p1/SR_2/IMG2.png", "COVID", "ct/p1", "a"), ("ct/p2/SR_2/IMG0.png", "normal", "ct/p2", "b"),
+        ("ct/p2/SR_2/IMG1.png", "normal", "ct/p2", "b")]
+    (tmp_path / "again.csv").write_text("path,label\nct/p1,COVID\nct/p1/SR_2/IMG1.png,COVID\n")
+    with pytest.raises(FedctError, match=r"again.csv:3: path 'ct/p1/SR_2/IMG1.png' is listed again"):
+        read_dataset(tmp_path / "again.csv")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "e.csv").write_text("path,label\nempty,COVID\n")
+    with pytest.raises(FedctError, match=r"e.csv:2: folder 'empty' holds no image"):
+        read_dataset(tmp_path / "e.csv")
+
+    slices = [f"ct/p1/SR_2/IMG{k}.png" for k in range(3)]
+    (tmp_path / "p.csv").write_text("path,group,patient_label\n" + "".join(
+        f"{s},p1,COVID\n" for s in slices))
+    assert {r.label for r in read_dataset(tmp_path / "p.csv").rows} == {"COVID"}
+    (tmp_path / "p.csv").write_text("path,group,patient_label\n" + "".join(
+        f"{s},p1,{'normal' if k == 2 else 'COVID'}\n" for k, s in enumerate(slices)))
+    with pytest.raises(FedctError, match=r"p.csv: patient 'p1' is labelled 'COVID' "
+                                         r"\(ct/p1/SR_2/IMG0.png\) and 'normal'"):
+        read_dataset(tmp_path / "p.csv")
+    by_name = read_dataset(tmp_path / "p.csv", group_pattern=r"IMG(\d)")  # 3 patients: agree
+    assert len({r.group for r in by_name.rows}) == 3
+    (tmp_path / "n.csv").write_text("path,patient_label\n" + "".join(f"{s},COVID\n" for s in slices))
+    with pytest.raises(FedctError, match="nothing says which images are one patient's"):
+        read_dataset(tmp_path / "n.csv")
+    (tmp_path / "b.csv").write_text(f"path,label,patient_label\n{slices[0]},COVID,COVID\n")
+    with pytest.raises(FedctError, match="'label' and 'patient_label' both given"):
+        read_dataset(tmp_path / "b.csv")
+
+
+def test_a_folder_row_keeps_a_dicom_series_under_it_as_one_volume(tmp_path):
+    pytest.importorskip("pydicom")
+    from fedct.data.series import write_series
+
+    hounsfield = np.full((4, 16, 16), -800.0, np.float32)
+    write_series(tmp_path / "p1" / "series", hounsfield, (1.0, 1.0, 2.0))
+    _save(tmp_path / "p1" / "scout.png", np.zeros((8, 8), np.uint8), "L")
+    (tmp_path / "d.csv").write_text("path,label\np1,COVID\n")
+    rows = read_dataset(tmp_path / "d.csv").rows
+    assert [(r.path, r.group) for r in rows] == [("p1/scout.png", "p1"), ("p1/series", "p1")]
 
 
 def test_bad_files_stop_or_are_skipped(tmp_path):

@@ -317,7 +317,7 @@ def write_rgb_dicom(path, frames: int | None):
 
 
 def test_colour_dicom_slices_decode_to_luminance(tmp_path):
-    from fedct.data.sources import decode_image
+    from fedct.data.decode import decode_image
 
     for frames in (None, 3):
         path = tmp_path / f"rgb-{frames}.dcm"

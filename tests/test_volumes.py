@@ -400,7 +400,7 @@ def test_predict_reads_series_listed_in_a_csv(checkpoint, tmp_path):
 def test_16_bit_slices_are_windowed_with_a_stated_rescale_or_stretched_as_before(tmp_path):
     from PIL import Image
 
-    from fedct.data.sources import decode_image
+    from fedct.data.decode import decode_image
 
     hu = read_volume_like_chest()[6]
     stored = np.clip(np.round(hu) + 1024, 0, 65535).astype(np.uint16)

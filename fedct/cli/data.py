@@ -62,7 +62,7 @@ def synth(
 @command(rich_help_panel="Data")
 @one_line_errors
 def split(
-    dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or CSV path,label[,group][,site][,split]; a path may be a NIfTI volume or a DICOM series' folder.")],
+    dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or CSV path,label[,group][,site][,split] (patient_label instead of label: one label per group); a path may be a NIfTI volume, a DICOM series' folder, or a folder of one patient's slices.")],
     out: Annotated[Path, typer.Option("--out", help="Split directory to write.")],
     scheme: Annotated[str, typer.Option(click_type=click.Choice(SCHEMES), help="Client partition: iid, dirichlet, shards, quantity, natural.")] = "iid",
     clients: Annotated[int | None, typer.Option(help="Number of clients (natural: one per value).")] = None,

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from fedct.data.sources import decode_image
+from fedct.data.decode import decode_image
 from fedct.data.volumes import WINDOWS, decode_slices, parse_rescale
 from fedct.errors import FedctError
 

@@ -24,7 +24,7 @@ SPACING_TOLERANCE = 0.01  # relative: a slice gap may differ from the median by 
 
 def dicom_files(folder: Path) -> list[Path]:
     """The DICOM files directly in `folder` (by content: the DICM marker)."""
-    from fedct.data.sources import is_dicom
+    from fedct.data.decode import is_dicom
 
     return sorted(p for p in folder.iterdir() if p.is_file() and is_dicom(p))
 

@@ -1,8 +1,5 @@
-"""Read an ImageFolder or a CSV into rows, and decode any CT image into one grayscale form.
-
-Images are decoded by content, never by extension: the COVID-CT folder has JPEG data under
-`.png` names and PNGs in RGBA, RGB and L modes. Every image ends as a 2-D uint8 array.
-"""
+"""Read an ImageFolder or a CSV into rows, check that every image decodes, and fingerprint
+the dataset (images are decoded by `fedct.data.decode`)."""
 
 from __future__ import annotations
 
@@ -15,17 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-from PIL.Image import DecompressionBombError
-
-from fedct.data.volumes import WINDOWS, VolumeOptions, is_volume, slices_or_skip
-from fedct.data.volumes import window as window_hu
+from fedct.data.decode import decode_image, is_dicom
+from fedct.data.series import is_series
+from fedct.data.volumes import VolumeOptions, is_volume, slices_or_skip
 from fedct.errors import FedctError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
 FEDCT_OUTPUTS = ("split.yaml", "manifest.csv", "report.json", "summary.csv", "metrics.json")
-LUNG_WINDOW = WINDOWS["lung"]  # (level, width) in Hounsfield units
 NEGATIVE_NAME = re.compile(r"(^|[^a-z])(non|normal|neg|healthy|control|benign)", re.IGNORECASE)
 
 
@@ -58,6 +51,7 @@ class Dataset:
     positive: str | None = None
     skipped: list[str] = field(default_factory=list)
     volumes: VolumeOptions | None = None  # how its volumes became slices, when it has any
+    labels_per: str = "image"  # "patient": a CSV's patient_label column labels each group
 
     def label_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.classes)}
@@ -66,7 +60,8 @@ class Dataset:
 def read_dataset(
     path: str | Path, *, group_pattern: str | None = None, positive: str | None = None
 ) -> Dataset:
-    """Read an ImageFolder directory or a `path,label[,group][,site][,split]` CSV."""
+    """Read an ImageFolder directory or a `path,label[,group][,site][,split]` CSV (a
+    `patient_label` column instead of `label` labels each patient)."""
     source = Path(path)
     if not source.exists():
         raise FedctError(f"{source}: no such file or directory")
@@ -76,6 +71,8 @@ def read_dataset(
         dataset = _read_csv(source)
     if group_pattern:
         dataset.rows = _groups_from_pattern(dataset.rows, group_pattern)
+    if dataset.labels_per == "patient":
+        _check_patient_labels(source, dataset.rows)
     dataset.rows = [r if r.group else replace(r, group=r.path) for r in dataset.rows]
     dataset.positive = _choose_positive(dataset.classes, positive, dataset.positive)
     return dataset
@@ -124,17 +121,29 @@ def read_csv_rows(source: Path, required: tuple[str, ...] = ("path",)) -> tuple[
 
 def _read_csv(source: Path) -> Dataset:
     columns, raw = read_csv_rows(source)
-    if "label" not in columns and "class" not in columns:
-        raise FedctError(f"{source}: missing column 'label' (or 'class')")
+    per_patient = "patient_label" in columns
+    if per_patient and ("label" in columns or "class" in columns):
+        raise FedctError(f"{source}: columns 'label' and 'patient_label' both given: label "
+                         "each image or each patient, not both")
+    if not per_patient and "label" not in columns and "class" not in columns:
+        raise FedctError(f"{source}: missing column 'label' (or 'class', or 'patient_label')")
     rows: list[Row] = []
     numeric: dict[str, str] = {}
     named: dict[str, str] = {}
     seen: dict[str, int] = {}
     for line_no, item in enumerate(raw, start=2):
-        name = item.get("class") or item.get("label", "")
+        name = item.get("patient_label") or item.get("class") or item.get("label", "")
         if not item["path"] or not name:
             raise FedctError(f"{source}:{line_no}: empty path or label")
         _check_path(source, line_no, item["path"], seen)
+        folder = source.parent / item["path"]
+        if folder.is_dir() and not is_series(folder):  # one patient's slices, labelled once
+            for path in _folder_images(source, line_no, folder):
+                _check_path(source, line_no, path, seen)
+                rows.append(Row(path=path, label=name,
+                                group=item.get("group") or Path(item["path"]).as_posix(),
+                                site=item.get("site", ""), split=item.get("split", "")))
+            continue
         if "class" in item and item.get("label"):
             number = numeric.setdefault(name, item["label"])
             other = named.setdefault(item["label"], name)
@@ -161,7 +170,36 @@ def _read_csv(source: Path) -> Dataset:
         classes = sorted(names, key=lambda n: int(numeric[n]))
     else:
         classes = sorted(names)
-    return Dataset(root=source.parent.resolve(), source=source.resolve(), rows=rows, classes=classes)
+    return Dataset(root=source.parent.resolve(), source=source.resolve(), rows=rows,
+                   classes=classes, labels_per="patient" if per_patient else "image")
+
+
+def _folder_images(source: Path, line_no: int, folder: Path) -> list[str]:
+    """A folder row's images, relative to the CSV's folder: its image files, each DICOM
+    series under it as one volume, in name order."""
+    everything = sorted(folder.rglob("*"))
+    series = {p for p in everything if p.is_dir() and is_series(p)}
+    found = [p for p in everything if p in series or (
+        p.is_file() and not series.intersection(p.parents) and looks_like_image(p))]
+    if not found:
+        raise FedctError(f"{source}:{line_no}: folder {folder.name!r} holds no image (a folder "
+                         "row lists one patient's slices, or is one DICOM series)")
+    return [p.relative_to(source.parent).as_posix() for p in found]
+
+
+def _check_patient_labels(source: Path, rows: list[Row]) -> None:
+    """A patient_label column gives every image of one patient the same label."""
+    if not any(r.group for r in rows):
+        raise FedctError(f"{source}: a patient_label column labels patients, but nothing says "
+                         "which images are one patient's: add a group column, give "
+                         "--group-pattern, or list each patient's folder")
+    first: dict[str, Row] = {}
+    for row in rows:
+        other = first.setdefault(row.group or row.path, row)
+        if other.label != row.label:
+            raise FedctError(f"{source}: patient {row.group or row.path!r} is labelled "
+                             f"{other.label!r} ({other.path}) and {row.label!r} ({row.path}); "
+                             "a patient_label column gives each patient one label")
 
 
 def _check_path(source: Path, line_no: int, path: str, seen: dict[str, int]) -> None:
@@ -274,94 +312,6 @@ def expand_volumes(dataset: Dataset, options: VolumeOptions, *, skip_bad: bool) 
         raise FedctError(f"{dataset.source}: no readable image or volume (first problem: "
                          f"{bad[0] if bad else 'none'})")
     return replace(dataset, rows=rows, skipped=[*dataset.skipped, *bad], volumes=options)
-
-
-def decode_image(path: str | Path, *, window: tuple[float, float] = LUNG_WINDOW,
-                 rescale: tuple[float, float] | None = None) -> np.ndarray:
-    """Decode PNG/JPEG of any mode, or DICOM, into a 2-D uint8 array; DICOM and (with
-    `rescale`, slope and intercept to HU) 16-bit images through `window`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FedctError(f"{path}: image file not found")
-    if is_dicom(path):
-        return _decode_dicom(path, window)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return _to_gray_uint8(image, window, rescale)
-    except DecompressionBombError:
-        raise FedctError(f"{path}: image too large to be a CT slice (over "
-                         f"{Image.MAX_IMAGE_PIXELS * 2:,} pixels); refused unread") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise FedctError(f"{path}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
-
-
-def _to_gray_uint8(image: Image.Image, window: tuple[float, float],
-                   rescale: tuple[float, float] | None) -> np.ndarray:
-    mode = image.mode
-    if mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
-        values = np.asarray(image, dtype=np.float32)
-        if rescale is None:
-            return _stretch(values)
-        return window_hu(values * rescale[0] + rescale[1], window)
-    if mode in {"RGBA", "LA", "PA", "P"} or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[..., 3:4] / 255.0
-        rgb = rgba[..., :3] * alpha  # transparent pixels become black, like CT air
-        gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return np.clip(gray + 0.5, 0, 255).astype(np.uint8)
-    return np.asarray(image.convert("L"), dtype=np.uint8).copy()
-
-
-def _stretch(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return ((values - low) * (255.0 / (high - low)) + 0.5).astype(np.uint8)
-
-
-def is_dicom(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _decode_dicom(path: Path, window: tuple[float, float]) -> np.ndarray:
-    try:
-        import pydicom
-    except ImportError:
-        raise FedctError(f"{path}: reading DICOM needs the dicom extra: pip install 'fedct[dicom]'") from None
-    try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array.astype(np.float32)
-    except Exception as exc:  # pydicom raises many types for damaged files
-        raise FedctError(f"{path}: cannot decode DICOM ({exc.__class__.__name__}: {exc})") from None
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    if samples > 1:
-        return _dicom_colour(path, pixels, samples)
-    if pixels.ndim == 3:
-        pixels = pixels[pixels.shape[0] // 2]
-    if pixels.ndim != 2:
-        raise FedctError(f"{path}: DICOM pixel data of shape {pixels.shape}, not a slice")
-    hounsfield = pixels * float(getattr(ds, "RescaleSlope", 1)) + float(
-        getattr(ds, "RescaleIntercept", 0)
-    )
-    return window_hu(hounsfield, window)
-
-
-def _dicom_colour(path: Path, pixels: np.ndarray, samples: int) -> np.ndarray:
-    """A colour DICOM (a secondary capture: display values, not Hounsfield units) becomes
-    luminance like a colour PNG; a multi-frame one gives its middle frame."""
-    if pixels.ndim == 4:
-        pixels = pixels[pixels.shape[0] // 2]
-    if pixels.ndim != 3 or pixels.shape[-1] != samples or samples < 3:
-        raise FedctError(f"{path}: DICOM colour pixel data of shape {pixels.shape} "
-                         f"({samples} samples per pixel), not an RGB slice")
-    gray = pixels[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return np.clip(gray + 0.5, 0, 255).astype(np.uint8) if pixels.max() <= 255 else _stretch(gray)
 
 
 def content_digest(path: Path) -> bytes:
