@@ -61,7 +61,7 @@ def bytes_per_round(split: Path, nodes: int, work: Path, config,
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedct.federated import secure
-    from fedct.federated.flower_app import client_app, train_on_nodes
+    from fedct.federated.flower_app import FlowerTransport, client_app
     from fedct.federated.protocol import RunExtras, run_config_values
     from fedct.federated.setup import planned_rounds, prepare_setup, sample_schedule
 
@@ -93,7 +93,9 @@ def bytes_per_round(split: Path, nodes: int, work: Path, config,
     if secure_on:
         secure.train_on_nodes(CountingGrid(), server, *args)
         return sent[0], float("nan"), float("nan")
-    replies = train_on_nodes(CountingGrid(), *args, accept=lambda reply: reply).replies
+    transport = FlowerTransport(CountingGrid(), server, node_of, setup, schedule,
+                                planned_rounds(schedule, nodes), 600.0)
+    replies = transport.train(1, weights, {}, accept=lambda reply: reply).replies
     changes = [(max(float((r.update.weights[k].double() - w.double()).abs().max())
                     for k, w in weights.items() if w.is_floating_point()), r.update.examples)
                for r in replies]

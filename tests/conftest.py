@@ -202,11 +202,13 @@ def loopback(synth_dir, tmp_path_factory):
 
 class LocalGrid:
     """A Flower grid in this process: delivers each message to the ClientApp of its node
-    and keeps every reply the coordinator receives; a node in `dead` never answers."""
+    and keeps every reply the coordinator receives and the message types of every exchange;
+    a node in `dead` never answers."""
 
     def __init__(self, contexts: dict):
         self.contexts = contexts
         self.received = []
+        self.exchanges: list[list[str]] = []
         self.dead: set[int] = set()
 
     def get_node_ids(self):
@@ -216,6 +218,8 @@ class LocalGrid:
         from fedct.federated.flower_app import client_app
 
         replies = []
+        self.exchanges.append([m.metadata.message_type + ("+evaluate" if "evaluate-first" in
+                                                          m.content else "") for m in messages])
         for message in messages:
             node = message.metadata.dst_node_id
             if node in self.dead:

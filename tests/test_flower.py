@@ -150,14 +150,16 @@ def test_a_coordinator_without_data_with_a_robust_strategy_equals_embedded(
 
 
 def test_a_killed_supernode_does_not_stop_the_run(tmp_path, synth_dir):
-    """Real processes: node 1 is killed after round 1; round 2 goes on without it once
+    """Real processes: node 1 is killed once round 1 is recorded (its round-2 update, sent
+    with round 1's evaluation, is in); the message that carries round 2's evaluation and
+    round 3's training gets no answer from it, and round 3 goes on without it once
     --round-timeout has passed."""
     split = make_split(synth_dir, tmp_path / "split")
     federation = Federation(tmp_path, split, clients=2)
     try:
         # a loaded 2-core machine takes ~20 s to start a ClientApp and train
         proc = federation.submit(split, tmp_path / "run", "--round-timeout", "40",
-                                 settings=SETTINGS)
+                                 settings={**SETTINGS, "rounds": 3})
         summary = tmp_path / "run" / "summary.csv"
         wait_until(proc, lambda: summary.is_file() and len(summary.read_text().splitlines()) >= 2,
                    "round 1 never finished", seconds=300)
@@ -167,6 +169,6 @@ def test_a_killed_supernode_does_not_stop_the_run(tmp_path, synth_dir):
         federation.stop()
     assert proc.returncode == 0, output
     rows = [line.split(",") for line in summary.read_text().splitlines()[1:]]
-    assert [r[:2] for r in rows] == [["1", "2"], ["2", "1"]], output
+    assert [r[:2] for r in rows] == [["1", "2"], ["2", "2"], ["3", "1"]], output
     assert "client 1 failed" in output
     assert (tmp_path / "run" / "final.safetensors").is_file()

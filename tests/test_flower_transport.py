@@ -33,14 +33,15 @@ class LosesNode1AfterRound1(LocalGrid):
         return super().send_and_receive(messages, timeout)
 
 
-def run_main(split_dir, out, grid=LocalGrid) -> None:
+def run_main(split_dir, out, grid=LocalGrid, settings=SETTINGS, clients=2) -> LocalGrid:
     from fedct.federated.flower_app import main
 
-    config = build_config(FederateConfig, None, SETTINGS)
-    grid, server, _ = local_federation(split_dir, out.parent, config, 2, grid=grid,
-                                       out=str(out), split_dir=str(split_dir), num_clients=2,
-                                       node_wait=5.0, round_timeout=5.0)
+    config = build_config(FederateConfig, None, settings)
+    grid, server, _ = local_federation(split_dir, out.parent, config, clients, grid=grid,
+                                       out=str(out), split_dir=str(split_dir),
+                                       num_clients=clients, node_wait=5.0, round_timeout=5.0)
     main(grid, server)
+    return grid
 
 
 def rows(path) -> list[dict]:
@@ -50,7 +51,10 @@ def rows(path) -> list[dict]:
 
 def test_the_flower_app_in_process_equals_the_embedded_engine(split_dir, tmp_path,
                                                               task_identity):
-    run_main(split_dir, tmp_path / "flower" / "run")
+    grid = run_main(split_dir, tmp_path / "flower" / "run")
+    # round 1's evaluation rides with round 2's train messages; the last round's goes alone
+    assert grid.exchanges == [["query"] * 2, ["train"] * 2, ["train+evaluate"] * 2,
+                              ["evaluate"] * 2]
     run_federate(split_dir, tmp_path / "embedded", build_config(FederateConfig, None, SETTINGS),
                  init="none", quiet=True)
     flower, meta = read_checkpoint(tmp_path / "flower" / "run" / "final")
@@ -68,5 +72,31 @@ def test_a_node_lost_after_round_1_fails_its_part_and_the_run_goes_on(split_dir,
     summary = rows(tmp_path / "flower" / "run" / "summary.csv")
     assert [(r["round"], r["clients"]) for r in summary] == [("1", "2"), ("2", "1")], output
     assert "client 1 failed: no reply within 5s" in output
+    # node 1 died on the message that carried round 1's evaluation and round 2's training
+    assert [int(r["fed_clients"]) for r in summary] == [1, 1]
     assert int(summary[1]["fed_clients"]) == 1  # it is not asked to evaluate either
     assert (tmp_path / "flower" / "run" / "final.safetensors").is_file()
+
+
+def test_sampled_rounds_evaluate_with_the_next_training_where_they_can(synth_dir, tmp_path,
+                                                                       task_identity):
+    """Two of three clients train each round, two score each round, FedBN keeps norms
+    local: a client asked that trains next scores before it trains, in one message; one that
+    does not gets an evaluate message in the same exchange; the run equals the embedded one."""
+    from conftest import make_split
+
+    split_dir = make_split(synth_dir, tmp_path / "split", clients=3, local_val=0.25)
+    settings = {**TINY, "seed": 0, "rounds": 3, "clients_per_round": 2, "eval_fraction": 0.67,
+                "fedbn": True}
+    # training [1, 2], [0, 1], [1, 2]; scoring [1, 2], [0, 1], [0, 1] (seed 0)
+    grid = run_main(split_dir, tmp_path / "flower" / "run", settings=settings, clients=3)
+    assert grid.exchanges == [["query"] * 3, ["train"] * 2,
+                              ["train", "train+evaluate", "evaluate"],
+                              ["train+evaluate", "train", "evaluate"], ["evaluate"] * 2]
+    run_federate(split_dir, tmp_path / "embedded", build_config(FederateConfig, None, settings),
+                 init="none", quiet=True)
+    flower, _ = read_checkpoint(tmp_path / "flower" / "run" / "final")
+    expected, _ = read_checkpoint(tmp_path / "embedded" / "final")
+    assert all(torch.equal(flower[k], expected[k]) for k in expected)
+    for name in ("summary.csv", "clients.csv"):
+        assert rows(tmp_path / "flower" / "run" / name) == rows(tmp_path / "embedded" / name)

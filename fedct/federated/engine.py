@@ -39,9 +39,12 @@ class Transport(Protocol):
         """Send a round to its scheduled clients; each reply goes through `accept` as it
         arrives, in client order (bit-identical sums on every transport)."""
 
-    def evaluate(self, round_number: int, weights: Weights,
-                 asked: list[int]) -> list[Evaluation]:
-        """The asked clients' evaluations of the aggregated weights, in client order."""
+    def evaluate(self, round_number: int, weights: Weights, asked: list[int],
+                 next_message: Weights | None = None) -> list[Evaluation]:
+        """The asked clients' evaluations of the aggregated weights, in client order.
+        `next_message`, the strategy's message for the next round (None after the last):
+        a transport may send that round's train messages in the same exchange (the next
+        round trains on these weights) and hand their replies to the next `train`."""
 
     def state_dict(self) -> dict:
         """What the transport keeps on the server's machine between rounds (saved with
@@ -126,7 +129,8 @@ def run_round(server: RoundServer, transport: Transport, round_number: int, weig
     new = server.aggregate(round_number, weights, collected, result.secure_sum)
     failed = {r.client_id for r in result.replies if r.status is Status.FAILED}
     asked = [k for k in asked if k not in failed]  # a failed client would only time out
-    evaluations = transport.evaluate(round_number, new, asked) if asked else []
+    upcoming = server.message() if round_number < server.setup.config.rounds else None
+    evaluations = transport.evaluate(round_number, new, asked, upcoming) if asked else []
     server.record(round_number, new, result.replies, evaluations,
                   updated=collected.count >= server.setup.config.min_clients, started=started,
                   extra_state=transport.state_dict())

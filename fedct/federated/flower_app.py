@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +52,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedct.federated.node import node_round
+    from fedct.federated.node import node_evaluate, node_round
     from fedct.training import set_threads
 
     set_threads()
@@ -63,9 +63,14 @@ def train(msg: Message, context: Context) -> Message:
                            control=control)
         return Message(secure.encode_reply(reply, weights, control, config), reply_to=msg)
     weights, spec, control = protocol.decode_train(msg.content)
+    evaluation, first = None, protocol.decode_evaluate_first(msg.content)
+    if first is not None:  # the previous round's evaluation, before these weights train
+        _, extras = protocol.split_run_config(dict(context.run_config))
+        evaluation = node_evaluate(dict(context.node_config), context.run_id, config, weights,
+                                   first, rows=extras.eval_rows)
     reply = node_round(dict(context.node_config), context.run_id, config, weights, spec,
                        control=control)
-    return Message(protocol.encode_reply(reply), reply_to=msg)
+    return Message(protocol.encode_reply(reply, evaluation), reply_to=msg)
 
 
 @client_app.evaluate()
@@ -93,22 +98,19 @@ def discover_nodes(grid: Grid, expected: int, wait: float) -> dict[int, int]:
             for a in answers if not a.has_error()}
 
 
-def train_on_nodes(grid: Grid, node_of: dict[int, int], setup, schedule: list[list[int]],
-                   planned: dict[int, int], timeout: float, round_number: int,
-                   global_weights: Weights, control: Weights,
-                   accept: Accept) -> RoundResult:
-    """One round over the scheduled clients' nodes: each reply decoded only when the server
-    takes it, in client order; a silent node counts as failed."""
-    chosen = schedule[round_number - 1]
-    messages = [Message(protocol.encode_train(global_weights,
-                                              setup.round_spec(round_number, planned[k]), control),
-                        dst_node_id=node_of[k], message_type="train", group_id=str(round_number))
-                for k in chosen if k in node_of]
+def exchange(grid: Grid, node_of: dict[int, int], messages: list[Message],
+             timeout: float) -> dict[int, Message]:
+    """The nodes' answers to `messages` that came within `timeout`, by client id."""
     client_of_node = {n: k for k, n in node_of.items()}
-    answers = {client_of_node[m.metadata.src_node_id]: m
-               for m in grid.send_and_receive(messages, timeout=timeout)
-               if m.metadata.src_node_id in client_of_node}
-    del messages
+    return {client_of_node[m.metadata.src_node_id]: m
+            for m in grid.send_and_receive(messages, timeout=timeout)
+            if m.metadata.src_node_id in client_of_node}
+
+
+def train_replies(chosen: list[int], node_of: dict[int, int], answers: dict[int, Message],
+                  timeout: float, accept: Accept) -> list[ClientReply]:
+    """The round's replies in client order, each decoded only when the server takes it; a
+    silent node counts as failed."""
     replies = []
     for k in chosen:
         message = answers.pop(k, None)
@@ -122,34 +124,42 @@ def train_on_nodes(grid: Grid, node_of: dict[int, int], setup, schedule: list[li
         else:
             reply = protocol.decode_reply(message.content)
         replies.append(accept(reply))
-    return RoundResult(replies)
+    return replies
+
+
+def evaluation_of(k: int, node_of: dict[int, int], message: Message | None) -> Evaluation:
+    """Client k's evaluation from its answer (an evaluate reply, or a train reply that
+    carries one)."""
+    if message is None:
+        return Evaluation(k, status=Status.FAILED,
+                          detail="no node for it" if k not in node_of else "no reply")
+    if message.has_error():
+        return Evaluation(k, status=Status.FAILED, detail=str(message.error.reason))
+    return protocol.decode_evaluation(message.content)
+
+
+def evaluate_message(node: int, spec, weights: Weights) -> Message:
+    return Message(protocol.encode_train(weights, spec), dst_node_id=node,
+                   message_type="evaluate", group_id=f"eval-{spec.round}")
 
 
 def evaluate_on_nodes(grid: Grid, node_of: dict[int, int], timeout: float, spec,
                       weights: Weights, asked: list[int]) -> Iterator[Evaluation]:
     """The asked clients' evaluations of `weights`, in client order."""
-    chosen = [k for k in asked if k in node_of]
-    messages = [Message(protocol.encode_train(weights, spec), dst_node_id=node_of[k],
-                        message_type="evaluate", group_id=f"eval-{spec.round}")
-                for k in chosen]
-    client_of_node = {n: k for k, n in node_of.items()}
-    answers = {client_of_node[m.metadata.src_node_id]: m
-               for m in grid.send_and_receive(messages, timeout=timeout)
-               if m.metadata.src_node_id in client_of_node}
+    answers = exchange(grid, node_of, [evaluate_message(node_of[k], spec, weights)
+                                       for k in asked if k in node_of], timeout)
     for k in asked:
-        message = answers.get(k)
-        if message is None:
-            yield Evaluation(k, status=Status.FAILED,
-                             detail="no node for it" if k not in node_of else "no reply")
-        elif message.has_error():
-            yield Evaluation(k, status=Status.FAILED, detail=str(message.error.reason))
-        else:
-            yield protocol.decode_evaluation(message.content)
+        yield evaluation_of(k, node_of, answers.get(k))
 
 
 @dataclass
 class FlowerTransport:
-    """A round's messages over Flower's grid, to the nodes found by `discover_nodes`."""
+    """A round's messages over Flower's grid, to the nodes found by `discover_nodes`.
+
+    A round's evaluation rides with the next round's train messages: each node asked scores
+    the new global weights, then trains on them, in one message; the answers wait in
+    `ahead` for that round's `train`. A node asked that does not train next gets an
+    evaluate message in the same exchange; the last round evaluates on its own."""
 
     grid: Grid
     context: Context
@@ -159,16 +169,42 @@ class FlowerTransport:
     planned: dict[int, int]
     timeout: float
     engine: str = "flower"
+    ahead: dict[int, dict[int, Message]] = field(default_factory=dict)
+
+    def train_message(self, round_number: int, k: int, weights: Weights, control: Weights,
+                      evaluate_first=None) -> Message:
+        return Message(protocol.encode_train(weights,
+                                             self.setup.round_spec(round_number, self.planned[k]),
+                                             control, evaluate_first),
+                       dst_node_id=self.node_of[k], message_type="train",
+                       group_id=str(round_number))
 
     def train(self, round_number: int, weights: Weights, message: Weights,
               accept: Accept) -> RoundResult:
-        return train_on_nodes(self.grid, self.node_of, self.setup, self.schedule, self.planned,
-                              self.timeout, round_number, weights, message, accept)
+        chosen = self.schedule[round_number - 1]
+        answers = self.ahead.pop(round_number, None)
+        if answers is None:
+            answers = exchange(self.grid, self.node_of,
+                               [self.train_message(round_number, k, weights, message)
+                                for k in chosen if k in self.node_of], self.timeout)
+        return RoundResult(train_replies(chosen, self.node_of, answers, self.timeout, accept))
 
-    def evaluate(self, round_number: int, weights: Weights,
-                 asked: list[int]) -> list[Evaluation]:
-        return list(evaluate_on_nodes(self.grid, self.node_of, self.timeout,
-                                      self.setup.round_spec(round_number, 0), weights, asked))
+    def evaluate(self, round_number: int, weights: Weights, asked: list[int],
+                 next_message: Weights | None = None) -> list[Evaluation]:
+        spec = self.setup.round_spec(round_number, 0)
+        if next_message is None or round_number >= len(self.schedule):
+            return list(evaluate_on_nodes(self.grid, self.node_of, self.timeout, spec, weights,
+                                          asked))
+        upcoming = [k for k in self.schedule[round_number] if k in self.node_of]
+        messages = [self.train_message(round_number + 1, k, weights, next_message,
+                                       spec if k in asked else None) for k in upcoming]
+        messages += [evaluate_message(self.node_of[k], spec, weights) for k in asked
+                     if k in self.node_of and k not in upcoming]
+        answers = exchange(self.grid, self.node_of, messages, self.timeout)
+        del messages
+        evaluations = [evaluation_of(k, self.node_of, answers.get(k)) for k in asked]
+        self.ahead = {round_number + 1: {k: answers[k] for k in upcoming if k in answers}}
+        return evaluations
 
     def state_dict(self) -> dict:
         return {}  # the nodes keep their own state in their state-dir
@@ -179,6 +215,11 @@ class FlowerTransport:
 
 class SecureFlowerTransport(FlowerTransport):
     """Training through SecAgg+: the replies carry no weights, the round returns their sum."""
+
+    def evaluate(self, round_number: int, weights: Weights, asked: list[int],
+                 next_message: Weights | None = None) -> list[Evaluation]:
+        """On its own: SecAgg+'s train stages cannot carry an evaluation."""
+        return super().evaluate(round_number, weights, asked, None)
 
     def train(self, round_number: int, weights: Weights, message: Weights,
               accept: Accept) -> RoundResult:

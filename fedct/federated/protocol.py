@@ -231,16 +231,28 @@ def decode_hello(content) -> Hello:
     return from_values(Hello, dict(content["hello"]))
 
 
-def encode_train(weights: Weights, spec: RoundSpec, control: Weights | None = None):
+def encode_train(weights: Weights, spec: RoundSpec, control: Weights | None = None,
+                 evaluate_first: RoundSpec | None = None):
     """Server -> node: the global weights and the round's spec (to train, or to evaluate),
-    and the server's control variate when there is one."""
+    the server's control variate when there is one, and, with `evaluate_first`, the spec
+    under which the node scores these weights before it trains on them (the previous
+    round's evaluation riding with this round's train message)."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     content = {"arrays": ArrayRecord.from_torch_state_dict(weights),
                "spec": ConfigRecord(to_values(spec))}
     if control:
         content["control"] = ArrayRecord.from_torch_state_dict(control)
+    if evaluate_first is not None:
+        content["evaluate-first"] = ConfigRecord(to_values(evaluate_first))
     return RecordDict(content)
+
+
+def decode_evaluate_first(content) -> RoundSpec | None:
+    """The spec to score the train message's weights under first, when it asks for that."""
+    if "evaluate-first" not in content:
+        return None
+    return from_values(RoundSpec, dict(content["evaluate-first"]))
 
 
 def decode_train(content) -> tuple[Weights, RoundSpec, Weights]:
@@ -249,11 +261,14 @@ def decode_train(content) -> tuple[Weights, RoundSpec, Weights]:
             from_values(RoundSpec, dict(content["spec"])), control)
 
 
-def encode_reply(reply: ClientReply):
-    """Node -> server: the reply, with the update's weights and metrics when it trained."""
+def encode_reply(reply: ClientReply, evaluation: Evaluation | None = None):
+    """Node -> server: the reply, with the update's weights and metrics when it trained,
+    and the evaluation the message asked for first, if it did."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     content = {"reply": ConfigRecord(to_values(reply))}
+    if evaluation is not None:
+        content["evaluation"] = ConfigRecord(to_values(evaluation))
     if reply.update is not None:
         content["arrays"] = ArrayRecord.from_torch_state_dict(reply.update.weights)
         if reply.update.control:

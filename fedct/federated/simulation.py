@@ -70,8 +70,8 @@ class InProcess:
             replies.append(accept(reply))
         return RoundResult(replies)
 
-    def evaluate(self, round_number: int, weights: Weights,
-                 asked: list[int]) -> list[Evaluation]:
+    def evaluate(self, round_number: int, weights: Weights, asked: list[int],
+                 next_message: Weights | None = None) -> list[Evaluation]:
         setup = self.setup
         return [client_evaluate(setup.model, weights, self.clients[k].val, setup.config,
                                 self.states[k], client_id=k, device=self.device,
