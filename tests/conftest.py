@@ -231,21 +231,23 @@ class LocalGrid:
 
 
 def local_federation(split: Path, tmp_path: Path, config, clients: int, *,
-                     grid=LocalGrid, **extras):
+                     grid=LocalGrid, run_id: int = 1, **extras):
     """(a `grid` of `clients` nodes reading `split`, the server's Context, {client: node id})
-    for a run of `config`; `extras` are the run config's other keys (RunExtras)."""
+    for Flower run `run_id` of `config`; `extras` are the run config's other keys
+    (RunExtras). The nodes keep their state in `tmp_path`, whatever the run."""
     from flwr.app import Context, RecordDict
 
     from fedct.federated.protocol import RunExtras, run_config_values
 
     run_config = run_config_values(config, RunExtras(**{"out": str(tmp_path / "out"),
                                                         **extras}))
-    contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(),
+    contexts = {100 + k: Context(run_id=run_id, node_id=100 + k, state=RecordDict(),
                                  node_config={"client-id": k, "split": str(split),
                                               "state-dir": str(tmp_path / f"state{k}")},
                                  run_config=run_config)
                 for k in range(clients)}
-    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    server = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+                     run_config=run_config)
     return grid(contexts), server, {k: 100 + k for k in range(clients)}
 
 

@@ -10,7 +10,6 @@ in process, on a grid that drops the node (`test_secure`, `test_flower_transport
 
 import csv
 import json
-import re
 import subprocess
 
 import pytest
@@ -20,7 +19,7 @@ from conftest import BIN, LOOPBACK_CLIENTS, Federation, make_split, wait_until
 from fedct.config import FederateConfig
 from fedct.configure import build_config
 from fedct.federated.simulation import run_federate
-from fedct.runs import read_checkpoint
+from fedct.runs import load_resume, read_checkpoint
 
 pytest.importorskip("flwr")
 pytestmark = pytest.mark.slow
@@ -95,9 +94,9 @@ def test_dp_fedbn_scaffold_on_hospital_data_equals_embedded_and_scores_cross_sit
     embedded_report = json.loads((tmp_path / "embedded" / "report.json").read_text())
     assert report["epsilon"] == embedded_report["epsilon"] and 0 < report["max_epsilon"] <= 5.0
     assert report["best_round"] == embedded_report["best_round"]
-    run_id = re.search(r"Successfully started run (\d+)", output).group(1)
+    run_key = load_resume(tmp_path / "run")["extra"]["run_key"]  # the nodes' state key
     for k in range(LOOPBACK_CLIENTS):
-        state = torch.load(loopback.tmp / f"state{k}" / f"run-{run_id}-client-{k}.pt",
+        state = torch.load(loopback.tmp / f"state{k}" / f"run-{run_key}-client-{k}-round-2.pt",
                            weights_only=True)
         assert state["rounds"] == 2 and state["norms"] and state["accountant"]["history"]
         assert state["control"] and not state["control"].keys() & state["norms"].keys()

@@ -4,6 +4,7 @@ and evaluate messages, their encoding, a node that stops answering) is tested in
 `test_flower` runs the same app on real processes."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -33,13 +34,15 @@ class LosesNode1AfterRound1(LocalGrid):
         return super().send_and_receive(messages, timeout)
 
 
-def run_main(split_dir, out, grid=LocalGrid, settings=SETTINGS, clients=2) -> LocalGrid:
+def run_main(split_dir, out, grid=LocalGrid, settings=SETTINGS, clients=2, run_id=1,
+             resume=False) -> LocalGrid:
     from fedct.federated.flower_app import main
 
     config = build_config(FederateConfig, None, settings)
     grid, server, _ = local_federation(split_dir, out.parent, config, clients, grid=grid,
-                                       out=str(out), split_dir=str(split_dir),
-                                       num_clients=clients, node_wait=5.0, round_timeout=5.0)
+                                       run_id=run_id, out=str(out), split_dir=str(split_dir),
+                                       num_clients=clients, node_wait=5.0, round_timeout=5.0,
+                                       resume=resume)
     main(grid, server)
     return grid
 
@@ -100,3 +103,51 @@ def test_sampled_rounds_evaluate_with_the_next_training_where_they_can(synth_dir
     assert all(torch.equal(flower[k], expected[k]) for k in expected)
     for name in ("summary.csv", "clients.csv"):
         assert rows(tmp_path / "flower" / "run" / name) == rows(tmp_path / "embedded" / name)
+
+
+class CoordinatorLostInRound3(LocalGrid):
+    """The nodes train round 3 (with round 2's evaluation); the coordinator dies before it
+    hears back, so it has recorded round 1 only."""
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = super().send_and_receive(messages, timeout)
+        if any(m.metadata.message_type == "train" and m.metadata.group_id == "3"
+               for m in messages):
+            raise ConnectionError("coordinator lost")
+        return replies
+
+
+def test_a_resumed_flower_run_finds_the_nodes_state_and_replays_what_was_not_recorded(
+        split_dir, tmp_path, task_identity):
+    """A resumed run is a new Flower run (another run id): the nodes find their state under
+    the run's key from the coordinator's resume state and train the replayed rounds from
+    their state before those rounds (FedBN layers, SCAFFOLD control): the weights equal an
+    uninterrupted run's. Under DP every update a node sent still counts: a node whose
+    budget the unrecorded rounds spent sits the replayed rounds out."""
+    from fedct.runs import load_resume
+
+    for name, extra in (("plain", {}), ("dp", {"dp": True, "dp_train": "full",
+                                               "target_epsilon": 50.0})):
+        settings = {**SETTINGS, "rounds": 3, "fedbn": True, "strategy": "scaffold", **extra}
+        out = tmp_path / name / "flower" / "run"
+        with pytest.raises(ConnectionError):
+            run_main(split_dir, out, grid=CoordinatorLostInRound3, settings=settings)
+        assert load_resume(out)["round"] == 1
+        run_main(split_dir, out, settings=settings, run_id=2, resume=True)
+        key = load_resume(out)["extra"]["run_key"]
+        states = sorted(p.name for p in (tmp_path / name / "flower" / "state0").iterdir())
+        assert states == [f"run-{key}-client-0-round-{r}.pt" for r in (1, 2, 3)]
+        if not extra:
+            run_federate(split_dir, tmp_path / name / "embedded",
+                         build_config(FederateConfig, None, settings), init="none", quiet=True)
+            flower, _ = read_checkpoint(out / "final")
+            expected, _ = read_checkpoint(tmp_path / name / "embedded" / "final")
+            assert all(torch.equal(flower[k], expected[k]) for k in expected)
+    privacy = rows(out / "privacy.csv")  # the DP run: its three rounds' budget was spent
+    assert [(r["round"], r["status"]) for r in privacy] == [
+        ("1", "trained"), ("1", "trained"), ("2", "sat out"), ("2", "sat out"),
+        ("3", "sat out"), ("3", "sat out")]
+    # what the nodes spent, not what the coordinator had recorded (27 after round 1)
+    assert all(float(r["epsilon"]) == pytest.approx(50.0, abs=0.01) for r in privacy[2:])
+    assert json.loads((out / "report.json").read_text())["max_epsilon"] == pytest.approx(
+        50.0, abs=0.01)

@@ -12,6 +12,7 @@ field plus the keys of `protocol.RunExtras`. Node config: see `fedct.federated.n
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -169,13 +170,19 @@ class FlowerTransport:
     planned: dict[int, int]
     timeout: float
     engine: str = "flower"
-    ahead: dict[int, dict[int, Message]] = field(default_factory=dict)
+    ahead: dict[int, dict] = field(default_factory=dict)
+    # the nodes keep their state under this key; saved with the run's resume state, so a
+    # resumed run (a new Flower run) finds it
+    run_key: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def spec(self, round_number: int, k: int | None = None):
+        return self.setup.round_spec(round_number, 0 if k is None else self.planned[k],
+                                     self.run_key)
 
     def train_message(self, round_number: int, k: int, weights: Weights, control: Weights,
                       evaluate_first=None) -> Message:
-        return Message(protocol.encode_train(weights,
-                                             self.setup.round_spec(round_number, self.planned[k]),
-                                             control, evaluate_first),
+        return Message(protocol.encode_train(weights, self.spec(round_number, k), control,
+                                             evaluate_first),
                        dst_node_id=self.node_of[k], message_type="train",
                        group_id=str(round_number))
 
@@ -191,7 +198,7 @@ class FlowerTransport:
 
     def evaluate(self, round_number: int, weights: Weights, asked: list[int],
                  next_message: Weights | None = None) -> list[Evaluation]:
-        spec = self.setup.round_spec(round_number, 0)
+        spec = self.spec(round_number)
         if next_message is None or round_number >= len(self.schedule):
             return list(evaluate_on_nodes(self.grid, self.node_of, self.timeout, spec, weights,
                                           asked))
@@ -207,25 +214,40 @@ class FlowerTransport:
         return evaluations
 
     def state_dict(self) -> dict:
-        return {}  # the nodes keep their own state in their state-dir
+        return {"run_key": self.run_key}  # the nodes keep their own state in their state-dir
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.run_key = str(state.get("run_key", self.run_key))
 
 
 class SecureFlowerTransport(FlowerTransport):
-    """Training through SecAgg+: the replies carry no weights, the round returns their sum."""
+    """Training through SecAgg+: the replies carry no weights, the round returns their sum.
+
+    SecAgg+'s stages cannot carry an evaluation, so a round's evaluation goes on its own;
+    it serves as the next round's roll call instead: the next round's nodes not asked get a
+    query in the same exchange, and the round takes the nodes that answered."""
 
     def evaluate(self, round_number: int, weights: Weights, asked: list[int],
                  next_message: Weights | None = None) -> list[Evaluation]:
-        """On its own: SecAgg+'s train stages cannot carry an evaluation."""
-        return super().evaluate(round_number, weights, asked, None)
+        if next_message is None or round_number >= len(self.schedule):
+            return super().evaluate(round_number, weights, asked, None)
+        spec = self.spec(round_number)
+        upcoming = [k for k in self.schedule[round_number] if k in self.node_of]
+        messages = [evaluate_message(self.node_of[k], spec, weights) for k in asked
+                    if k in self.node_of]
+        messages += [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=self.node_of[k],
+                             message_type="query") for k in upcoming if k not in asked]
+        answers = exchange(self.grid, self.node_of, messages, self.timeout)
+        self.ahead = {round_number + 1: {"present": [
+            k for k in upcoming if k in answers and not answers[k].has_error()]}}
+        return [evaluation_of(k, self.node_of, answers.get(k)) for k in asked]
 
     def train(self, round_number: int, weights: Weights, message: Weights,
               accept: Accept) -> RoundResult:
+        present = self.ahead.pop(round_number, {}).get("present")
         result = secure.train_on_nodes(self.grid, self.context, self.node_of, self.setup,
                                        self.schedule, self.planned, self.timeout, round_number,
-                                       weights, message)
+                                       weights, message, run_key=self.run_key, present=present)
         return RoundResult([accept(r) for r in result.replies], result.secure_sum)
 
 

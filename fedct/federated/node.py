@@ -9,8 +9,8 @@ node learns its data from its node config, never from the server:
   `test=PATH` (optional) rows only `fedct evaluate --engine flower --on test` scores;
 - or `split=SPLIT_DIR`: a local test, where the node reads only client K's rows (its
   local_val rows are its validation rows);
-- `state-dir=DIR` (optional): where the privacy accountant and FedBN layers are kept
-  between rounds (default `$FEDCT_CACHE/nodes`).
+- `state-dir=DIR` (optional): where the privacy accountant, FedBN layers and SCAFFOLD
+  control are kept between rounds (default `$FEDCT_CACHE/nodes`; see `node_state`).
 """
 
 from __future__ import annotations
@@ -19,25 +19,17 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import torch
-
 from fedct import privacy
 from fedct.config import FederateConfig
-from fedct.data.loading import SplitImages, cache_dir, make_transform
+from fedct.data.loading import SplitImages, make_transform
 from fedct.data.manifest import LOCAL_VAL, Entry, Split, load_split
 from fedct.data.sources import expand_volumes, read_dataset
 from fedct.data.volumes import VolumeOptions, is_volume
 from fedct.errors import FedctError
-from fedct.federated.client import (
-    ClientData,
-    client_data,
-    client_evaluate,
-    new_client_state,
-    run_client_round,
-)
+from fedct.federated.client import ClientData, client_data, client_evaluate, run_client_round
+from fedct.federated.node_state import load_state, save_state
 from fedct.federated.protocol import ClientReply, Evaluation, RoundSpec, Weights
 from fedct.federated.run_model import model_spec
-from fedct.files import atomic_write, save_tensors
 from fedct.models import build_model, place_model
 from fedct.training import pick_device
 
@@ -116,11 +108,6 @@ def _own_rows(source: Path, classes: list[str], volumes: VolumeOptions) -> list:
             for r in dataset.rows]
 
 
-def state_path(node_config: dict, run_id: int, client_id: int) -> Path:
-    base = Path(str(node_config.get("state-dir", cache_dir() / "nodes")))
-    return base / f"run-{run_id}-client-{client_id}.pt"
-
-
 def _node_model(config: FederateConfig, spec: RoundSpec):
     model = build_model(model_spec(config, spec.architecture, len(spec.classes),
                                    groupnorm=spec.groupnorm))
@@ -130,18 +117,20 @@ def _node_model(config: FederateConfig, spec: RoundSpec):
 
 def node_round(node_config: dict, run_id: int, config: FederateConfig, global_weights: Weights,
                spec: RoundSpec, *, control: Weights | None = None) -> ClientReply:
-    """Train the server's model on this node's data; the node's state is saved after the round."""
+    """Train the server's model on this node's data, from its state as it was before this
+    round (`node_state`); the state is saved after the round, under the run's key (the
+    Flower run id for a message without one)."""
     data = node_data(node_config, config, spec)
     warning = privacy.delta_warning(len(data.train), config)
     if warning and spec.round == 1:
         print(f"warning: client {data.client_id}: {warning}", file=sys.stderr)
     model, device = _node_model(config, spec)
-    path = state_path(node_config, run_id, data.client_id)
-    state = torch.load(path, weights_only=True) if path.is_file() else new_client_state(config)
+    run = spec.run or str(run_id)
+    state = load_state(node_config, run, data.client_id, config, through_round=spec.round - 1)
     reply, state = run_client_round(model, global_weights, data, config, state,
                                     round_number=spec.round, planned_rounds=spec.planned_rounds,
                                     device=device, num_classes=len(spec.classes), control=control)
-    atomic_write(path, lambda p: save_tensors(state, p))
+    save_state(node_config, run, data.client_id, spec.round, state)
     return reply
 
 
@@ -154,7 +143,7 @@ def node_evaluate(node_config: dict, run_id: int, config: FederateConfig,
     if dataset is None:
         return Evaluation(client_id)
     model, device = _node_model(config, spec)
-    path = state_path(node_config, run_id, client_id)
-    state = torch.load(path, weights_only=True) if path.is_file() else new_client_state(config)
+    state = load_state(node_config, spec.run or str(run_id), client_id, config,
+                       through_round=spec.round)
     return client_evaluate(model, global_weights, dataset, config, state, client_id=client_id,
                            device=device, positive_index=spec.positive_index)

@@ -59,6 +59,7 @@ class RoundSpec:
     std: tuple[float, ...]
     groupnorm: bool  # the server's BatchNorm layers are GroupNorm (DP full)
     positive: str | None = None  # two classes: the class the histograms count; else argmax
+    run: str = ""  # the run's key, under which a node keeps its state (kept across resume)
 
     @property
     def positive_index(self) -> int | None:

@@ -163,24 +163,28 @@ class SecureRound:
 
 def train_on_nodes(grid, context, node_of: dict[int, int], setup, schedule: list[list[int]],
                    planned: dict[int, int], timeout: float, round_number: int,
-                   global_weights: Weights, control: Weights) -> RoundResult:
+                   global_weights: Weights, control: Weights, *, run_key: str = "",
+                   present: list[int] | None = None) -> RoundResult:
     """One secure round: the scheduled nodes' replies in client order (none carries weights)
     and the `SecureSum` of their updates (None when SecAgg+ halted or fewer than 3 nodes
-    answered)."""
+    answered). `present`: the scheduled clients whose nodes have just answered (the
+    previous round's evaluation), else a roll call finds them."""
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.server.compat import LegacyContext
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
     from flwr.server.workflow.constant import Key as WorkflowKey
 
     chosen = schedule[round_number - 1]
-    present = roll_call(grid, [k for k in chosen if k in node_of], node_of, timeout)
+    if present is None:
+        present = roll_call(grid, [k for k in chosen if k in node_of], node_of, timeout)
     if len(present) < 3:  # with two, each would learn the other's update from the sum
         return RoundResult([ClientReply(k, None, status=Status.FAILED,
                                         detail="no secure round: fewer than 3 nodes answered"
                                         if k in present else "did not answer the roll call")
                             for k in chosen])
     strategy = SecureRound({node_of[k]: encode_train(global_weights,
-                                                     setup.round_spec(round_number, planned[k]),
+                                                     setup.round_spec(round_number, planned[k],
+                                                                      run_key),
                                                      control) for k in present})
     legacy = LegacyContext(context, strategy=strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(

@@ -99,6 +99,10 @@ class RoundServer:
                        else check_update(reply.update, global_weights, self.message()))
             if problem:
                 reply = dataclasses.replace(reply, status=Status.REJECTED, detail=problem)
+        if reply.status is Status.SAT_OUT and reply.epsilon is not None:
+            # what the node has spent: more than it last reported when a resumed run
+            # replays rounds it had trained
+            self.epsilon[reply.client_id] = reply.epsilon
         if reply.status is not Status.TRAINED:
             self.view.message(f"round {round_number}: client {reply.client_id} "
                               f"{reply.status.value}: {reply.detail}")

@@ -130,8 +130,8 @@ class RunSetup:
     def inputs(self) -> dict:
         return run_inputs(self.split, self.init)
 
-    def round_spec(self, round_number: int, planned: int) -> RoundSpec:
-        return RoundSpec(round=round_number, planned_rounds=planned,
+    def round_spec(self, round_number: int, planned: int, run: str = "") -> RoundSpec:
+        return RoundSpec(round=round_number, planned_rounds=planned, run=run,
                          architecture=self.spec.architecture, classes=tuple(self.classes),
                          positive=self.positive,
                          mean=tuple(float(v) for v in self.data_cfg["mean"]),
