@@ -15,6 +15,7 @@ from fedct.cli import app
 from fedct.config import FederateConfig
 from fedct.configure import build_config
 from fedct.data.manifest import SplitOptions, load_split, run_split
+from fedct.errors import FedctError
 from fedct.federated import client as client_module
 from fedct.federated import simulation
 from fedct.federated.protocol import Update
@@ -180,6 +181,23 @@ def test_resume_equals_uninterrupted(split_dir, tmp_path):
     resumed, _ = read_checkpoint(tmp_path / "cut" / "final")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert len((tmp_path / "cut" / "summary.csv").read_text().splitlines()) == 4
+
+
+def test_a_run_resumes_only_on_the_engine_that_holds_its_clients_state(split_dir, tmp_path):
+    """The embedded engine keeps the clients' states (DP accountants) in resume.pt, Flower
+    nodes in their state-dir: resuming on the other engine would start them afresh."""
+    cfg = config(rounds=2)
+    simulation.run_federate(split_dir, tmp_path / "cut", cfg, init="none", quiet=True,
+                            stop_after=1)
+    result = runner.invoke(app, ["federate", "--resume", str(tmp_path / "cut"), "--engine",
+                                 "flower", "--federation", "hospitals"])
+    assert result.exit_code == 2, result.output
+    assert "the run started with engine embedded, not flower" in result.output
+    saved = tmp_path / "cut" / "config.yaml"
+    saved.write_text(saved.read_text().replace("engine: embedded", "engine: flower"))
+    with pytest.raises(FedctError, match="the run started with engine flower, not embedded"):
+        simulation.run_federate(split_dir, tmp_path / "cut", cfg, init="none", quiet=True,
+                                resume=True)
 
 
 @pytest.mark.parametrize("dp", [False, True])

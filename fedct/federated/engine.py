@@ -88,8 +88,8 @@ def open_run(setup: RunSetup, out: Path, server: RoundServer, transport: Transpo
               "split": str(setup.split.directory.resolve()) if setup.split else None,
               "split_digest": split_digest(setup.split) if setup.split else None}
     weights = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
-    if resume:
-        check_resume_inputs(out, **inputs)
+    if resume:  # the clients' states live with the engine that trained them
+        check_resume_inputs(out, **inputs, engine=transport.engine)
         weights, kept = server.resume()
         transport.load_state_dict(kept)
     else:

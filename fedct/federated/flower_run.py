@@ -21,7 +21,7 @@ from fedct import __version__
 from fedct.errors import FedctError
 from fedct.federated.protocol import ROUND_TIMEOUT_SECONDS, RunExtras, run_config_values
 from fedct.locks import exclusive
-from fedct.runs import REPORT, prepare_run_dir
+from fedct.runs import REPORT, check_resume_inputs, prepare_run_dir
 
 FLWR_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -102,6 +102,8 @@ def run_on_flower(split_dir: Path | None, out: Path, config, *, init: str,
     """
     from fedct.federated.setup import resolve_input_size, run_inputs
 
+    if resume:  # before submitting: the nodes hold no state of an embedded run
+        check_resume_inputs(out, engine="flower")
     split, num_clients = _federation(split_dir, federation, clients)
     config, note = resolve_input_size(config, init)
     if note:
