@@ -72,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 
-def embedded_seconds(split: Path, work: Path) -> list[float]:
+def embedded_seconds(split: Path, work: Path, nodes: int) -> list[float]:
     from fedct.config import FederateConfig
     from fedct.configure import build_config
     from fedct.federated.simulation import run_federate
@@ -80,7 +80,7 @@ def embedded_seconds(split: Path, work: Path) -> list[float]:
     config = build_config(FederateConfig, None, {**{k.replace("-", "_"): v
                                                     for k, v in SETTINGS.items()},
                                                  "rounds": ROUNDS})
-    out = work / "embedded"
+    out = work / f"embedded-{nodes}"
     run_federate(split, out, config, init="none", quiet=True)
     return round_seconds(out)
 
@@ -145,7 +145,7 @@ def main() -> None:
         os.environ["FEDCT_CACHE"] = str(work / "cache")
         for nodes in args.nodes:
             split = prepare(work, nodes)
-            embedded = embedded_seconds(split, work)
+            embedded = embedded_seconds(split, work, nodes)
             for mode in args.modes:
                 home = work / f"fed-{nodes}-{mode}"
                 home.mkdir()
@@ -158,6 +158,8 @@ def main() -> None:
                     federation.stop()
                 inside = node_seconds(home, nodes)
                 rows.append((nodes, mode, embedded, floor, plain, secure, inside))
+                print(f"measured {nodes} nodes, {mode}: embedded {embedded}, floor {floor}, "
+                      f"plain {plain}, SecAgg+ {secure}", file=sys.stderr, flush=True)
     print(f"{ROUNDS} rounds; seconds per round: round 1 (start-up) | mean of rounds 2-{ROUNDS}")
     print()
     print("| nodes | nodes' mode | embedded | floor: one exchange | plain Flower | "
