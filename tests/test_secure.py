@@ -211,6 +211,34 @@ def test_a_node_that_dies_as_it_masks_does_not_block_a_secure_run(split_dir, tmp
     assert (tmp_path / "run" / "final.safetensors").is_file()
 
 
+def test_a_secure_rounds_evaluation_is_the_next_rounds_roll_call(split_dir, tmp_path):
+    """SecAgg+ rounds evaluate on their own (its stages carry nothing else), and the nodes
+    that answer the evaluation are the next round's roll call: one query exchange in a run
+    of two rounds, not one a round."""
+    from rich.console import Console
+
+    from fedct.federated.engine import run_rounds
+    from fedct.federated.flower_app import SecureFlowerTransport
+    from fedct.federated.setup import eval_schedule
+    from fedct.federated.view import RoundView
+
+    config = build_config(FederateConfig, None, {**TINY, "secure_aggregation": True})
+    setup = prepare_setup(config, init="none", split_dir=split_dir)
+    grid, server, node_of = local_federation(split_dir, tmp_path, setup.config, CLIENTS)
+    schedule = sample_schedule(CLIENTS, setup.config)
+    transport = SecureFlowerTransport(grid, server, node_of, setup, schedule,
+                                      planned_rounds(schedule, CLIENTS), 60.0)
+    run_rounds(setup, tmp_path / "run", transport, num_clients=CLIENTS, schedule=schedule,
+               eval_plan=eval_schedule(CLIENTS, setup.config), device=torch.device("cpu"),
+               view=RoundView(Console(quiet=True), rounds=2, dp=False, live=False,
+                              client_lines=True, federated=False))
+    kinds = [set(exchange) for exchange in grid.exchanges]
+    assert kinds.count({"query"}) == 1 and kinds[0] == {"query"}
+    assert kinds.count({"evaluate"}) == 2 and kinds[-1] == {"evaluate"}
+    rows = (tmp_path / "run" / "summary.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["1", "3"], ["2", "3"]]
+
+
 def test_dry_run_prints_the_secure_run(split_dir, tmp_path):
     from typer.testing import CliRunner
 
