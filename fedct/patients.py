@@ -86,13 +86,14 @@ def has_patients(groups) -> bool:
     return len(set(groups)) < len(groups)
 
 
-def patient_histogram(groups, labels: np.ndarray, probs: np.ndarray,
-                      positive: int | None) -> ScoreHistogram | None:
+def patient_histogram(groups, labels: np.ndarray, probs: np.ndarray, positive: int | None,
+                      *, shared: bool = True) -> ScoreHistogram | None:
     """The histogram of the patients' mean positive-class scores, for a patient-level
-    operating point: two classes only, and only when the rows share patients and each
-    patient carries one label (else the groups are not patients to diagnose)."""
-    if positive is None or groups is None or not has_patients(groups) \
-            or not one_label_each(groups, labels):
+    operating point: two classes only, and only when each patient carries one label (else
+    the groups are not patients to diagnose) and, with `shared`, the rows share patients (a
+    client sends its histogram either way: the server decides over all of them)."""
+    if positive is None or groups is None or not one_label_each(groups, labels) \
+            or (shared and not has_patients(groups)):
         return None
     found = by_patient(groups, labels, probs, PATIENT_AGGREGATE, positive=positive)
     return ScoreHistogram.of(found["labels"] == positive, found["scores"])

@@ -369,6 +369,16 @@ def test_federated_validation_chooses_the_patient_threshold_on_the_clients_patie
     assert sum(message.patient_positives) + sum(message.patient_negatives) == point["patients"]
     pooled, checked = pool([message, replace(message, client_id=1, patient_positives=(1,) * 3)])
     assert pooled.clients == 1 and "malformed patient histograms" in checked[1].detail
+    assert pooled.patient_histogram() is not None
+    # a client that sent none (a patient of two labels among its rows): no patient point
+    # from the others' patients alone
+    pooled, _ = pool([message, replace(message, client_id=1, patient_positives=(),
+                                       patient_negatives=())])
+    assert pooled.clients == 2 and pooled.patient_histogram() is None
+    # every patient a single slice: the patient level is the slice level
+    one_each = replace(message, patient_positives=message.positives,
+                       patient_negatives=message.negatives)
+    assert pool([one_each])[0].patient_histogram() is None
 
 
 def test_counts_release_sends_only_confusion_counts_at_the_threshold(split_dir, tmp_path):

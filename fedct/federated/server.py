@@ -184,7 +184,8 @@ class RoundServer:
         self.recorder.record(round_number, row, weights=weights,
                              meta={**self.meta, "round": round_number, "metrics": row,
                                    "operating_point": point,
-                                   **patient_point_meta(config.threshold, federated.patients
+                                   **patient_point_meta(config.threshold,
+                                                        federated.patient_histogram()
                                                         if on_federated else patients, source)},
                              epsilon=self.epsilon if config.dp else None)
         self.view.round_finished(row, best_round=self.recorder.best_step)

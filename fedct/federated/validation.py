@@ -67,8 +67,7 @@ def patients_of(evaluation: Evaluation) -> ScoreHistogram | None:
 @dataclass
 class Pooled:
     """The round's evaluations summed over the clients that scored any rows; `patients`,
-    the patient histograms of those that sent them (clients without patients of several
-    slices send none)."""
+    the sum of their patient histograms (`without_patients`: how many sent none)."""
 
     histogram: ScoreHistogram | ClassHistograms
     examples: int = 0
@@ -76,6 +75,16 @@ class Pooled:
     correct: int = 0
     clients: int = 0
     patients: ScoreHistogram | None = None
+    without_patients: int = 0
+
+    def patient_histogram(self) -> ScoreHistogram | None:
+        """The val patients' histogram, for the patient-level operating point: only when
+        every client sent one (else it would cover some clients' patients) and the rows
+        share patients somewhere (else patients are slices)."""
+        if self.patients is None or self.without_patients \
+                or self.patients.n_pos + self.patients.n_neg >= self.examples:
+            return None
+        return self.patients
 
     def metrics(self, counts: float | None = None) -> dict:
         """Loss, argmax accuracy and, at 0.5, sensitivity, specificity, balanced accuracy; AUC.
@@ -107,7 +116,9 @@ def pool(evaluations: Iterable[Evaluation],
                                         detail=str(exc))
             else:
                 pooled.histogram = pooled.histogram + histogram
-                if patients is not None:
+                if patients is None:
+                    pooled.without_patients += 1
+                else:
                     pooled.patients = patients if pooled.patients is None \
                         else pooled.patients + patients
                 pooled.examples += evaluation.examples
