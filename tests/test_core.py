@@ -95,7 +95,7 @@ def test_a_node_with_its_own_data_trains_as_the_split_node_does(split_dir, tmp_p
     assert by_data.update.examples == by_split.update.examples
     assert same(by_data.update.weights, by_split.update.weights)
     assert 0 < by_data.epsilon == by_split.epsilon
-    saved = torch.load(tmp_path / "a" / "run-7-client-1.pt", weights_only=True)
+    saved = torch.load(tmp_path / "a" / "run-7-client-1-round-1.pt", weights_only=True)
     assert saved["steps"] == 2 and saved["accountant"]["history"]
 
 
