@@ -190,9 +190,10 @@ def client_evaluate(model: nn.Module, global_weights: Weights,
         return Evaluation(client_id, examples=len(labels), loss_sum=loss_sum, correct=correct,
                           **ClassHistograms.of(labels, probs).flat())
     histogram = ScoreHistogram.of(labels == positive_index, probs[:, positive_index])
-    patients = patient_histogram(dataset.groups, labels, probs, positive_index, shared=False)
     if config.eval_release == "counts":  # only tp, fn, fp, tn leave: 2 bins at the threshold
         histogram, loss_sum, patients = histogram.collapsed(float(config.threshold)), 0.0, None
+    else:
+        patients = patient_histogram(dataset.groups, labels, probs, positive_index, shared=False)
     return Evaluation(client_id, examples=len(labels), loss_sum=loss_sum,
                       correct=correct, **histogram.flat(),
                       **(patients.flat("patient_") if patients else {}))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -92,9 +92,8 @@ def discover_nodes(grid: Grid, expected: int, wait: float) -> dict[int, int]:
     deadline = time.monotonic() + wait
     while len(grid.get_node_ids()) < expected and time.monotonic() < deadline:
         time.sleep(1.0)
-    answers = grid.send_and_receive(
-        [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query")
-         for n in sorted(grid.get_node_ids())], timeout=wait)
+    answers = grid.send_and_receive([protocol.query_message(n) for n in sorted(grid.get_node_ids())],
+                                    timeout=wait)
     return {protocol.decode_hello(a.content).client_id: a.metadata.src_node_id
             for a in answers if not a.has_error()}
 
@@ -170,7 +169,7 @@ class FlowerTransport:
     planned: dict[int, int]
     timeout: float
     engine: str = "flower"
-    ahead: dict[int, dict] = field(default_factory=dict)
+    ahead: dict[int, dict[int, Message]] = field(default_factory=dict)  # round: answers
     # the nodes keep their state under this key; saved with the run's resume state, so a
     # resumed run (a new Flower run) finds it
     run_key: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -203,7 +202,7 @@ class FlowerTransport:
             return list(evaluate_on_nodes(self.grid, self.node_of, self.timeout, spec, weights,
                                           asked))
         upcoming = [k for k in self.schedule[round_number] if k in self.node_of]
-        messages = [self.train_message(round_number + 1, k, weights, next_message,
+        messages = [self.message_ahead(round_number + 1, k, weights, next_message,
                                        spec if k in asked else None) for k in upcoming]
         messages += [evaluate_message(self.node_of[k], spec, weights) for k in asked
                      if k in self.node_of and k not in upcoming]
@@ -212,6 +211,13 @@ class FlowerTransport:
         evaluations = [evaluation_of(k, self.node_of, answers.get(k)) for k in asked]
         self.ahead = {round_number + 1: {k: answers[k] for k in upcoming if k in answers}}
         return evaluations
+
+    def message_ahead(self, round_number: int, k: int, weights: Weights, control: Weights,
+                      evaluate_first) -> Message:
+        """What a node of round `round_number` gets with the previous round's evaluation:
+        that round's train message, which asks it to score the weights first if it was
+        asked to (`evaluate_first`, the evaluation's spec)."""
+        return self.train_message(round_number, k, weights, control, evaluate_first)
 
     def state_dict(self) -> dict:
         return {"run_key": self.run_key}  # the nodes keep their own state in their state-dir
@@ -227,24 +233,19 @@ class SecureFlowerTransport(FlowerTransport):
     it serves as the next round's roll call instead: the next round's nodes not asked get a
     query in the same exchange, and the round takes the nodes that answered."""
 
-    def evaluate(self, round_number: int, weights: Weights, asked: list[int],
-                 next_message: Weights | None = None) -> list[Evaluation]:
-        if next_message is None or round_number >= len(self.schedule):
-            return super().evaluate(round_number, weights, asked, None)
-        spec = self.spec(round_number)
-        upcoming = [k for k in self.schedule[round_number] if k in self.node_of]
-        messages = [evaluate_message(self.node_of[k], spec, weights) for k in asked
-                    if k in self.node_of]
-        messages += [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=self.node_of[k],
-                             message_type="query") for k in upcoming if k not in asked]
-        answers = exchange(self.grid, self.node_of, messages, self.timeout)
-        self.ahead = {round_number + 1: {"present": [
-            k for k in upcoming if k in answers and not answers[k].has_error()]}}
-        return [evaluation_of(k, self.node_of, answers.get(k)) for k in asked]
+    def message_ahead(self, round_number: int, k: int, weights: Weights, control: Weights,
+                      evaluate_first) -> Message:
+        """The evaluation, or a query for a node not asked: the answers are the roll call."""
+        if evaluate_first is None:
+            return protocol.query_message(self.node_of[k])
+        return evaluate_message(self.node_of[k], evaluate_first, weights)
 
     def train(self, round_number: int, weights: Weights, message: Weights,
               accept: Accept) -> RoundResult:
-        present = self.ahead.pop(round_number, {}).get("present")
+        answers = self.ahead.pop(round_number, None)
+        present = None if answers is None else [
+            k for k in self.schedule[round_number - 1]
+            if k in answers and not answers[k].has_error()]
         result = secure.train_on_nodes(self.grid, self.context, self.node_of, self.setup,
                                        self.schedule, self.planned, self.timeout, round_number,
                                        weights, message, run_key=self.run_key, present=present)

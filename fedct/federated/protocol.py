@@ -222,6 +222,14 @@ def from_values(cls, values, **given):
 # ------------------------------------------------------------------ Flower records
 
 
+def query_message(node: int):
+    """Server -> node: which client are you (or: are you there)?"""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    return Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                   message_type="query")
+
+
 def encode_hello(hello: Hello):
     from flwr.app import ConfigRecord, RecordDict
 

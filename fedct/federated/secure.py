@@ -223,11 +223,8 @@ def secure_mean(mean: list[np.ndarray] | None, replies, round_number: int,
 def roll_call(grid, clients: list[int], node_of: dict[int, int], timeout: float) -> list[int]:
     """The clients whose nodes answer now. Flower's SecAgg+ halts a round when a node it
     sampled never answers its first stage, so the round takes only the nodes that answer."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-
-    answers = grid.send_and_receive(
-        [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_of[k],
-                 message_type="query") for k in clients], timeout=timeout)
+    answers = grid.send_and_receive([protocol.query_message(node_of[k]) for k in clients],
+                                    timeout=timeout)
     alive = {a.metadata.src_node_id for a in answers if not a.has_error()}
     return [k for k in clients if node_of[k] in alive]
 
