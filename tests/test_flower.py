@@ -148,6 +148,47 @@ def test_a_coordinator_without_data_with_a_robust_strategy_equals_embedded(
     assert (tmp_path / "run" / "best.safetensors").is_file()
 
 
+def running_flower_runs(federation: Federation) -> list[int]:
+    listing = subprocess.run([str(BIN / "flwr"), "ls", "loopback", "--format", "json"],
+                             env=federation.env, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    runs = json.loads(listing.stdout)["runs"]
+    return [int(r["run-id"]) for r in runs if r["status"].startswith("running")]
+
+
+def test_a_stopped_coordinator_resumes_on_the_nodes_state(loopback, tmp_path):
+    """Real processes: the run's ServerApp is stopped (`flwr stop`) once round 1 is committed,
+    while the nodes train round 2 (sent with round 1's evaluation). `--resume` is another
+    Flower run: the nodes, still up, find their FedBN layers and SCAFFOLD control under the
+    run's key, replay what was not recorded from their state before it, and the run ends
+    with the uninterrupted embedded run's weights and CSVs."""
+    settings = {**SETTINGS, "rounds": 3, "fedbn": True, "strategy": "scaffold", "seed": 5}
+    expected = run_embedded(loopback.split, tmp_path / "embedded", settings)
+    out = tmp_path / "run"
+    proc = loopback.submit(loopback.split, out, settings=settings)
+    wait_until(proc, (out / "resume.pt").is_file, "round 1 was never committed", seconds=600)
+    running = running_flower_runs(loopback)
+    assert len(running) == 1, running
+    stop = subprocess.run([str(BIN / "flwr"), "stop", str(running[0]), "loopback"],
+                          env=loopback.env, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    first, _ = proc.communicate(timeout=300)
+    committed = load_resume(out)["round"]
+    assert 1 <= committed < 3 and not (out / "final.safetensors").exists(), first
+    resumed = subprocess.run(
+        [str(BIN / "fedct"), "federate", "--resume", str(out), "--engine", "flower",
+         "--federation", "loopback"], env=loopback.env, capture_output=True, text=True,
+        timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"after round {committed}" in resumed.stdout + resumed.stderr
+    flower, _ = read_checkpoint(out / "final")
+    reference, _ = read_checkpoint(expected / "final")
+    for key in reference:
+        assert torch.equal(reference[key], flower[key]), key
+    assert without_seconds(out / "summary.csv") == without_seconds(expected / "summary.csv")
+    assert (out / "clients.csv").read_text() == (expected / "clients.csv").read_text()
+
+
 def test_a_killed_supernode_does_not_stop_the_run(tmp_path, synth_dir):
     """Real processes: node 1 is killed once round 1 is recorded (its round-2 update, sent
     with round 1's evaluation, is in); the message that carries round 2's evaluation and

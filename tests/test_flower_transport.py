@@ -151,3 +151,19 @@ def test_a_resumed_flower_run_finds_the_nodes_state_and_replays_what_was_not_rec
     assert all(float(r["epsilon"]) == pytest.approx(50.0, abs=0.01) for r in privacy[2:])
     assert json.loads((out / "report.json").read_text())["max_epsilon"] == pytest.approx(
         50.0, abs=0.01)
+
+
+class NoNodeAnswers(LocalGrid):
+    def get_node_ids(self):
+        return []
+
+
+def test_a_run_that_no_node_answers_stops_before_any_round(split_dir, tmp_path, task_identity):
+    """Rounds without a client would be recorded as a run (and, resumed, finish one with
+    the global model unchanged): the coordinator stops instead, naming what to start."""
+    from fedct.errors import FedctError
+
+    out = tmp_path / "run"
+    with pytest.raises(FedctError, match="0 nodes answered within 5s, fewer than min_clients 1"):
+        run_main(split_dir, out, grid=NoNodeAnswers)
+    assert not (out / "summary.csv").exists() and not (out / "resume.pt").exists()

@@ -23,6 +23,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedct.errors import FedctError
 from fedct.federated import protocol, secure
 from fedct.federated.protocol import (
     ClientReply,
@@ -285,6 +286,10 @@ def main(grid: Grid, context: Context) -> None:
     place_model(setup.model, config, device)
     node_of = discover_nodes(grid, extras.num_clients or config.min_clients, extras.node_wait)
     console.print(f"fedct on Flower: {len(node_of)} nodes answered (clients {sorted(node_of)})")
+    if len(node_of) < max(1, config.min_clients):  # rounds without updates are no run
+        raise FedctError(f"{len(node_of)} nodes answered within {extras.node_wait:.0f}s, fewer "
+                         f"than min_clients {max(1, config.min_clients)}: start the nodes "
+                         "(fedct node) and submit again; no round was run")
     num_clients = extras.num_clients or len(node_of)
     schedule = sample_schedule(num_clients, config)
     transport = (SecureFlowerTransport if config.secure_aggregation else FlowerTransport)(

@@ -9,6 +9,11 @@ task through the SuperNode's Runtime API and runs fedct's ClientApp in place, wi
 same calls, the same context (its state kept by the SuperNode, so resume, SecAgg+ and a
 restarted coordinator behave as before) and the same error replies as `flwr-clientapp`.
 A task for another app is refused with an error reply naming the mode that serves it.
+The SuperNode handles one message at a time, but when a run ends (stopped, or its
+coordinator restarted) while a message of it is arriving, it drops the message and leaves
+its task open: a task whose message never comes. Flower's own mode starts a process per
+task, so only that process waits; here one process serves every task, so a task whose
+message is still missing when the SuperNode offers the next one is given up for it.
 What stays warm is the imports; each message still builds its model and reads its data
 from the decoded-image cache (0.13 s for a small train message, measured in process).
 """
@@ -19,6 +24,7 @@ import io
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import zipfile
@@ -28,6 +34,7 @@ from pathlib import Path
 CLIENT_APP = "fedct.federated.flower_app:client_app"
 POLL_SECONDS = 0.2  # a loopback HTTP call: at 20 a second an idle node used 10-20% of a core
 PULL_RETRY_SECONDS = 0.05  # first wait for message objects the SuperNode does not hold yet
+NEWER_TASK_SECONDS = 1.0  # while a message is missing, how often to look for a newer task
 
 
 def fab_client_app(content: bytes) -> str:
@@ -39,10 +46,47 @@ def fab_client_app(content: bytes) -> str:
         .get("clientapp", "")
 
 
-def pull_task_input(client):
+class TaskClaims:
+    """The SuperNode's ClientApp tasks as this process claims them: one at a time, except
+    that a task claimed while the message of the one being served is missing waits here to
+    be served next (the SuperNode offers it only once it has given that message up)."""
+
+    def __init__(self, client):
+        self.client = client
+        self.next_token: str | None = None
+        self.looked = 0.0
+        self.lock = threading.Lock()
+
+    def claim(self) -> str | None:
+        """The token of a task to serve now, or None when the SuperNode offers none."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+        from flwr.supercore.constant import TaskType
+
+        if self.next_token:
+            token, self.next_token = self.next_token, None
+            return token
+        claimed = self.client.AcquireTask(
+            AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        return claimed.token if claimed.HasField("task") and claimed.token else None
+
+    def newer_task(self) -> bool:
+        """Whether the SuperNode offers a task after the one being served (claimed for
+        next); asked at most every NEWER_TASK_SECONDS, from any of the pulling threads."""
+        with self.lock:
+            if self.next_token:
+                return True
+            if time.monotonic() - self.looked < NEWER_TASK_SECONDS:
+                return False
+            self.looked = time.monotonic()
+            self.next_token = self.claim()
+            return self.next_token is not None
+
+
+def pull_task_input(client, claims: TaskClaims | None = None):
     """flwr-clientapp's `pull_task_input` with a short retry: the SuperNode offers the task
     before it has the message's objects from the SuperLink, and Flower's retry (1, 2, 4, 8 s)
-    suits a process that took seconds to start, not one that claims the task at once."""
+    suits a process that took seconds to start, not one that claims the task at once. With
+    `claims`, a missing message is given up once the SuperNode offers a newer task."""
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node
@@ -51,7 +95,11 @@ def pull_task_input(client):
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
     )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.inflatable.inflatable_utils import (
+        ObjectPullError,
+        ObjectUnavailableError,
+        pull_and_inflate_object_from_tree,
+    )
     from flwr.supercore.task_identity import TaskIdentity
 
     task = client.PullTaskInput(PullTaskInputRequest())
@@ -62,8 +110,19 @@ def pull_task_input(client):
     if not pulled.messages_list:
         raise RuntimeError("No messages received from Runtime API")
     node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    pull_object = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
+
+    def pull_or_give_up(object_id: str) -> bytes:
+        try:
+            return pull_object(object_id)
+        except ObjectUnavailableError:
+            if claims is not None and claims.newer_task():
+                raise ObjectPullError(object_id, "the SuperNode gave this message up (its run "
+                                      "ended while it arrived) and offers a newer task") from None
+            raise
+
     message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        tree, pull_or_give_up,
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
                                                   context.run_id),
         return_type=Message, initial_backoff=PULL_RETRY_SECONDS, backoff_cap=0.5)
@@ -85,7 +144,7 @@ class TaskOutcome:
     answered: float = 0.0  # seconds until the ClientApp's reply (decode, work, encode)
 
 
-def run_task(runtime_address: str, token: str) -> TaskOutcome:
+def run_task(runtime_address: str, token: str, claims: TaskClaims | None = None) -> TaskOutcome:
     """One task, as `flwr-clientapp` runs it, but in this process: pull the message and the
     context, call the ClientApp, push the reply and the context, with a heartbeat meanwhile."""
     from flwr.app import Message
@@ -114,7 +173,7 @@ def run_task(runtime_address: str, token: str) -> TaskOutcome:
     status, detail = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     run_id, kind, pulled, answered = 0, "?", 0.0, 0.0
     try:
-        message, context, run, fab = pull_task_input(client)
+        message, context, run, fab = pull_task_input(client, claims)
         pulled = time.perf_counter() - started
         run_id, kind = run.run_id, message.metadata.message_type
         named = fab_client_app(fab.content)
@@ -130,7 +189,9 @@ def run_task(runtime_address: str, token: str) -> TaskOutcome:
             else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         if message is not None:
             reply = Message(Error(code=code, reason=detail), reply_to=message)
-        print(f"fedct node: {kind} message of run {run_id} failed: {exc}", file=sys.stderr)
+        what = f"{kind} message of run {run_id}" if message is not None else \
+            "a task whose message never came"
+        print(f"fedct node: {what} failed: {exc}", file=sys.stderr)
     finally:
         try:
             if reply is not None and context is not None:
@@ -146,8 +207,6 @@ def run_task(runtime_address: str, token: str) -> TaskOutcome:
 def serve(runtime_address: str, supernode: subprocess.Popen | None = None,
           log=sys.stderr) -> int:
     """Claim and run the SuperNode's ClientApp tasks until the SuperNode ends; its exit code."""
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
-    from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -159,16 +218,18 @@ def serve(runtime_address: str, supernode: subprocess.Popen | None = None,
         server_address=runtime_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker())
+    claims = TaskClaims(client)
     try:
         while supernode is None or supernode.poll() is None:
             try:
-                claimed = client.AcquireTask(
-                    AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                token = claims.claim()
             except Exception:  # noqa: BLE001 - the SuperNode is starting or has just ended
                 time.sleep(0.5)
                 continue
-            if claimed.HasField("task") and claimed.token:
-                done = run_task(runtime_address, claimed.token)
+            if token:
+                done = run_task(runtime_address, token, claims)
+                if done.message_type == "?":  # no message: run_task said why
+                    continue
                 print(f"fedct node: run {done.run_id}, {done.message_type} "
                       f"{done.status.lower()} in {done.seconds:.2f}s (pulled "
                       f"{done.pulled:.2f}s, ClientApp {done.answered - done.pulled:.2f}s, "
