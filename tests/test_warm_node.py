@@ -53,3 +53,41 @@ def test_node_says_its_mode_and_dry_run_prints_its_commands(tmp_path):
     assert neither.exit_code == 2 and "--insecure" in neither.output
     missing = runner.invoke(app, [*base[:5], "--root-certificates", str(tmp_path / "no.crt")])
     assert missing.exit_code == 2 and "no.crt" in missing.output
+
+
+class OffersTasks:
+    """The SuperNode's Runtime API as the warm node claims from it: `tasks` offered in turn."""
+
+    def __init__(self, tasks: list[str]):
+        self.tasks, self.asked = list(tasks), 0
+
+    def AcquireTask(self, request):  # noqa: N802 - the Runtime API's name
+        from flwr.proto.runtime_pb2 import AcquireTaskResponse
+
+        self.asked += 1
+        if not self.tasks:
+            return AcquireTaskResponse()
+        response = AcquireTaskResponse(token=self.tasks.pop(0))
+        response.task.task_id = self.asked
+        return response
+
+
+def test_a_task_offered_while_a_message_is_missing_is_served_next(monkeypatch):
+    """The SuperNode offers a task only once it has given up the message of the one being
+    served: such a task is claimed (at most once a second while the message is missing),
+    kept, and served next; without one, the missing message is waited for."""
+    from fedct.federated import warm_node
+
+    clock = [100.0]
+    monkeypatch.setattr(warm_node.time, "monotonic", lambda: clock[0])
+    idle = warm_node.TaskClaims(OffersTasks([]))
+    assert idle.claim() is None and not idle.newer_task()
+    api = OffersTasks(["stale", "next"])
+    claims = warm_node.TaskClaims(api)
+    assert claims.claim() == "stale" and api.asked == 1
+    clock[0] += 0.5
+    assert not claims.newer_task() and api.asked == 1  # asked again only after a second
+    clock[0] += 1.0
+    assert claims.newer_task() and claims.newer_task() and api.asked == 2
+    assert claims.claim() == "next" and api.asked == 2  # the kept task, not a new claim
+    assert claims.claim() is None and api.asked == 3

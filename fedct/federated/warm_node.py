@@ -65,6 +65,7 @@ class TaskClaims:
         if self.next_token:
             token, self.next_token = self.next_token, None
             return token
+        self.looked = time.monotonic()
         claimed = self.client.AcquireTask(
             AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         return claimed.token if claimed.HasField("task") and claimed.token else None
@@ -77,7 +78,6 @@ class TaskClaims:
                 return True
             if time.monotonic() - self.looked < NEWER_TASK_SECONDS:
                 return False
-            self.looked = time.monotonic()
             self.next_token = self.claim()
             return self.next_token is not None
 
