@@ -5,7 +5,8 @@ CSVs) serves every run that leaves it whole; the final weights must equal the em
 engine's bit for bit for the same seed and config, with DP, FedBN and SCAFFOLD too, and so
 must the federated validation (summary.csv, clients.csv): one code path, two engines. A
 node killed mid-run is tested once on real processes (its own federation) and otherwise
-in process, on a grid that drops the node (`test_secure`, `test_flower_transport`).
+in process, on a grid that drops the node (`test_secure`, `test_flower_transport`); a
+coordinator stopped mid-run (`flwr stop`) resumes on the shared federation's nodes.
 """
 
 import csv
