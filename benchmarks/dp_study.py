@@ -100,13 +100,18 @@ def figures(run_dir: Path, split_dir: Path) -> dict:
            "auc_ci": ci["auc"], "acc_thr_ci": ci["accuracy"], "round": best["round"],
            "seconds": seconds}
     if (run_dir / "privacy.csv").is_file():
-        pairs = independent_epsilons(run_dir, split_dir)
-        for reported, recomputed in pairs:
-            if not math.isclose(reported, recomputed, rel_tol=1e-6, abs_tol=1e-4):
-                raise SystemExit(f"{run_dir}: privacy.csv epsilon {reported} != independent "
-                                 f"{recomputed}")
-        out["epsilon"] = max(r for r, _ in pairs)
+        out["epsilon"] = checked_max_epsilon(run_dir, split_dir)
     return out
+
+
+def checked_max_epsilon(run_dir: Path, split_dir: Path) -> float:
+    """The run's largest client epsilon, once every client's has been recomputed."""
+    pairs = independent_epsilons(run_dir, split_dir)
+    for reported, recomputed in pairs:
+        if not math.isclose(reported, recomputed, rel_tol=1e-6, abs_tol=1e-4):
+            raise SystemExit(f"{run_dir}: privacy.csv epsilon {reported} != independent "
+                             f"{recomputed}")
+    return max(r for r, _ in pairs)
 
 
 def federate(split: Path, run_dir: Path, overrides: dict, init: str, *, run: bool) -> dict | None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from backbone_finetune import COVID, ROOT, SHARED, fold_split, spread
-from dp_study import independent_epsilons
+from dp_study import checked_max_epsilon
 from sklearn.model_selection import StratifiedGroupKFold
 
 from fedct.config import FederateConfig, PretrainConfig
@@ -65,7 +65,7 @@ ARMS = {
 def halves(work: Path, fold_dir: Path, seed: int) -> tuple[Path, Path]:
     """Stage 1's split (the public half + the fold) and stage 2's (the private half over 5
     clients + the fold), made once from the fold's split."""
-    out = fold_dir.parent.parent / "two-stage" / fold_dir.name
+    out = work / "two-stage" / fold_dir.name
     public, private = out / "public-split", out / "private-split"
     if (public / "split.yaml").is_file() and (private / "split.yaml").is_file():
         return public, private
@@ -128,11 +128,7 @@ def stage2(split: Path, run_dir: Path, arm: str, size: int, init: Path, levers: 
     out = {"auc": float(last["val_auc"]), "acc": float(last["val_acc"]),
            "seconds": json.loads((run_dir / "wall.json").read_text())["seconds"]}
     if (run_dir / "privacy.csv").is_file():
-        pairs = independent_epsilons(run_dir, split)
-        for reported, recomputed in pairs:
-            if abs(reported - recomputed) > 1e-4 + 1e-6 * recomputed:
-                raise SystemExit(f"{run_dir}: privacy.csv epsilon {reported} != {recomputed}")
-        out["epsilon"] = max(r for r, _ in pairs)
+        out["epsilon"] = checked_max_epsilon(run_dir, split)
     return out
 
 

@@ -286,10 +286,11 @@ def main(grid: Grid, context: Context) -> None:
     place_model(setup.model, config, device)
     node_of = discover_nodes(grid, extras.num_clients or config.min_clients, extras.node_wait)
     console.print(f"fedct on Flower: {len(node_of)} nodes answered (clients {sorted(node_of)})")
-    if len(node_of) < max(1, config.min_clients):  # rounds without updates are no run
+    needed = max(1, config.min_clients)
+    if len(node_of) < needed:  # rounds without updates are no run
         raise FedctError(f"{len(node_of)} nodes answered within {extras.node_wait:.0f}s, fewer "
-                         f"than min_clients {max(1, config.min_clients)}: start the nodes "
-                         "(fedct node) and submit again; no round was run")
+                         f"than min_clients {needed}: start the nodes (fedct node) and submit "
+                         "again; no round was run")
     num_clients = extras.num_clients or len(node_of)
     schedule = sample_schedule(num_clients, config)
     transport = (SecureFlowerTransport if config.secure_aggregation else FlowerTransport)(
