@@ -64,9 +64,21 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
-class FederateConfig(TrainConfig):
-    """Stage 2: federated rounds over the clients of a split."""
+class ByolOptions:
+    """BYOL's own options, shared by stage 0 central (`fedct selfsup`) and federated
+    (`fedct federate --objective byol`)."""
 
+    target_decay: float = 0.99  # the target network's EMA decay, raised to 1 over the run
+    projection_dim: int = 128
+    hidden_dim: int = 1024
+    crop_scale_min: float = 0.25  # views are crops of at least this share of the image
+
+
+@dataclass
+class FederateConfig(ByolOptions, TrainConfig):
+    """Stage 2: federated rounds over the clients of a split (or stage 0, objective byol)."""
+
+    objective: str = "supervised"  # supervised | byol: self-supervised on the clients' images
     pretrained: str = "none"
     image_size: int = 0  # 0: the init checkpoint's input size (224 for other sources)
     batch_size: int | str = 32  # or "all": every example in every step (full-batch DP)
@@ -115,7 +127,7 @@ class FederateConfig(TrainConfig):
 
 
 @dataclass
-class SelfSupConfig:
+class SelfSupConfig(ByolOptions):
     """Stage 0: self-supervised pretraining (BYOL) of a backbone on unlabelled images."""
 
     model: str = "tf_efficientnet_lite0"
@@ -129,17 +141,14 @@ class SelfSupConfig:
     weight_decay: float = 0.01
     warmup_epochs: float = 2.0
     min_lr: float = 1e-6
-    target_decay: float = 0.99  # the target network's EMA decay, raised to 1 over the run
-    projection_dim: int = 128
-    hidden_dim: int = 1024
-    crop_scale_min: float = 0.25  # views are crops of at least this share of the image
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
 
 
 MONITORS = ("val_auc", "val_acc", "val_loss", "val_balanced_acc")
-FED_MONITORS = ("auto", *MONITORS, "fed_auc", "fed_acc", "fed_loss", "fed_balanced_acc")
+FED_MONITORS = ("auto", *MONITORS, "fed_auc", "fed_acc", "fed_loss", "fed_balanced_acc",
+                "train_loss")
 CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "balance": ("none", "loss", "sampler"),
@@ -150,6 +159,7 @@ CHOICES = {
     "dp_train": ("head", "norms", "full"),
     "grad_sample_mode": ("hooks", "functorch"),
     "accountant": ("rdp", "prv", "gdp"),
+    "objective": ("supervised", "byol"),
 }
 
 

@@ -211,6 +211,8 @@ def validate(config) -> None:
             raise FedctError(f"feature_views {config.feature_views}: must be >= 1")
         _check_secure(config)
         strategies.check(config)
+        if config.objective == "byol":
+            _check_federated_byol(config)
     if isinstance(config, PretrainConfig):
         if config.epochs < 1:
             raise FedctError(f"epochs {config.epochs}: must be >= 1")
@@ -234,13 +236,35 @@ def _check_ranges(config, ranges: dict[str, str]) -> None:
             raise FedctError(f"{key} {value}: must be in {interval}")
 
 
-def _check_selfsup(config: SelfSupConfig) -> None:
+def _check_selfsup(config) -> None:
     for key, least in (("epochs", 1), ("batch_size", 2), ("image_size", 8),
                        ("projection_dim", 1), ("hidden_dim", 1)):
+        if not hasattr(config, key) or getattr(config, key) == "all":
+            continue
+        if key == "image_size" and getattr(config, key) == 0:  # federate: the init's size
+            continue
         if getattr(config, key) < least:
             raise FedctError(f"{key} {getattr(config, key)}: must be >= {least}")
     _check_ranges(config, {"target_decay": "(0, 1]", "crop_scale_min": "(0, 1]",
                            "lr": "(0, inf)", "min_lr": f"[0, {config.lr}]"})
+
+
+def _check_federated_byol(config: FederateConfig) -> None:
+    """Settings that read labels or train a classifier have no meaning for BYOL: refused,
+    never dropped."""
+    if config.dp:
+        raise FedctError("dp: objective byol has no DP mode (its loss pairs two views of each "
+                         "image, so Opacus's per-row clipping does not bound one image's part)")
+    if config.fedbn:
+        raise FedctError("fedbn: with objective byol the backbone written at the end would keep "
+                         "the starting norms; train them together (fedbn false)")
+    for key, default in (("freeze", "full"), ("balance", "none"), ("local_loss", "ce"),
+                         ("monitor", "auto"), ("tta", False)):
+        if getattr(config, key) != default and not (key == "monitor"
+                                                     and config.monitor == "train_loss"):
+            raise FedctError(f"{key} {getattr(config, key)!r}: objective byol reads no labels "
+                             f"and trains no classifier; leave {key} at {default!r}")
+    _check_selfsup(config)
 
 
 def _check_secure(config) -> None:

@@ -68,11 +68,12 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
             raise FedctError(f"pretrained weights for {name}: the hub is out of reach and they are "
                              "not in its local cache; pass --pretrained FILE with local weights, "
                              "or --pretrained none")
-    from fedct.runs import checkpoint_paths, read_checkpoint
+    from fedct.runs import checkpoint_paths, read_checkpoint, refuse_selfsup
 
     weights, sidecar = checkpoint_paths(pretrained)
     if sidecar.is_file():
         state, meta = read_checkpoint(pretrained)
+        refuse_selfsup(meta, weights)
         if meta.get("architecture") != name:
             raise FedctError(f"{weights}: checkpoint is a {meta.get('architecture')}, not {name}")
         model = _timm_model(name, pretrained=False, image_size=image_size, **kwargs)
@@ -363,10 +364,19 @@ class ModelSpec:
     dp_layers: bool = False  # activations not in place, clones before in-place residual adds
     drop_rate: float = 0.0
     image_size: int | None = None  # for architectures built for one input size (ViTs)
+    objective: str = "supervised"  # byol: the backbone with BYOL's projector and predictor
+    projection_dim: int = 128
+    hidden_dim: int = 1024
 
 
 def build_model(spec: ModelSpec, *, pretrained: str = "none") -> nn.Module:
     """The model of `spec`, started from `pretrained` (hub, none, a file or a checkpoint)."""
+    if spec.objective == "byol":  # no head; the configuration refuses freezing and DP
+        from fedct.byol import ByolOnline
+
+        backbone = create_model(spec.architecture, 0, pretrained=pretrained,
+                                image_size=spec.image_size)
+        return ByolOnline(backbone, hidden=spec.hidden_dim, width=spec.projection_dim)
     model = create_model(spec.architecture, spec.num_classes, pretrained=pretrained,
                          drop_rate=spec.drop_rate, image_size=spec.image_size)
     if spec.groupnorm or spec.dp_layers:

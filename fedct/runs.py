@@ -118,6 +118,13 @@ def read_checkpoint(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, meta
 
 
+def refuse_selfsup(meta: dict, weights: Path) -> None:
+    """A federated BYOL run's checkpoints hold its online network, not a classifier."""
+    if meta.get("objective") == "byol":
+        raise FedctError(f"{weights}: a self-supervised (objective byol) run's checkpoint has "
+                         f"no classifier; start from {weights.parent / 'backbone.safetensors'}")
+
+
 def checkpoint_meta(*, architecture: str, classes: list[str], positive: str | None,
                     data_cfg: dict, stage: str, tta: bool = False, **extra) -> dict:
     """A checkpoint's sidecar: what `fedct evaluate` and a later stage need to rebuild it;

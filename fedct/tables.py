@@ -66,6 +66,12 @@ def print_stage1(console: Console, report: dict, out) -> None:
 def print_federate(console: Console, report: dict, out) -> None:
     """The final round on the val the run selects on, the best round and its threshold."""
     final, point = report["final"], report["operating_point"]
+    if report.get("objective") == "byol":  # stage 0: no labels read, nothing scored
+        console.print(f"final (round {report['rounds']}): BYOL loss "
+                      f"{number(final['train_loss'])}, the clients' mean", highlight=False)
+        console.print(f"wrote {report['backbone']} (for --pretrained), summary.csv, "
+                      "report.json", highlight=False)
+        return
     p = report["monitor"].split("_", 1)[0]
     best = f"best round {report['best_round']} by {report['monitor']}"
     if point["rule"] == "argmax":  # more than two classes: no threshold

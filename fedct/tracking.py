@@ -95,10 +95,12 @@ ARGMAX_LEGEND = {"val_acc": "val accuracy (highest probability)", "val_auc": "va
                  "fed_auc": "federated val macro AUC"}
 
 
-def plot_curves(out: Path, best: int | None = None, argmax: bool = False) -> Path | None:
+def plot_curves(out: Path, best: int | None = None, argmax: bool = False,
+                byol: bool = False) -> Path | None:
     """Loss, accuracy and AUC per epoch or round from summary.csv, the best step marked,
     and each client's epsilon from privacy.csv when the run was private (`argmax`: more
-    than two classes, accuracy of the most probable class and macro AUC)."""
+    than two classes, accuracy of the most probable class and macro AUC; `byol`: a
+    stage-0 run, its loss alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,14 +112,16 @@ def plot_curves(out: Path, best: int | None = None, argmax: bool = False) -> Pat
         return None
     step = "epoch" if "epoch" in rows[0] else "round"
     privacy = _read_rows(out / "privacy.csv")
-    panels = 3 if privacy else 2
-    figure, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8))
+    panels = 1 if byol else 3 if privacy else 2
+    figure, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
+    axes = axes[0]
     named = Path(out).resolve()
     figure.suptitle(f"run {named.parent.name}/{named.name}" + (f": best {step} {best}" if best
                                                                 else ""), fontsize=10)
-    for ax, keys, title in ((axes[0], ("train_loss", "val_loss", "fed_loss"), "loss"),
-                            (axes[1], ("val_acc", "val_auc", "fed_acc", "fed_auc"),
-                             "validation accuracy and AUC")):
+    plotted = ((axes[0], ("train_loss",), "BYOL loss, the clients' mean (no labels)"),) if byol \
+        else ((axes[0], ("train_loss", "val_loss", "fed_loss"), "loss"),
+              (axes[1], ("val_acc", "val_auc", "fed_acc", "fed_auc"), "validation accuracy and AUC"))
+    for ax, keys, title in plotted:
         for key in keys:
             series = _series(rows, step, key)
             if series:
@@ -152,6 +156,9 @@ def finish_run(out: Path, report: dict, board: TensorBoardLog) -> None:
 
     write_report(out, report)
     board.close()
-    plot_curves(out, best=report.get("best_epoch") or report.get("best_round"),
-                argmax=(report.get("operating_point") or {}).get("rule") == "argmax")
-    write_model_card(out)
+    byol = report.get("objective") == "byol"  # stage 0 keeps its last round: no best
+    plot_curves(out, best=None if byol else report.get("best_epoch") or report.get("best_round"),
+                argmax=(report.get("operating_point") or {}).get("rule") == "argmax",
+                byol=byol)
+    if not byol:  # a stage-0 backbone is no classifier to describe
+        write_model_card(out)

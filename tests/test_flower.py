@@ -16,6 +16,7 @@ import subprocess
 import pytest
 import torch
 from conftest import BIN, LOOPBACK_CLIENTS, Federation, make_split, wait_until
+from safetensors.torch import load_file
 
 from fedct.config import FederateConfig
 from fedct.configure import build_config
@@ -147,6 +148,25 @@ def test_a_coordinator_without_data_with_a_robust_strategy_equals_embedded(
     assert report["patient_operating_point"]["source"] == "federated val, per patient"
     assert report["final"]["val_auc"] is None and report["final"]["fed_auc"] > 0
     assert (tmp_path / "run" / "best.safetensors").is_file()
+
+
+def test_byol_stage0_on_the_nodes_rows_equals_embedded(loopback, tmp_path):
+    """Stage 0 through the rounds (objective byol) on each node's own rows, labels unread:
+    the embedded engine's backbone to the bit, and its loss per round."""
+    settings = {**SETTINGS, "objective": "byol", "hidden-dim": 32, "projection-dim": 16,
+                "seed": 6}
+    expected = run_embedded(loopback.split, tmp_path / "embedded", settings)
+    proc = loopback.submit(loopback.split, tmp_path / "run", settings=settings)
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output
+    assert f"round 2/2: {LOOPBACK_CLIENTS} clients, BYOL loss" in output
+    flower = load_file(tmp_path / "run" / "backbone.safetensors")
+    reference = load_file(expected / "backbone.safetensors")
+    assert flower.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(reference[key], flower[key]), key
+    assert without_seconds(tmp_path / "run" / "summary.csv") == \
+        without_seconds(expected / "summary.csv")
 
 
 def running_flower_runs(federation: Federation) -> list[int]:

@@ -108,7 +108,8 @@ HELP = {
     "target_decay": "BYOL: the target network's EMA decay, raised to 1 over the run.",
     "projection_dim": "BYOL: projection size.",
     "hidden_dim": "BYOL: hidden size of the projector and predictor.",
-    "crop_scale_min": "Views are crops of at least this share of the image.",
+    "crop_scale_min": "BYOL: views are crops of at least this share of the image.",
+    "objective": "supervised, or byol: stage 0 on the clients' images, labels unread.",
 }
 # A command's own wording of a field, and default texts a value alone would not explain.
 COMMAND_HELP = {
@@ -121,7 +122,7 @@ COMMAND_HELP = {
 DEFAULT_TEXT = {"federate": {"image_size": "the --init checkpoint's, else 224",
                              "monitor": "val_auc with pooled val, else fed_auc"}}
 PANELS = {
-    "Model and data": ("model", "pretrained", "image_size", "freeze", "freeze_bn", "drop_rate",
+    "Model and data": ("objective", "model", "pretrained", "image_size", "freeze", "freeze_bn", "drop_rate",
                        "clients", "rows", "augment", "aug_scale_min", "aug_rotation", "aug_flip",
                        "aug_brightness", "aug_contrast", "erase_prob", "crop_scale_min"),
     "Training": ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",

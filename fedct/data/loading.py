@@ -120,7 +120,12 @@ def load_images(paths: list[Path], size: int, *, use_cache: bool = True,
 
 
 def make_transform(*, data_cfg: dict, train: bool, config) -> v2.Compose:
-    """uint8 [1,H,W] -> normalised float [3,S,S]; augmentation only for training."""
+    """uint8 [1,H,W] -> normalised float [3,S,S]; augmentation only for training (with
+    objective byol, two BYOL views stacked: [2,3,S,S])."""
+    if train and getattr(config, "objective", "supervised") == "byol":
+        from fedct.byol import TwoViews, view_transform
+
+        return TwoViews(view_transform(data_cfg, config))
     size = data_cfg["input_size"][-1]
     steps: list = []
     if train and config.augment:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fedct import privacy
+from fedct.byol import PairTrainee, pair_loss
 from fedct.config import batch_for
 from fedct.data.loading import ImageTensorDataset, SplitImages, make_loader
 from fedct.data.manifest import LOCAL_VAL, Entry
@@ -21,6 +22,7 @@ from fedct.multiclass import ClassHistograms
 from fedct.operating_point import ScoreHistogram
 from fedct.patients import patient_histogram
 from fedct.training import (
+    cosine_between,
     make_optimizer,
     predict,
     round_lr,
@@ -79,7 +81,13 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     state = dict(state)
     load_global(model, global_weights, state, fedbn=config.fedbn)
     loss_fn = local_loss(config, data.train.labels.tolist(), num_classes)
-    train_set, trainee = data.train, model
+    train_set, trainee, on_step = data.train, model, None
+    byol = config.objective == "byol"
+    if byol:  # batches of view pairs, BYOL's loss; the target starts as the global network
+        trainee = PairTrainee(model, decay=cosine_between(config.target_decay, 1.0,
+                                                          (round_number - 1) / config.rounds),
+                              channels_last=config.channels_last)
+        loss_fn, on_step = pair_loss, trainee.after_step
     cached = features.applies(model, config)
     if cached:  # the frozen backbone runs once per run; only the head trains, on its features
         train_set = features.cached_features(model, data.train, config, device=device,
@@ -103,8 +111,9 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
         while steps < target_steps:
             result = train_epoch(trainee, batches, opt, loss_fn, device=device,
                                  grad_clip=0.0 if config.dp else config.grad_clip,
-                                 amp=config.amp, channels_last=config.channels_last and not cached,
-                                 max_steps=target_steps - steps, penalty=penalty)
+                                 amp=config.amp,
+                                 channels_last=config.channels_last and not (cached or byol),
+                                 max_steps=target_steps - steps, penalty=penalty, on_step=on_step)
             if result["steps"] == 0 and result["examples"] == 0 and len(data.train) == 0:
                 break
             loss_sum += result["loss"] * result["examples"]

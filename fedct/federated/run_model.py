@@ -28,4 +28,6 @@ def model_spec(config: FederateConfig, architecture: str, num_classes: int, *,
     return ModelSpec(architecture=architecture, num_classes=num_classes,
                      freeze=freeze_policy(config), freeze_bn=config.freeze_bn,
                      groupnorm=groupnorm, dp_layers=full or norms or groupnorm,
-                     drop_rate=config.drop_rate, image_size=config.image_size or None)
+                     drop_rate=config.drop_rate, image_size=config.image_size or None,
+                     objective=config.objective, projection_dim=config.projection_dim,
+                     hidden_dim=config.hidden_dim)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fedct.byol import BACKBONE, backbone_of, save_backbone
 from fedct.data.loading import make_loader
 from fedct.federated import strategies
 from fedct.federated.protocol import ClientReply, Evaluation, SecureSum, Status, Weights
@@ -208,6 +209,11 @@ class RoundServer:
                   "epsilon": {str(k): v for k, v in sorted(self.epsilon.items())}
                   if config.dp else None,
                   "max_epsilon": self.max_epsilon() if config.dp else None}
+        if config.objective == "byol":  # stage 0's product: the final backbone, for stage 1
+            save_backbone(self.out, backbone_of(global_weights),
+                          architecture=self.setup.spec.architecture, data_cfg=self.setup.data_cfg,
+                          rounds=config.rounds, engine=self.engine)
+            report.update(objective="byol", backbone=str(self.out / BACKBONE))
         self.recorder.finish(report)
         return report
 

@@ -68,7 +68,7 @@ def sample_schedule(num_clients: int, config: FederateConfig) -> list[list[int]]
 def eval_schedule(num_clients: int, config: FederateConfig) -> list[list[int]]:
     """Which clients score the global model after each round (`eval_fraction` of them), drawn
     up front from the run seed like the training schedule; none when val is pooled only."""
-    if config.val == "pooled":
+    if config.val == "pooled" or config.objective == "byol":  # BYOL reads no labels
         return [[] for _ in range(config.rounds)]
     per_round = max(1, round(config.eval_fraction * num_clients))
     rng = np.random.default_rng([config.seed, 7927])
@@ -80,6 +80,8 @@ def resolve_monitor(config: FederateConfig, *, pooled: bool) -> FederateConfig:
     """`monitor: auto` made concrete: pooled AUC when the coordinator has val rows and uses
     them, else the federated AUC; a pooled monitor without pooled rows is an error."""
     monitor = config.monitor
+    if config.objective == "byol":  # no labels are read: the round's mean BYOL loss
+        return dataclasses.replace(config, monitor="train_loss")
     if monitor == "auto":
         federated = "fed_balanced_acc" if config.eval_release == "counts" else "fed_auc"
         monitor = "val_auc" if pooled and config.val != "federated" else federated
@@ -123,6 +125,7 @@ class RunSetup:
                                positive=self.positive, data_cfg=self.data_cfg, stage="federate",
                                engine=engine, fedbn=config.fedbn, dp=config.dp, tta=config.tta,
                                dp_safe=self.spec.groupnorm,
+                               **({"objective": "byol"} if config.objective == "byol" else {}),
                                **({"volumes": self.split.meta["volumes"]}
                                   if self.split is not None and self.split.meta.get("volumes")
                                   else {}))
@@ -174,11 +177,12 @@ def prepare_setup(config: FederateConfig, *, init: str,
         if split.num_clients < 1:
             raise FedctError(f"{split.directory}: the split has no clients")
         images = SplitImages(split, config.image_size)
-        val_rows = split.select(split="val") if config.val != "federated" else []
+        val_rows = (split.select(split="val")
+                    if config.val != "federated" and config.objective != "byol" else [])
         if val_rows:
             pooled_val = images.dataset(val_rows, make_transform(data_cfg=data_cfg, train=False,
                                                                  config=config))
-    if config.val == "pooled" and pooled_val is None:
+    if config.val == "pooled" and pooled_val is None and config.objective != "byol":
         raise FedctError(f"val pooled: the coordinator has no val rows ("
                          f"{split.directory if split else 'no split'}); use val federated or both")
     config = resolve_monitor(config, pooled=pooled_val is not None)

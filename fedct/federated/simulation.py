@@ -113,7 +113,8 @@ def run_federate(split_dir, out, config: FederateConfig, *, init: str, resume: b
     planned = planned_rounds(schedule, len(clients))
     place_model(setup.model, config, device)
     view = RoundView(console, rounds=config.rounds, dp=config.dp,
-                     federated=config.monitor.startswith("fed_"), classes=len(setup.classes))
+                     federated=config.monitor.startswith("fed_"), classes=len(setup.classes),
+                     scored=config.objective != "byol")
     for data in clients:
         warning = privacy.delta_warning(len(data.train), config)
         if warning:

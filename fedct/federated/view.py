@@ -28,8 +28,10 @@ class RoundView:
     """Feed it round and client events; it renders them live or prints a line per round."""
 
     def __init__(self, console: Console, *, rounds: int, dp: bool, live: bool | None = None,
-                 client_lines: bool = False, federated: bool = False, classes: int = 2):
+                 client_lines: bool = False, federated: bool = False, classes: int = 2,
+                 scored: bool = True):
         self.console = console
+        self.scored = scored  # False for objective byol: no labels, so only the loss
         self.argmax = classes > 2  # no threshold: argmax accuracy and balanced accuracy
         # which val the run selects on: its columns are shown (fed_* or the pooled val_*)
         self.prefix = "fed" if federated else "val"
@@ -96,6 +98,11 @@ class RoundView:
         if self._live is not None:
             self._refresh()
             return
+        if not self.scored:
+            self.console.print(f"round {row['round']}/{self.rounds}: {row['clients']} clients, "
+                               f"BYOL loss {row['train_loss']:.3f} ({row['seconds']:.1f}s)",
+                               highlight=False)
+            return
         self.console.print(
             f"round {row['round']}/{self.rounds}: {row['clients']} clients, "
             f"train loss {row['train_loss']:.3f}, "
@@ -109,7 +116,8 @@ class RoundView:
 
     def _render(self) -> Group:
         val = "federated val" if self.prefix == "fed" else "val"
-        caption = (f"on {val}: the class of highest probability; AUC macro one-vs-rest; "
+        caption = ("loss: the clients' mean BYOL loss (no labels read)" if not self.scored else
+                   f"on {val}: the class of highest probability; AUC macro one-vs-rest; "
                    "bal acc = mean recall; * best round" if self.argmax else
                    f"on {val}: acc@.5 at threshold 0.5; acc, sens, spec at the threshold thr "
                    "chosen on it; * best round")
@@ -118,6 +126,7 @@ class RoundView:
                        caption=caption, caption_justify="left")
         names = ("round", "n", "loss", "AUC", "acc", "bal acc") if self.argmax else \
             ("round", "n", "loss", "AUC", "acc@.5", "thr", "acc", "sens", "spec")
+        names = names if self.scored else ("round", "n", "loss")
         for name in names:
             rounds.add_column(name, justify="right")
         if self.dp:
@@ -125,11 +134,12 @@ class RoundView:
         rounds.add_column("s", justify="right")
         for row in self.rows[-SHOWN_ROUNDS:]:
             cells = [f"{row['round']}{' *' if row['round'] == self.best_round else ''}",
-                     str(row["clients"]), _number(row["train_loss"]),
-                     _number(row[f"{self.prefix}_auc"]), _number(row[f"{self.prefix}_acc"])]
-            cells += [_number(row[f"{self.prefix}_balanced_acc"])] if self.argmax else [
-                _number(row["threshold"]), _number(row["thr_acc"]),
-                _number(row["thr_sensitivity"]), _number(row["thr_specificity"])]
+                     str(row["clients"]), _number(row["train_loss"])]
+            if self.scored:
+                cells += [_number(row[f"{self.prefix}_auc"]), _number(row[f"{self.prefix}_acc"])]
+                cells += [_number(row[f"{self.prefix}_balanced_acc"])] if self.argmax else [
+                    _number(row["threshold"]), _number(row["thr_acc"]),
+                    _number(row["thr_sensitivity"]), _number(row["thr_specificity"])]
             if self.dp:
                 cells.append(_number(row["max_epsilon"], 2))
             cells.append(_number(row["seconds"], 1))
