@@ -113,3 +113,31 @@ def test_a_byol_checkpoint_is_not_taken_for_a_classifier(split_dir, tmp_path):
     again = runner.invoke(app, ["federate", str(split_dir), "--init", str(final), "--out",
                                 str(tmp_path / "stage2")])
     assert again.exit_code == 2 and "has no classifier" in again.output
+
+
+def test_a_byol_coordinator_needs_no_split_and_its_nodes_no_labels(synth_dir, tmp_path):
+    """A hospital's unlabelled scans in any folder layout train; the coordinator, without
+    a split, stands one class for all (the rows' labels are never read)."""
+    import dataclasses
+
+    from fedct.federated.node import node_data
+    from fedct.federated.setup import UNLABELLED, prepare_setup
+
+    config = build_config(FederateConfig, None, {**BYOL, "image_size": 32})
+    setup = prepare_setup(config, init="none")
+    assert setup.classes == list(UNLABELLED) and setup.split is None
+    assert setup.config.monitor == "train_loss"
+    scans = tmp_path / "scans"
+    for folder in ("ward-a", "ward-b"):  # folder names that are no class of any run
+        (scans / folder).mkdir(parents=True)
+        for image in sorted((synth_dir / "CT_COVID").glob("*.png"))[:3]:
+            (scans / folder / image.name).write_bytes(image.read_bytes())
+    spec = dataclasses.replace(setup.round_spec(1, 2), classes=tuple(UNLABELLED))
+    data = node_data({"data": str(scans), "client-id": 0}, config, spec)
+    assert len(data.train) == 6 and data.train.labels.tolist() == [0] * 6
+    assert data.train[0][0].shape == (2, 3, 32, 32)  # two BYOL views of each scan
+    supervised = build_config(FederateConfig, None, {"image_size": 32})
+    with pytest.raises(FedctError, match="class 'ward-a' is not one the server trains"):
+        node_data({"data": str(scans), "client-id": 0}, supervised, spec)
+    with pytest.raises(FedctError, match="without a split the classes must come from"):
+        prepare_setup(supervised, init="none")

@@ -45,9 +45,10 @@ ROWS = {"val": (LOCAL_VAL,), "test": ("test",), "train": ("train",),
         "all": ("train", LOCAL_VAL, "test")}
 
 
-def node_split(node_config: dict, spec: RoundSpec) -> Split:
+def node_split(node_config: dict, spec: RoundSpec, *, unlabelled: bool = False) -> Split:
     """This node's own rows, labelled by the server's classes: client K's rows of a split, or
-    the node's `data` (train), `val` (local_val) and `test` datasets."""
+    the node's `data` (train), `val` (local_val) and `test` datasets. `unlabelled` (objective
+    byol): its folders' names are no classes, and every row takes the first class."""
     client_id = node_client_id(node_config)
     classes = list(spec.classes)
     if "split" in node_config:
@@ -60,7 +61,8 @@ def node_split(node_config: dict, spec: RoundSpec) -> Split:
     entries = [Entry(row=r, split=role, client=client_id)
                for key, role in (("data", "train"), ("val", LOCAL_VAL), ("test", "test"))
                if key in node_config
-               for r in _own_rows(Path(str(node_config[key])), classes, volumes)]
+               for r in _own_rows(Path(str(node_config[key])), classes, volumes,
+                                  unlabelled=unlabelled)]
     sliced = any(e.row.slice is not None for e in entries)
     return Split(directory=Path(str(node_config["data"])), root=Path("/"), classes=classes,
                  positive=None, entries=entries,
@@ -76,7 +78,7 @@ def _transforms(config: FederateConfig, spec: RoundSpec) -> tuple:
 
 def node_data(node_config: dict, config: FederateConfig, spec: RoundSpec) -> ClientData:
     """This node's training and validation rows."""
-    split = node_split(node_config, spec)
+    split = node_split(node_config, spec, unlabelled=config.objective == "byol")
     train_transform, eval_transform = _transforms(config, spec)
     return client_data(node_client_id(node_config),
                        SplitImages(split, config.image_size, classes=list(spec.classes)),
@@ -94,12 +96,15 @@ def node_rows(node_config: dict, config: FederateConfig, spec: RoundSpec, rows: 
     return images.dataset(entries, _transforms(config, spec)[1])
 
 
-def _own_rows(source: Path, classes: list[str], volumes: VolumeOptions) -> list:
+def _own_rows(source: Path, classes: list[str], volumes: VolumeOptions, *,
+              unlabelled: bool = False) -> list:
     """A node's own dataset's rows, with absolute paths, labelled by the server's classes;
     its volumes as the slices `volumes` keep (node config `slices=`, `window=`)."""
     dataset = read_dataset(source)
     if any(is_volume(dataset.root / r.path) for r in dataset.rows):
         dataset = expand_volumes(dataset, volumes, skip_bad=False)
+    if unlabelled:
+        dataset.rows = [dataclasses.replace(r, label=classes[0]) for r in dataset.rows]
     unknown = sorted({r.label for r in dataset.rows} - set(classes))
     if unknown:
         raise FedctError(f"{source}: class {unknown[0]!r} is not one the server trains "

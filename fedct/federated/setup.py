@@ -27,6 +27,8 @@ from fedct.models import ModelSpec, build_model, data_config
 from fedct.multiclass import check_settings
 from fedct.runs import checkpoint_meta, checkpoint_paths, read_sidecar
 
+UNLABELLED = ("scan",)  # the classes of a BYOL run whose coordinator has no split
+
 
 def resolve_input_size(config: FederateConfig, init: str) -> tuple[FederateConfig, str | None]:
     """The config with its image size fixed: as given, else the init checkpoint's (stage 1's),
@@ -161,12 +163,16 @@ def prepare_setup(config: FederateConfig, *, init: str,
     if split is not None and init_meta and list(init_meta["classes"]) != list(split.classes):
         raise FedctError(f"{weights}: trained for classes {init_meta['classes']}, the split has "
                          f"{split.classes}")
-    if split is None and not init_meta:
+    byol = config.objective == "byol"
+    if split is None and not init_meta and not byol:
         raise FedctError(f"--init {init}: without a split the classes must come from a fedct "
                          "checkpoint")
-    classes = list(split.classes if split is not None else init_meta["classes"])
-    positive = positive_class(classes, split.positive if split is not None
-                              else init_meta.get("positive"))
+    if split is None and byol:  # the nodes' rows are unlabelled: one class stands for all
+        classes, positive = list(UNLABELLED), None
+    else:
+        classes = list(split.classes if split is not None else init_meta["classes"])
+        positive = positive_class(classes, split.positive if split is not None
+                                  else init_meta.get("positive"))
     check_settings(config, classes)
     spec = model_spec(config, init_meta.get("architecture", config.model), len(classes),
                       groupnorm=bool(init_meta.get("dp_safe")))
