@@ -139,9 +139,11 @@ def resolve_config(cls, *, path: str | Path | None, overrides: dict,
                          f"`fedct {command}` one; resume it with `fedct {saved.get('command')}`")
     given = build_config(cls, None, {**saved["config"], **{k: v for k, v in overrides.items()
                                                            if v is not None}})
+    defaults = dataclasses.asdict(cls())  # a key added since the run began: it ran as its default
     for key, value in dataclasses.asdict(given).items():
-        if key not in RESUME_MAY_CHANGE and saved["config"].get(key) != value:
-            raise FedctError(f"--resume {resume_dir}: {key} was {saved['config'].get(key)!r} when "
+        if key not in RESUME_MAY_CHANGE and saved["config"].get(key, defaults[key]) != value:
+            raise FedctError(f"--resume {resume_dir}: {key} was "
+                             f"{saved['config'].get(key, defaults[key])!r} when "
                              f"the run started, not {value!r}; a resumed run keeps its settings")
     return given, saved
 

@@ -119,6 +119,15 @@ def test_resume_keeps_the_saved_config_and_refuses_other_settings(tmp_path):
         resolve_config(FederateConfig, path=tmp_path / "x.yaml", overrides={}, resume_dir=run)
     with pytest.raises(FedctError, match="a `fedct federate` run, not a `fedct pretrain` one"):
         resolve_config(PretrainConfig, path=None, overrides={}, resume_dir=run)
+    # a run begun before a setting existed resumes as that setting's default, and only so
+    plain = build_config(FederateConfig, None, {"rounds": 7})
+    older = {k: v for k, v in dataclasses.asdict(plain).items() if k != "objective"}
+    (run / "config.yaml").write_text(yaml.safe_dump({"command": "federate", "config": older}))
+    config, _ = resolve_config(FederateConfig, path=None, overrides={}, resume_dir=run)
+    assert config.objective == "supervised"
+    with pytest.raises(FedctError, match="objective was 'supervised' when the run started"):
+        resolve_config(FederateConfig, path=None, overrides={"objective": "byol"},
+                       resume_dir=run)
 
 
 def test_positive_class_and_monitor_rules():
