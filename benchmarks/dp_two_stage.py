@@ -17,7 +17,12 @@ last checkpoint (`fedct federate --init RUN/last`):
   that AdamW (`--set optimizer=sgd --set lr=...` for the SGD arms);
 - dp8-norms: DP training of the head and every normalisation layer's scale and shift at
   epsilon 8, with that mode's settings from the same file;
-- fedavg: non-DP FedAvg of the whole network, examples/covid-federate.yaml at `--size`.
+- fedavg: non-DP FedAvg of the whole network, examples/covid-federate.yaml at `--size`;
+- central (only when named in --arms): the same recipe on the private half held by one
+  client, its rounds epochs of central training: the centralised figure that federated
+  training is measured against;
+- dirichlet (only when named): the same recipe over 5 clients with Dirichlet(0.5) label
+  skew.
 
 `--set KEY=VALUE` changes a stage-2 option of every arm but fedavg (`--tag` names those
 runs). Every figure is the last round's (or stage 1's last epoch's) AUC on the fold, so nothing is
@@ -59,7 +64,24 @@ ARMS = {
         "target_epsilon": 8.0, "dp_train": "norms", "optimizer": "adamw", "lr": 0.003,
         "local_steps": 1}),
     "fedavg": (EXAMPLES / "covid-federate.yaml", {}),
+    "central": (EXAMPLES / "covid-federate.yaml", {}),
+    "dirichlet": (EXAMPLES / "covid-federate.yaml", {}),
 }
+WHOLE_NETWORK = ("fedavg", "central", "dirichlet")  # the example's recipe, no --set levers
+PRIVATE = {"central": {"clients": 1}, "dirichlet": {"scheme": "dirichlet", "alpha": 0.5}}
+
+
+def private_split(work: Path, fold_dir: Path, arm: str, seed: int) -> Path:
+    """The private half as the arm holds it: over 5 IID clients, in one client (central)
+    or over 5 Dirichlet(0.5) clients; made once from halves()' private.csv."""
+    private = halves(work, fold_dir, seed)[1]
+    if arm not in PRIVATE:
+        return private
+    out = private.parent / f"private-{arm}-split"
+    if not (out / "split.yaml").is_file():
+        run_split(private.parent / "private.csv", out, SplitOptions(**{
+            "keep_split": True, "clients": 5, "scheme": "iid", "seed": seed, **PRIVATE[arm]}))
+    return out
 
 
 def halves(work: Path, fold_dir: Path, seed: int) -> tuple[Path, Path]:
@@ -118,7 +140,8 @@ def stage1(split: Path, run_dir: Path, size: int, epochs: int, seed: int) -> dic
 
 def stage2(split: Path, run_dir: Path, arm: str, size: int, init: Path, levers: dict) -> dict:
     config_file, overrides = ARMS[arm]
-    overrides = {**overrides, "image_size": size} if arm == "fedavg" else {**overrides, **levers}
+    overrides = ({**overrides, "image_size": size} if arm in WHOLE_NETWORK
+                 else {**overrides, **levers})
     if not (run_dir / "report.json").is_file():
         start = time.perf_counter()
         run_federate(split, run_dir, build_config(FederateConfig, config_file, overrides),
@@ -139,7 +162,7 @@ def main() -> int:
     parser.add_argument("--only-folds", default="")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(a for a in ARMS if a not in PRIVATE))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tag", default="")
@@ -153,15 +176,16 @@ def main() -> int:
     os.environ.setdefault("FEDCT_CACHE", str(args.work / "cache"))
     arms = args.arms.split(",")
     folds = [int(f) for f in args.only_folds.split(",")] if args.only_folds else range(args.folds)
-    named = {a: a if a == "fedavg" or not args.tag else f"{a}-{args.tag}" for a in arms}
+    named = {a: a if a in WHOLE_NETWORK or not args.tag else f"{a}-{args.tag}" for a in arms}
     results: dict[str, list[dict]] = {"stage 1": [], **{named[a]: [] for a in arms}}
     for fold in folds:
-        public, private = halves(args.work, fold_split(args.work, args.folds, fold, args.seed),
-                                 args.seed)
+        fold_dir = fold_split(args.work, args.folds, fold, args.seed)
+        public, _ = halves(args.work, fold_dir, args.seed)
         runs = args.work / "runs" / f"two-stage-{args.size}-e{args.epochs}" / f"fold{fold}"
         results["stage 1"].append(stage1(public, runs / "stage1", args.size, args.epochs,
                                          args.seed))
         for arm in arms:
+            private = private_split(args.work, fold_dir, arm, args.seed)
             results[named[arm]].append(stage2(private, runs / named[arm], arm, args.size,
                                               runs / "stage1" / "last", levers))
             print(f"fold {fold} {named[arm]}: AUC {results[named[arm]][-1]['auc']:.3f} (stage 1 "
@@ -169,7 +193,8 @@ def main() -> int:
     base = np.array([r["auc"] for r in results["stage 1"]])
     print(f"\n### Two-stage on COVID-CT, {len(base)} of {args.folds} grouped folds: stage 1 "
           f"on the public half of each fold's training part, stage 2 on the private half "
-          f"over 5 IID clients; lite0 at {args.size} px; last round / epoch on the fold"
+          f"(over 5 IID clients unless the arm says otherwise); lite0 at {args.size} px; "
+          f"last round / epoch on the fold"
           f"{'; ' + ', '.join(args.set) if args.set else ''}\n")
     print("| arm | fold AUC | vs stage 1 (paired) | fold accuracy at 0.5 | max epsilon "
           "| minutes per fold |")
