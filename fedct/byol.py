@@ -5,8 +5,9 @@ target network's projection of another augmented view of the same image; the tar
 exponential moving average of the online backbone and projector. BYOL needs no negatives,
 so it trains with the small batches two CPU cores allow. `fedct selfsup` trains it on one
 machine (`fedct.selfsup`); `fedct federate --objective byol` trains the online network
-through the federated rounds (`fedct.federated.client`), each client's target starting the
-round as the global network.
+through the federated rounds (`fedct.federated.client`): the online network is averaged,
+and each client keeps its own target between rounds (as in Zhuang et al.'s federated BYOL,
+ICLR 2022).
 """
 
 from __future__ import annotations
@@ -92,13 +93,16 @@ class Byol(ByolOnline):
 class PairTrainee(nn.Module):
     """A client's BYOL step in the shape of a supervised one: its batch is [B, 2, C, H, W]
     (two views of each image) and its output the loss, so the federated client update
-    trains it like any model (strategies' hooks, FedBN, step counts), the target moving by
-    EMA after each step (`after_step`)."""
+    trains it like any model (strategies' hooks, step counts), the target moving by EMA
+    after each step (`after_step`). Its first round's target is the global network."""
 
-    def __init__(self, online: ByolOnline, *, decay: float, channels_last: bool):
+    def __init__(self, online: ByolOnline, *, decay: float, channels_last: bool,
+                 target_state: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.online = online
         self.target = make_target(online)
+        if target_state is not None:  # the client's own target, kept from its last round
+            self.target.load_state_dict(target_state)
         self.decay = decay
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 

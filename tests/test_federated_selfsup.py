@@ -58,7 +58,8 @@ def test_federated_byol_trains_resumes_exactly_and_stage1_starts_from_it(split_d
 
 
 def test_federated_byol_reads_no_labels():
-    """A client's update from the same images under other labels is the same to the bit."""
+    """A client's update from the same images under other labels is the same to the bit,
+    and so is the target network it keeps for its next round."""
     from fedct.data.loading import ImageTensorDataset, make_transform
     from fedct.federated.client import ClientData, client_update, new_client_state
     from fedct.federated.run_model import model_spec
@@ -70,15 +71,21 @@ def test_federated_byol_reads_no_labels():
     transform = make_transform(data_cfg=data_config(model.backbone, 32), train=True,
                                config=config)
     images = torch.randint(0, 255, (24, 1, 40, 40), dtype=torch.uint8)
-    updates = []
+    updates, states = [], []
     for labels in ([0] * 12 + [1] * 12, [1, 0] * 12):
         data = ClientData(0, ImageTensorDataset(images, labels, transform))
-        update, _ = client_update(model, start, data, config, new_client_state(config),
-                                  round_number=1, device=torch.device("cpu"), num_classes=2)
+        update, state = client_update(model, start, data, config, new_client_state(config),
+                                      round_number=1, device=torch.device("cpu"), num_classes=2)
         updates.append(update)
+        states.append(state)
     assert updates[0].metrics == updates[1].metrics
     assert all(torch.equal(updates[0].weights[k], updates[1].weights[k]) for k in start)
     assert any(not torch.equal(updates[0].weights[k], start[k]) for k in start)
+    # the client keeps its target (backbone and projector) for its next round
+    target = states[0]["byol_target"]
+    assert {k.split(".")[0] for k in target} == {"backbone", "projector"}
+    assert all(torch.equal(target[k], states[1]["byol_target"][k]) for k in target)
+    assert any(not torch.equal(target[k], start[k]) for k in target)
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -83,10 +83,11 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     loss_fn = local_loss(config, data.train.labels.tolist(), num_classes)
     train_set, trainee, on_step = data.train, model, None
     byol = config.objective == "byol"
-    if byol:  # batches of view pairs, BYOL's loss; the target starts as the global network
+    if byol:  # batches of view pairs, BYOL's loss; the client keeps its target between rounds
         trainee = PairTrainee(model, decay=cosine_between(config.target_decay, 1.0,
                                                           (round_number - 1) / config.rounds),
-                              channels_last=config.channels_last)
+                              channels_last=config.channels_last,
+                              target_state=state.get("byol_target"))
         loss_fn, on_step = pair_loss, trainee.after_step
     cached = features.applies(model, config)
     if cached:  # the frozen backbone runs once per run; only the head trains, on its features
@@ -134,6 +135,9 @@ def client_update(model: nn.Module, global_weights: Weights, data: ClientData, c
     if hook is not None:
         kept, control_change = hook.finish(global_weights, weights, steps)
         state.update(kept)
+    if byol:
+        state["byol_target"] = {k: v.detach().cpu().clone()
+                                for k, v in trainee.target.state_dict().items()}
     if config.fedbn:
         keep = norm_keys(model)
         state["norms"] = {k: v for k, v in weights.items() if k in keep}
