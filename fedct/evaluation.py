@@ -39,7 +39,6 @@ from fedct.runs import (
     read_config,
     read_sidecar,
     refuse_overlap,
-    refuse_selfsup,
 )
 from fedct.training import pick_device, predict, set_threads
 
@@ -49,7 +48,6 @@ SPLITS = ("train", "val", "test", LOCAL_VAL, "all")
 def load_model(checkpoint: str | Path):
     """The model a checkpoint describes, its weights loaded strictly, and its sidecar."""
     state, meta = read_checkpoint(checkpoint)
-    refuse_selfsup(meta, checkpoint_paths(checkpoint)[0])
     size = meta.get("input_size")
     model = create_model(meta["architecture"], len(meta["classes"]), pretrained="none",
                          image_size=int(size[-1]) if size else None)

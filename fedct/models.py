@@ -68,12 +68,11 @@ def create_model(name: str, num_classes: int, *, pretrained: str = "hub",
             raise FedctError(f"pretrained weights for {name}: the hub is out of reach and they are "
                              "not in its local cache; pass --pretrained FILE with local weights, "
                              "or --pretrained none")
-    from fedct.runs import checkpoint_paths, read_checkpoint, refuse_selfsup
+    from fedct.runs import checkpoint_paths, read_checkpoint
 
     weights, sidecar = checkpoint_paths(pretrained)
     if sidecar.is_file():
         state, meta = read_checkpoint(pretrained)
-        refuse_selfsup(meta, weights)
         if meta.get("architecture") != name:
             raise FedctError(f"{weights}: checkpoint is a {meta.get('architecture')}, not {name}")
         model = _timm_model(name, pretrained=False, image_size=image_size, **kwargs)

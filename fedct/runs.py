@@ -115,6 +115,7 @@ def read_checkpoint(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if WEIGHTS_DIGEST in meta and hashlib.sha256(data).hexdigest() != meta[WEIGHTS_DIGEST]:
         raise FedctError(f"{weights}: not the weights {sidecar.name} was saved with (their "
                          "digest differs)")
+    refuse_selfsup(meta, weights)  # every reader here wants a classifier
     return state, meta
 
 

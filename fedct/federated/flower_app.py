@@ -307,14 +307,13 @@ def main(grid: Grid, context: Context) -> None:
 def cross_site(grid: Grid, config, extras, console) -> None:
     """`fedct evaluate --engine flower`: every checkpoint scored by every node that answers."""
     from fedct.federated.cross_site import checkpoints_of, report_of, spec_of
-    from fedct.runs import checkpoint_paths, read_checkpoint, refuse_selfsup
+    from fedct.runs import read_checkpoint
 
     node_of = discover_nodes(grid, extras.num_clients or 1, extras.node_wait)
     console.print(f"fedct on Flower: {len(node_of)} nodes answered (clients {sorted(node_of)})")
     replies = {}
     for checkpoint in checkpoints_of(extras):
         weights, meta = read_checkpoint(checkpoint)
-        refuse_selfsup(meta, checkpoint_paths(checkpoint)[0])
         replies[checkpoint] = list(evaluate_on_nodes(grid, node_of, extras.round_timeout,
                                                      spec_of(meta), weights, sorted(node_of)))
         console.print(f"{checkpoint}: " + ", ".join(
